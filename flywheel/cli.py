@@ -1,0 +1,109 @@
+"""The `flywheel` command: thin subcommands over the package's helpers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from flywheel.config import ConfigError, get_settings
+from flywheel.errors import InvalidStage, ModelNotFound
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from flywheel.demo import seed_demo
+    from flywheel.store import connect
+
+    store = connect()
+    print(f"Seeding the demo into {store.tracking_uri}")
+    seed_demo(store)
+    _print_models()
+    home = store.settings.flywheel_home
+    print(
+        "\nBrowse it in the MLflow UI:\n"
+        f"  mlflow ui --backend-store-uri {store.tracking_uri} "
+        f"--default-artifact-root {(home / 'artifacts').as_uri()}"
+    )
+    return 0
+
+
+def _print_models() -> None:
+    from flywheel import registry
+
+    for model in registry.list_models():
+        print(f"\n{model.name}: {model.description}".rstrip(": "))
+        for v in registry.list_versions(model.name):
+            aliases = ", ".join(v.aliases) or "-"
+            score = "-" if v.score is None else f"{v.score:.3f}"
+            print(
+                f"  v{v.version:<3} {v.stage:<10} aliases: {aliases:<22} score: {score:<6} "
+                f"{v.created_at:%Y-%m-%d %H:%M}  {v.description}"
+            )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from flywheel.store import connect
+
+    connect()
+    _print_models()
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from flywheel import registry
+
+    info = registry.promote(args.name, args.version, args.stage)
+    print(f"{info.name} version {info.version} -> {info.stage} (aliases: {', '.join(info.aliases)})")
+    return 0
+
+
+def _alias(args: argparse.Namespace) -> int:
+    from flywheel import registry
+
+    info = registry.set_alias(args.name, args.alias, args.version)
+    print(f"{info.name} version {info.version} aliases: {', '.join(info.aliases)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("demo", help="seed the store with the demo programs (idempotent)").set_defaults(
+        handler=_demo
+    )
+    sub.add_parser("models", help="list registered models and their versions").set_defaults(
+        handler=_models
+    )
+    p = sub.add_parser("promote", help="move a version to a stage (None/Staging/Production/Archived)")
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("stage")
+    p.set_defaults(handler=_promote)
+    p = sub.add_parser("alias", help="point a free alias (e.g. champion) at a version")
+    p.add_argument("name")
+    p.add_argument("alias")
+    p.add_argument("version")
+    p.set_defaults(handler=_alias)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        get_settings()
+        return handler(args)
+    except ConfigError as exc:
+        print(f"flywheel: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ModelNotFound, InvalidStage) as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Settings: the only place flywheel reads the environment.
+
+Values come from the process environment, then an optional `.env` file (the
+environment wins). Every setting is documented in docs/configuration.md; a
+test fails when one is not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+STAGES: tuple[str, ...] = ("None", "Staging", "Production", "Archived")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A setting has a value flywheel cannot use; the message is one line for a person."""
+
+
+def canonical_stage(value: str) -> str:
+    """Map a stage name typed in any case to MLflow's spelling, or raise ConfigError."""
+    for stage in STAGES:
+        if value.strip().lower() == stage.lower():
+            return stage
+    raise ConfigError(f"unknown stage {value!r}; valid stages are: {', '.join(STAGES)}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_host: str = "0.0.0.0"
+    api_port: int = 8000
+    api_workers: int = 4
+    default_model_stage: str = "Production"
+    model_cache_enabled: bool = True
+    feedback_enabled: bool = True
+    mlflow_enabled: bool = True
+    mlflow_tracking_uri: str = ""
+    flywheel_home: Path = Path(".flywheel")
+    flywheel_lm: str | None = None
+    flywheel_experiment: str = "flywheel"
+    flywheel_resolve_ttl: float = 2.0
+    request_timeout: float = 30.0
+    flywheel_predict_key: str | None = None
+    flywheel_feedback_key: str | None = None
+    flywheel_admin_key: str | None = None
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.flywheel_home / "artifacts"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.mlflow_tracking_uri.startswith("sqlite:")
+
+    def env_names(self) -> list[str]:
+        return [f.name.upper() for f in fields(self)]
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def _parse_number(name: str, raw: str, kind: type, low: float, high: float) -> Any:
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is out of range ({low:g} to {high:g})")
+    return value
+
+
+_NUMBERS: dict[str, tuple[type, float, float]] = {
+    "api_port": (int, 0, 65535),
+    "api_workers": (int, 1, 64),
+    "flywheel_resolve_ttl": (float, 0, 3600),
+    "request_timeout": (float, 0.001, 86400),
+}
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> Settings:
+    """Build Settings from `environ` (default os.environ) over an optional `.env` file."""
+    merged: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(os.environ if environ is None else environ)
+
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        name = field.name.upper()
+        if name not in merged:
+            continue
+        raw = merged[name]
+        if field.name in _NUMBERS:
+            values[field.name] = _parse_number(name, raw, *_NUMBERS[field.name])
+        elif field.type == "bool":
+            values[field.name] = _parse_bool(name, raw)
+        elif field.name == "default_model_stage":
+            values[field.name] = canonical_stage(raw)
+        elif field.name == "flywheel_home":
+            values[field.name] = Path(raw)
+        else:
+            values[field.name] = raw.strip() or None if "None" in str(field.type) else raw.strip()
+
+    settings = Settings(**values)
+    home = settings.flywheel_home.expanduser().resolve()
+    uri = settings.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
+    if not uri.startswith(("sqlite:", "http://", "https://", "postgresql", "mysql", "file:")):
+        raise ConfigError(
+            f"MLFLOW_TRACKING_URI={uri!r} is not supported; use sqlite:///path, "
+            "http(s)://host:port or a database URI"
+        )
+    return replace(settings, flywheel_home=home, mlflow_tracking_uri=uri)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once; tests call `get_settings.cache_clear()`."""
+    return load_settings()

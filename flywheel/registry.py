@@ -1,0 +1,452 @@
+"""The MLflow Model Registry for DSPy programs: register, list, resolve, promote, load.
+
+Stages and aliases are kept true at once: a version in stage Production also
+carries the alias `Production`, so `models:/name/Production` and
+`models:/name@Production` name the same version. One version holds a stage at
+a time; promoting into Staging or Production archives the previous holder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import dspy
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
+
+from flywheel.config import STAGES, ConfigError, canonical_stage
+from flywheel.errors import InvalidStage, ModelNotFound
+from flywheel.store import Store, connect
+
+INPUTS_TAG = "flywheel.inputs"
+OUTPUTS_TAG = "flywheel.outputs"
+SCORE_TAG = "score"
+_DIGITS = re.compile(r"^v?(\d+)$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    stage: str
+    aliases: tuple[str, ...]
+    created_at: datetime
+    run_id: str | None
+    description: str
+    tags: dict[str, str] = field(default_factory=dict)
+    model_id: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def score(self) -> float | None:
+        try:
+            return float(self.tags[SCORE_TAG])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def input_fields(self) -> list[str]:
+        return json.loads(self.tags.get(INPUTS_TAG, "[]"))
+
+    @property
+    def output_fields(self) -> list[str]:
+        return json.loads(self.tags.get(OUTPUTS_TAG, "[]"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "stage": self.stage,
+            "aliases": list(self.aliases),
+            "created_at": self.created_at.isoformat(),
+            "run_id": self.run_id,
+            "description": self.description,
+            "score": self.score,
+            "input_fields": self.input_fields,
+            "output_fields": self.output_fields,
+            "tags": self.tags,
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    latest_version: str | None
+    stages: dict[str, str]
+    aliases: dict[str, str]
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "latest_version": self.latest_version,
+            "stages": self.stages,
+            "aliases": self.aliases,
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    info: VersionInfo
+    program: dspy.Module
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+
+def _ts(millis: int | None) -> datetime:
+    return datetime.fromtimestamp((millis or 0) / 1000, tz=UTC)
+
+
+def _version_info(mv: Any) -> VersionInfo:
+    return VersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        stage=mv.current_stage or "None",
+        aliases=tuple(sorted(mv.aliases or ())),
+        created_at=_ts(mv.creation_timestamp),
+        run_id=mv.run_id or None,
+        description=mv.description or "",
+        tags=dict(mv.tags or {}),
+        model_id=getattr(mv, "model_id", None) or _model_id_from_source(mv.source),
+    )
+
+
+def _model_id_from_source(source: str | None) -> str | None:
+    # MLflow 3 registers logged models by `models:/m-<id>`; older stores may not fill model_id
+    if source and source.startswith("models:/m-"):
+        return source.removeprefix("models:/").split("/", 1)[0]
+    return None
+
+
+def program_fields(program: dspy.Module) -> tuple[list[str], list[str]]:
+    """Input fields of the first predictor, output fields of the last (minus reasoning)."""
+    predictors = program.predictors()
+    if not predictors:
+        raise ValueError("the program has no dspy.Predict inside; cannot tell its fields")
+    inputs = list(predictors[0].signature.input_fields)
+    outputs = [f for f in predictors[-1].signature.output_fields if f != "reasoning"]
+    return inputs, outputs
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit requirements: MLflow would otherwise spend seconds inferring them.
+    from importlib.metadata import version
+
+    return [f"mlflow=={mlflow.__version__}", f"dspy=={dspy.__version__}", f"flywheel=={version('flywheel')}"]
+
+
+def register_program(
+    program: dspy.Module,
+    name: str,
+    *,
+    description: str = "",
+    tags: Mapping[str, Any] | None = None,
+    model_description: str = "",
+    lm: dspy.BaseLM | None = None,
+    store: Store | None = None,
+) -> VersionInfo:
+    """Log `program` with MLflow's dspy flavor and register it as a new version of `name`.
+
+    The LM pickled beside the program (so `mlflow models serve` can run it) is
+    stripped of secrets first; callbacks are never pickled.
+    """
+    from flywheel.lm import make_lm, persistable_lm
+
+    store = store or connect()
+    inputs, outputs = program_fields(program)
+    all_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
+    all_tags.update({INPUTS_TAG: json.dumps(inputs), OUTPUTS_TAG: json.dumps(outputs)})
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", f) for f in inputs]),
+        outputs=Schema([ColSpec("string", f) for f in outputs]),
+    )
+    saved_lm = persistable_lm(lm or dspy.settings.lm or make_lm(store.settings.flywheel_lm))
+    client = store.client
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=model_description)
+    active = mlflow.active_run()
+    run_ctx = (
+        mlflow.start_run(experiment_id=store.experiment_id, run_name=f"register-{name}")
+        if active is None
+        else _nullcontext(active)
+    )
+    with (
+        run_ctx as run,
+        dspy.context(lm=saved_lm, callbacks=[]),
+        warnings.catch_warnings(),
+        _quiet("mlflow.dspy.save"),  # the pickle caution, on every single save
+    ):
+        warnings.simplefilter("ignore")
+        model_info = mlflow.dspy.log_model(
+            program,
+            name="program",
+            signature=signature,
+            pip_requirements=_pip_requirements(),
+            metadata={"flywheel_inputs": inputs, "flywheel_outputs": outputs},
+        )
+        mv = client.create_model_version(
+            name,
+            source=model_info.model_uri,
+            run_id=run.info.run_id,
+            tags=all_tags,
+            description=description,
+            model_id=model_info.model_id,
+        )
+    _forget(name)
+    return _version_info(client.get_model_version(name, mv.version))
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class _nullcontext:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __enter__(self) -> Any:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def list_models(store: Store | None = None) -> list[ModelInfo]:
+    client = (store or connect()).client
+    models = []
+    for rm in client.search_registered_models(max_results=1000):
+        versions = [_version_info(mv) for mv in rm.latest_versions or ()]
+        stages = {v.stage: v.version for v in versions if v.stage in ("Staging", "Production")}
+        latest = max((int(v.version) for v in versions), default=None)
+        models.append(
+            ModelInfo(
+                name=rm.name,
+                description=rm.description or "",
+                latest_version=None if latest is None else str(latest),
+                stages=stages,
+                aliases={a: str(v) for a, v in (rm.aliases or {}).items()},
+                updated_at=_ts(rm.last_updated_timestamp),
+            )
+        )
+    return sorted(models, key=lambda m: m.name)
+
+
+def list_versions(name: str, store: Store | None = None) -> list[VersionInfo]:
+    """Every version of `name`, newest first; ModelNotFound when there is no such model."""
+    client = (store or connect()).client
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException:
+        raise ModelNotFound(name) from None
+    newest = max((int(mv.version) for mv in rm.latest_versions or ()), default=0)
+    versions = []
+    for number in range(newest, 0, -1):
+        try:
+            versions.append(_version_info(client.get_model_version(name, str(number))))
+        except MlflowException:
+            continue  # deleted versions leave gaps
+    return versions
+
+
+def get_version(name: str, version: str | int, store: Store | None = None) -> VersionInfo:
+    client = (store or connect()).client
+    try:
+        return _version_info(client.get_model_version(name, str(version)))
+    except MlflowException:
+        raise ModelNotFound(name, f"version {version}") from None
+
+
+def resolve(name: str, ref: str | int | None = None, store: Store | None = None) -> VersionInfo:
+    """A version number, a stage name, an alias or `latest` -> that version.
+
+    Stage names resolve through the alias of the same name first and the
+    registry stage second, so a promotion made either way is honoured.
+    """
+    store = store or connect()
+    ref = str(ref if ref is not None else store.settings.default_model_stage).strip()
+    if not name or not ref:
+        raise ModelNotFound(name or "(empty)", ref)
+    client = store.client
+    if match := _DIGITS.match(ref):
+        return get_version(name, match.group(1), store)
+    if ref.lower() == "latest":
+        versions = list_versions(name, store)
+        if not versions:
+            raise ModelNotFound(name, ref)
+        return versions[0]
+    try:
+        stage = canonical_stage(ref)
+    except ConfigError:
+        stage = None
+    alias = stage or ref
+    try:
+        return _version_info(client.get_model_version_by_alias(name, alias))
+    except MlflowException:
+        pass
+    versions = list_versions(name, store)  # raises ModelNotFound for an unknown model
+    holders = [v for v in versions if stage is not None and v.stage == stage]
+    if holders:
+        return holders[0]  # the newest; only None and Archived are held by several versions
+    raise ModelNotFound(name, f"stage {stage}" if stage else f"alias {ref}")
+
+
+def promote(name: str, version: str | int, stage: str, store: Store | None = None) -> VersionInfo:
+    """Move `version` to `stage`, keeping the stage alias in step and archiving the previous holder."""
+    store = store or connect()
+    try:
+        stage = canonical_stage(stage)
+    except ConfigError:
+        raise InvalidStage(stage) from None
+    target = get_version(name, version, store)
+    client = store.client
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # registry stages are deprecated in MLflow 3, still shown
+        if stage in ("Staging", "Production"):
+            for other in list_versions(name, store):
+                if other.version != target.version and (
+                    other.stage == stage or stage in other.aliases
+                ):
+                    client.transition_model_version_stage(name, other.version, "Archived")
+                    if stage in other.aliases:
+                        client.delete_registered_model_alias(name, stage)
+            client.transition_model_version_stage(name, target.version, stage)
+            client.set_registered_model_alias(name, stage, target.version)
+        else:
+            client.transition_model_version_stage(name, target.version, stage)
+            for held in ("Staging", "Production"):
+                if held in target.aliases:
+                    client.delete_registered_model_alias(name, held)
+    _forget(name)
+    return get_version(name, target.version, store)
+
+
+def set_alias(name: str, alias: str, version: str | int, store: Store | None = None) -> VersionInfo:
+    """Point a free alias (e.g. `champion`) at a version; stage names go through promote()."""
+    if alias.strip().lower() in {s.lower() for s in STAGES}:
+        return promote(name, version, alias, store)
+    store = store or connect()
+    target = get_version(name, version, store)
+    store.client.set_registered_model_alias(name, alias, target.version)
+    _forget(name)
+    return get_version(name, target.version, store)
+
+
+# --- loading, with a cache keyed by resolved version --------------------------------------
+
+_cache_lock = threading.Lock()
+_programs: dict[tuple[str, str], LoadedProgram] = {}
+_resolved: dict[tuple[str, str], tuple[float, VersionInfo]] = {}
+_loading: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _forget(name: str) -> None:
+    with _cache_lock:
+        for key in [k for k in _resolved if k[0] == name]:
+            del _resolved[key]
+
+
+def resolve_cached(name: str, ref: str | int | None = None, store: Store | None = None) -> VersionInfo:
+    """resolve() remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on how long another
+    process's promotion takes to be seen here (this process's own promotions are seen at once)."""
+    store = store or connect()
+    ref_key = str(ref if ref is not None else store.settings.default_model_stage)
+    ttl = store.settings.flywheel_resolve_ttl
+    now = time.monotonic()
+    with _cache_lock:
+        hit = _resolved.get((name, ref_key))
+    if hit is not None and now - hit[0] < ttl:
+        return hit[1]
+    info = resolve(name, ref, store)
+    with _cache_lock:
+        _resolved[(name, ref_key)] = (now, info)
+    return info
+
+
+def load(name: str, ref: str | int | None = None, store: Store | None = None) -> LoadedProgram:
+    """The program a reference names, loaded once per version and shared between threads.
+
+    Loads through pyfunc's loader, which (unlike `mlflow.dspy.load_model`) leaves
+    the global dspy.settings and tracing callbacks alone and works off the main thread.
+    """
+    store = store or connect()
+    info = resolve_cached(name, ref, store)
+    key = (info.name, info.version)
+    if not store.settings.model_cache_enabled:
+        return LoadedProgram(info, _load_program(info))
+    with _cache_lock:
+        if key in _programs:
+            return _programs[key]
+        key_lock = _loading.setdefault(key, threading.Lock())
+    with key_lock:
+        with _cache_lock:
+            if key in _programs:
+                return _programs[key]
+        loaded = LoadedProgram(info, _load_program(info))
+        with _cache_lock:
+            _programs[key] = loaded
+        return loaded
+
+
+def _load_program(info: VersionInfo) -> dspy.Module:
+    with _quiet("mlflow.tracking.fluent"), warnings.catch_warnings():  # "Active model is set"
+        warnings.simplefilter("ignore")
+        pyfunc = mlflow.pyfunc.load_model(info.uri)
+    wrapper = getattr(pyfunc, "_model_impl", None)  # the flavor's DspyModelWrapper
+    program = getattr(wrapper, "model", None)
+    if not isinstance(program, dspy.Module):
+        raise TypeError(f"{info.uri} is not a DSPy program logged with the mlflow.dspy flavor")
+    return program
+
+
+def cached_versions() -> list[tuple[str, str]]:
+    with _cache_lock:
+        return sorted(_programs)
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _programs.clear()
+        _resolved.clear()
+        _loading.clear()
+
+
+def reference_forms(info: VersionInfo) -> Iterable[str]:
+    """The model URIs that name this version (for display and docs)."""
+    yield info.uri
+    for alias in info.aliases:
+        yield f"models:/{info.name}@{alias}"
+    if info.stage in ("Staging", "Production"):
+        yield f"models:/{info.name}/{info.stage}"

@@ -1,0 +1,52 @@
+"""Shared fixtures: every test store is a real sqlite MLflow store in a temp directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flywheel import registry, store
+from flywheel.config import get_settings
+
+_ENV_NAMES = [
+    "MLFLOW_TRACKING_URI", "FLYWHEEL_LM", "DEFAULT_MODEL_STAGE", "MODEL_CACHE_ENABLED",
+    "FLYWHEEL_RESOLVE_TTL", "FLYWHEEL_PREDICT_KEY", "FLYWHEEL_FEEDBACK_KEY", "FLYWHEEL_ADMIN_KEY",
+]
+
+
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> store.Store:
+    """Point flywheel (settings, MLflow, caches) at a fresh store under `home`."""
+    for name in _ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLYWHEEL_HOME", str(home))
+    monkeypatch.chdir(home.parent)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    store.reset()
+    registry.clear_cache()
+    return store.connect()
+
+
+@pytest.fixture
+def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[store.Store]:
+    yield use_home(monkeypatch, tmp_path / "home")
+    get_settings.cache_clear()
+    store.reset()
+    registry.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
+    """A store seeded with the demo, shared by a module's read-only tests."""
+    from flywheel.demo import seed_demo
+
+    with pytest.MonkeyPatch.context() as mp:
+        s = use_home(mp, tmp_path_factory.mktemp("demo") / "home")
+        seed_demo(s, progress=lambda line: None)
+        yield s
+    get_settings.cache_clear()
+    store.reset()
+    registry.clear_cache()

@@ -1,0 +1,207 @@
+"""The registry on a real sqlite MLflow store: register, list, resolve, promote, load."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dspy
+import mlflow
+import pytest
+from dspy.utils.callback import BaseCallback
+
+from flywheel import registry
+from flywheel.lm import make_lm
+from flywheel.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _program(joke: str) -> dspy.Module:
+    program = dspy.Predict("topic -> joke")
+    program.demos = [dspy.Example(topic="anything", joke=joke)]
+    return program
+
+
+def _register(store: Store, joke: str, **tags: str) -> registry.VersionInfo:
+    return registry.register_program(
+        _program(joke), "jokes", description=f"says {joke}", tags=tags, store=store
+    )
+
+
+def _answer(loaded: registry.LoadedProgram) -> str:
+    with dspy.context(lm=make_lm()):
+        return loaded.program(topic="anything").joke
+
+
+def test_register_records_version_description_tags_and_fields(fresh_store: Store) -> None:
+    v1 = _register(fresh_store, "one", optimizer="LabeledFewShot", score="0.5", dataset="d1")
+    v2 = _register(fresh_store, "two")
+    assert (v1.version, v2.version) == ("1", "2")
+    assert v1.stage == "None" and v1.aliases == ()
+    assert v1.description == "says one"
+    assert v1.tags["optimizer"] == "LabeledFewShot" and v1.tags["dataset"] == "d1"
+    assert v1.score == 0.5
+    assert v1.input_fields == ["topic"] and v1.output_fields == ["joke"]
+    assert v1.run_id and mlflow.get_run(v1.run_id).info.experiment_id == fresh_store.experiment_id
+    listed = registry.list_versions("jokes", fresh_store)
+    assert [v.version for v in listed] == ["2", "1"]
+    models = registry.list_models(fresh_store)
+    assert [m.name for m in models] == ["jokes"] and models[0].latest_version == "2"
+    # the artifacts stay under FLYWHEEL_HOME, never in a stray ./mlruns
+    assert not (Path.cwd() / "mlruns").exists()
+    assert any(fresh_store.settings.artifact_root.rglob("MLmodel"))
+
+
+def test_resolve_every_reference_form(fresh_store: Store) -> None:
+    for joke in ("one", "two", "three"):
+        _register(fresh_store, joke)
+    registry.promote("jokes", "1", "Production", fresh_store)
+    registry.promote("jokes", "2", "Staging", fresh_store)
+    registry.set_alias("jokes", "champion", "1", fresh_store)
+
+    def version(ref: str | int | None) -> str:
+        return registry.resolve("jokes", ref, fresh_store).version
+
+    assert version("3") == version(3) == version("v3") == "3"
+    assert version("Production") == version("production") == version(None) == "1"
+    assert version("Staging") == "2"
+    assert version("champion") == "1"
+    assert version("latest") == "3"
+    assert version("None") == "3"
+    for bad in ("9", "nope", "Archived"):
+        with pytest.raises(registry.ModelNotFound, match="Model not found: 'jokes'"):
+            registry.resolve("jokes", bad, fresh_store)
+    with pytest.raises(registry.ModelNotFound, match="Model not found: \"it's\""):
+        registry.resolve("it's", "Production", fresh_store)
+
+
+def test_promote_archives_previous_holder_and_keeps_stage_and_alias_in_step(
+    fresh_store: Store,
+) -> None:
+    for joke in ("one", "two"):
+        _register(fresh_store, joke)
+    registry.promote("jokes", "1", "Production", fresh_store)
+    after = registry.promote("jokes", "2", "production", fresh_store)
+    assert after.stage == "Production" and after.aliases == ("Production",)
+    old = registry.get_version("jokes", "1", fresh_store)
+    assert old.stage == "Archived" and "Production" not in old.aliases
+
+    # MLflow itself agrees: both URI forms name the same version
+    client = fresh_store.client
+    assert str(client.get_model_version_by_alias("jokes", "Production").version) == "2"
+    by_stage = mlflow.pyfunc.load_model("models:/jokes/Production").metadata.model_id
+    by_alias = mlflow.pyfunc.load_model("models:/jokes@Production").metadata.model_id
+    assert by_stage == by_alias == after.model_id
+
+    archived = registry.promote("jokes", "2", "Archived", fresh_store)
+    assert archived.stage == "Archived" and archived.aliases == ()
+    with pytest.raises(registry.ModelNotFound):
+        registry.resolve("jokes", "Production", fresh_store)
+    with pytest.raises(registry.InvalidStage, match="valid stages are: None, Staging"):
+        registry.promote("jokes", "2", "Prod", fresh_store)
+    with pytest.raises(registry.ModelNotFound):
+        registry.promote("jokes", "7", "Staging", fresh_store)
+
+
+def test_load_caches_by_resolved_version_and_sees_promotion_at_once(fresh_store: Store) -> None:
+    for joke in ("one", "two"):
+        _register(fresh_store, joke)
+    registry.promote("jokes", "1", "Production", fresh_store)
+    first = registry.load("jokes", "Production", fresh_store)
+    assert registry.load("jokes", "Production", fresh_store) is first  # cache hit
+    assert registry.load("jokes", "1", fresh_store) is first  # same version, same object
+    assert _answer(first) == "one"
+    registry.promote("jokes", "2", "Production", fresh_store)
+    second = registry.load("jokes", "Production", fresh_store)
+    assert second.version == "2" and _answer(second) == "two"
+    assert registry.cached_versions() == [("jokes", "1"), ("jokes", "2")]
+
+
+def test_promotion_by_another_process_is_seen_within_the_resolve_ttl(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flywheel.config import get_settings
+    from flywheel.store import connect, reset
+
+    for joke in ("one", "two"):
+        _register(fresh_store, joke)
+    registry.promote("jokes", "1", "Production", fresh_store)
+    monkeypatch.setenv("FLYWHEEL_RESOLVE_TTL", "0.5")
+    get_settings.cache_clear()
+    reset()
+    store = connect()
+    assert registry.load("jokes", None, store).version == "1"
+    subprocess.run(
+        [sys.executable, "-m", "flywheel", "promote", "jokes", "2", "Production"],
+        check=True, capture_output=True,
+    )
+    time.sleep(0.6)
+    assert registry.load("jokes", None, store).version == "2"
+
+
+def test_load_leaves_global_dspy_settings_alone_from_a_server_thread(fresh_store: Store) -> None:
+    _register(fresh_store, "one")
+
+    class Marker(BaseCallback):
+        pass
+
+    marker, lm = Marker(), make_lm()
+    before = dict(dspy.settings.config)
+    with dspy.context(lm=lm, callbacks=[marker]):
+        loaded: list[registry.LoadedProgram] = []
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                loaded.append(registry.load("jokes", "1", fresh_store))
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len({id(x) for x in loaded}) == 1  # loaded once, shared by every thread
+        assert dspy.settings.lm is lm and dspy.settings.callbacks == [marker]
+    assert dict(dspy.settings.config).keys() == before.keys()
+    assert dspy.settings.lm is before.get("lm")
+
+
+def test_no_api_key_reaches_the_store(fresh_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_secret, passed_secret = "sk-env-secret-2f9c1d", "sk-passed-secret-77ab02"
+    monkeypatch.setenv("OPENAI_API_KEY", env_secret)
+    lm = dspy.LM("openai/gpt-4o-mini", api_key=passed_secret, api_base="http://127.0.0.1:9")
+    registry.register_program(_program("one"), "jokes", lm=lm, store=fresh_store)
+    with dspy.context(lm=lm):  # the global/contextual LM path too
+        registry.register_program(_program("two"), "jokes", store=fresh_store)
+    files = [p for p in fresh_store.settings.flywheel_home.rglob("*") if p.is_file()]
+    assert len(files) > 5
+    for path in files:
+        data = path.read_bytes()
+        assert env_secret.encode() not in data, path
+        assert passed_secret.encode() not in data, path
+    # the LM itself survived without its key, so `mlflow models serve` can still use it
+    saved = registry.load("jokes", "1", fresh_store)
+    assert saved.program is not None
+
+
+def test_cli_lists_promotes_and_reports_errors_in_one_line(fresh_store: Store) -> None:
+    _register(fresh_store, "one")
+    run = [sys.executable, "-m", "flywheel"]
+    out = subprocess.run([*run, "promote", "jokes", "1", "Staging"], capture_output=True, text=True)
+    assert out.returncode == 0 and "jokes version 1 -> Staging" in out.stdout
+    out = subprocess.run([*run, "models"], capture_output=True, text=True)
+    assert "v1" in out.stdout and "Staging" in out.stdout
+    out = subprocess.run([*run, "promote", "jokes", "1", "Prod"], capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().count("\n") == 0
+    assert "valid stages are" in out.stderr
+    out = subprocess.run([*run, "models"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "API_PORT": "x"})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "flywheel: configuration error: API_PORT='x' is not a number"
