@@ -191,6 +191,7 @@ def test_no_api_key_reaches_the_store(fresh_store: Store, monkeypatch: pytest.Mo
     assert saved.program is not None
 
 
+@pytest.mark.slow
 def test_cli_lists_promotes_and_reports_errors_in_one_line(fresh_store: Store) -> None:
     _register(fresh_store, "one")
     run = [sys.executable, "-m", "flywheel"]
@@ -205,3 +206,52 @@ def test_cli_lists_promotes_and_reports_errors_in_one_line(fresh_store: Store) -
                          env={"PATH": "/usr/bin:/bin", "API_PORT": "x"})
     assert out.returncode == 2
     assert out.stderr.strip() == "flywheel: configuration error: API_PORT='x' is not a number"
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_serves_a_flywheel_model(demo_store: Store) -> None:
+    """`mlflow models serve -m models:/joke-generator@Production` answers /invocations."""
+    import os
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
+               MLFLOW_TRACKING_URI=demo_store.tracking_uri)
+    proc = subprocess.Popen(
+        [f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/joke-generator@Production",
+         "-p", str(port), "--env-manager", "local"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        reply = httpx.post(f"http://127.0.0.1:{port}/invocations",
+                           json={"inputs": {"topic": "cat"}}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        assert "keyboard" in reply.json()["predictions"]["joke"]  # the cat demo's joke
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_an_unreachable_tracking_server_is_one_clear_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "flywheel", "models"], capture_output=True, text=True, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith(
+        "flywheel: configuration error: cannot reach the MLflow tracking server at http://127.0.0.1:9"
+    )
+    assert out.stderr.strip().count("\n") == 0
