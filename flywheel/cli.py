@@ -74,9 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="seed the store with the demo programs (idempotent)").set_defaults(
         handler=_demo
     )
-    sub.add_parser("models", help="list registered models and their versions").set_defaults(
-        handler=_models
-    )
+    sub.add_parser("models", help="list registered models and their versions").set_defaults(handler=_models)
     p = sub.add_parser("promote", help="move a version to a stage (None/Staging/Production/Archived)")
     p.add_argument("name")
     p.add_argument("version")

@@ -128,6 +128,16 @@ def load_settings(
     return replace(settings, flywheel_home=home, mlflow_tracking_uri=uri)
 
 
+def apply_mlflow_client_settings() -> None:
+    """Fail fast instead of MLflow's minutes of HTTP retries, so an outage degrades, not hangs.
+
+    Explicit values in the environment win.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once; tests call `get_settings.cache_clear()`."""

@@ -67,16 +67,31 @@ class DemoVersion:
 
 def _versions() -> list[DemoVersion]:
     return [
-        DemoVersion(JOKE_MODEL, "joke-v1", lambda: joke_program(2),
-                    "Joke writer, two hand-picked demos.", "Production",
-                    {"optimizer": "LabeledFewShot", "dataset": "demo-jokes", "k": "2"}),
-        DemoVersion(JOKE_MODEL, "joke-v2", lambda: joke_program(len(JOKES)),
-                    "Joke writer, every demo joke.", "Production",
-                    {"optimizer": "LabeledFewShot", "dataset": "demo-jokes", "k": str(len(JOKES))},
-                    alias="champion"),
-        DemoVersion(ROUTER_MODEL, "router-v1", lambda: router_program(4),
-                    "Ticket router, four labeled demos (a weak start for the loop).", "Production",
-                    {"optimizer": "LabeledFewShot", "dataset": "demo-tickets", "k": "4"}),
+        DemoVersion(
+            JOKE_MODEL,
+            "joke-v1",
+            lambda: joke_program(2),
+            "Joke writer, two hand-picked demos.",
+            "Production",
+            {"optimizer": "LabeledFewShot", "dataset": "demo-jokes", "k": "2"},
+        ),
+        DemoVersion(
+            JOKE_MODEL,
+            "joke-v2",
+            lambda: joke_program(len(JOKES)),
+            "Joke writer, every demo joke.",
+            "Production",
+            {"optimizer": "LabeledFewShot", "dataset": "demo-jokes", "k": str(len(JOKES))},
+            alias="champion",
+        ),
+        DemoVersion(
+            ROUTER_MODEL,
+            "router-v1",
+            lambda: router_program(4),
+            "Ticket router, four labeled demos (a weak start for the loop).",
+            "Production",
+            {"optimizer": "LabeledFewShot", "dataset": "demo-tickets", "k": "4"},
+        ),
     ]
 
 
@@ -103,7 +118,12 @@ def seed_demo(store: Store | None = None, progress: Callable[[str], None] = prin
         if spec.model == ROUTER_MODEL:
             tags[registry.SCORE_TAG] = f"{accuracy(program, heldout, lm):.3f}"
         info = registry.register_program(
-            program, spec.model, description=spec.description, tags=tags, lm=lm, store=store,
+            program,
+            spec.model,
+            description=spec.description,
+            tags=tags,
+            lm=lm,
+            store=store,
             model_description=MODEL_DESCRIPTIONS[spec.model],
         )
         info = registry.promote(spec.model, info.version, spec.stage, store)

@@ -210,9 +210,7 @@ def _answer(system: str, turns: list[tuple[str, str]]) -> str:
         answer[name] = value
     if is_json:
         return json.dumps(answer, indent=2, ensure_ascii=False)
-    parts = [
-        f"[[ ## {k} ## ]]\n{v if isinstance(v, str) else json.dumps(v)}" for k, v in answer.items()
-    ]
+    parts = [f"[[ ## {k} ## ]]\n{v if isinstance(v, str) else json.dumps(v)}" for k, v in answer.items()]
     return "\n\n".join([*parts, "[[ ## completed ## ]]"])
 
 
@@ -225,9 +223,7 @@ def _respond(request: Request) -> Response:
     text = _answer(system, turns)
     usage = Usage(input_tokens=0, output_tokens=0, total_tokens=0)
     message = Message.assistant([TextPart(text)])
-    return Response(
-        id=None, model=OFFLINE_MODEL, message=message, finish_reason="stop", usage=usage
-    )
+    return Response(id=None, model=OFFLINE_MODEL, message=message, finish_reason="stop", usage=usage)
 
 
 class RetrievalEngine:
@@ -271,9 +267,7 @@ class OfflineLM(dspy.LM):
         kwargs.pop("engine", None)
         kwargs.pop("async_engine", None)
         kwargs["cache"] = False  # answers are instant; a disk cache would only go stale
-        super().__init__(
-            model, engine=RetrievalEngine(), async_engine=AsyncRetrievalEngine(), **kwargs
-        )
+        super().__init__(model, engine=RetrievalEngine(), async_engine=AsyncRetrievalEngine(), **kwargs)
 
 
 def make_lm(spec: str | None = None, **kwargs: Any) -> dspy.BaseLM:

@@ -336,9 +336,7 @@ def promote(name: str, version: str | int, stage: str, store: Store | None = Non
         warnings.simplefilter("ignore")  # registry stages are deprecated in MLflow 3, still shown
         if stage in ("Staging", "Production"):
             for other in list_versions(name, store):
-                if other.version != target.version and (
-                    other.stage == stage or stage in other.aliases
-                ):
+                if other.version != target.version and (other.stage == stage or stage in other.aliases):
                     client.transition_model_version_stage(name, other.version, "Archived")
                     if stage in other.aliases:
                         client.delete_registered_model_alias(name, stage)
@@ -389,7 +387,14 @@ def resolve_cached(name: str, ref: str | int | None = None, store: Store | None 
         hit = _resolved.get((name, ref_key))
     if hit is not None and now - hit[0] < ttl:
         return hit[1]
-    info = resolve(name, ref, store)
+    try:
+        info = resolve(name, ref, store)
+    except ModelNotFound:
+        raise
+    except Exception:
+        if hit is None:
+            raise
+        return hit[1]  # the registry is unreachable: keep serving what was resolved last
     with _cache_lock:
         _resolved[(name, ref_key)] = (now, info)
     return info

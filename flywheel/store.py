@@ -14,7 +14,7 @@ import httpx
 import mlflow
 from mlflow import MlflowClient
 
-from flywheel.config import ConfigError, Settings, get_settings
+from flywheel.config import ConfigError, Settings, apply_mlflow_client_settings, get_settings
 
 _lock = threading.Lock()
 _connected: dict[tuple[str, str], Store] = {}
@@ -50,6 +50,7 @@ def connect(settings: Settings | None = None) -> Store:
         if store is not None and mlflow.get_tracking_uri() == store.tracking_uri:
             return store
         uri = settings.mlflow_tracking_uri
+        apply_mlflow_client_settings()
         if settings.is_embedded:
             settings.artifact_root.mkdir(parents=True, exist_ok=True)
         else:

@@ -58,9 +58,7 @@ def test_bad_values_give_one_clear_line(env: dict[str, str], message: str) -> No
 def test_stage_names_are_case_insensitive() -> None:
     assert canonical_stage("production") == "Production"
     assert canonical_stage(" STAGING ") == "Staging"
-    assert load_settings({"DEFAULT_MODEL_STAGE": "staging"}, env_file=None).default_model_stage == (
-        "Staging"
-    )
+    assert load_settings({"DEFAULT_MODEL_STAGE": "staging"}, env_file=None).default_model_stage == ("Staging")
 
 
 def test_every_setting_is_documented() -> None:

@@ -171,9 +171,7 @@ def test_single_and_multiple_string_outputs(lm: OfflineLM, adapter: dspy.Adapter
     single = dspy.Predict("topic -> joke")
     multi = dspy.Predict("topic, audience -> joke, punchline")
     multi.demos = [
-        dspy.Example(
-            topic="cats", audience="kids", joke="Why did the cat sit?", punchline="To purr."
-        ),
+        dspy.Example(topic="cats", audience="kids", joke="Why did the cat sit?", punchline="To purr."),
         dspy.Example(topic="tax", audience="adults", joke="What is certain?", punchline="Taxes."),
     ]
     with dspy.context(lm=lm, adapter=adapter):
@@ -197,9 +195,7 @@ def test_chain_of_thought(lm: OfflineLM, adapter: dspy.Adapter) -> None:
         assert result.answer == 30
         assert result.reasoning.startswith("Answered from demo 2 of 2")
         # a demo with reasoning is copied whole
-        cot.predict.demos = [
-            dspy.Example(question="What is 5 - 1?", reasoning="5 - 1 = 4.", answer=4)
-        ]
+        cot.predict.demos = [dspy.Example(question="What is 5 - 1?", reasoning="5 - 1 = 4.", answer=4)]
         assert (cot(question="5 - 1?").reasoning, cot(question="5 - 1?").answer) == (
             "5 - 1 = 4.",
             4,

@@ -75,7 +75,7 @@ def test_resolve_every_reference_form(fresh_store: Store) -> None:
     for bad in ("9", "nope", "Archived"):
         with pytest.raises(registry.ModelNotFound, match="Model not found: 'jokes'"):
             registry.resolve("jokes", bad, fresh_store)
-    with pytest.raises(registry.ModelNotFound, match="Model not found: \"it's\""):
+    with pytest.raises(registry.ModelNotFound, match='Model not found: "it\'s"'):
         registry.resolve("it's", "Production", fresh_store)
 
 
@@ -137,7 +137,8 @@ def test_promotion_by_another_process_is_seen_within_the_resolve_ttl(
     assert registry.load("jokes", None, store).version == "1"
     subprocess.run(
         [sys.executable, "-m", "flywheel", "promote", "jokes", "2", "Production"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     time.sleep(0.6)
     assert registry.load("jokes", None, store).version == "2"
@@ -202,8 +203,9 @@ def test_cli_lists_promotes_and_reports_errors_in_one_line(fresh_store: Store) -
     out = subprocess.run([*run, "promote", "jokes", "1", "Prod"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip().count("\n") == 0
     assert "valid stages are" in out.stderr
-    out = subprocess.run([*run, "models"], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin", "API_PORT": "x"})
+    out = subprocess.run(
+        [*run, "models"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "API_PORT": "x"}
+    )
     assert out.returncode == 2
     assert out.stderr.strip() == "flywheel: configuration error: API_PORT='x' is not a number"
 
@@ -220,12 +222,27 @@ def test_mlflow_models_serve_serves_a_flywheel_model(demo_store: Store) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
-               MLFLOW_TRACKING_URI=demo_store.tracking_uri)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
+        MLFLOW_TRACKING_URI=demo_store.tracking_uri,
+    )
     proc = subprocess.Popen(
-        [f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/joke-generator@Production",
-         "-p", str(port), "--env-manager", "local"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            f"{bin_dir}/mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/joke-generator@Production",
+            "-p",
+            str(port),
+            "--env-manager",
+            "local",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -235,8 +252,9 @@ def test_mlflow_models_serve_serves_a_flywheel_model(demo_store: Store) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        reply = httpx.post(f"http://127.0.0.1:{port}/invocations",
-                           json={"inputs": {"topic": "cat"}}, timeout=30)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/invocations", json={"inputs": {"topic": "cat"}}, timeout=30
+        )
         assert reply.status_code == 200, reply.text
         assert "keyboard" in reply.json()["predictions"]["joke"]  # the cat demo's joke
     finally:
@@ -247,7 +265,10 @@ def test_mlflow_models_serve_serves_a_flywheel_model(demo_store: Store) -> None:
 @pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_clear_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "flywheel", "models"], capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, "-m", "flywheel", "models"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
     )
     assert out.returncode == 2

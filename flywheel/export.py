@@ -1,0 +1,184 @@
+"""Rated traces of one model -> training rows (corrections applied) -> DataFrame / CSV / JSON / Examples.
+
+Export reads trace *infos* only (tags and assessments), never span bodies:
+serving stores each prediction's input and output fields as trace tags. It
+asks MLflow only for traces that carry a `user_rating`, and pages by
+timestamp (keyset) rather than by offset, so the cost grows with the rated
+traces it returns, not with every trace ever served.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from typing import TYPE_CHECKING, Any
+
+from flywheel import registry
+from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
+from flywheel.tracing import INPUTS_TAG, MODEL_KEY_TAG, OUTPUTS_TAG, VERSION_TAG, model_key
+
+if TYPE_CHECKING:
+    import dspy
+    import pandas as pd
+
+    from flywheel.runtime import Runtime
+
+RATING_FILTERS = ("thumbs_up", "thumbs_down", "any")
+FORMATS = ("csv", "json", "jsonl")
+PAGE = 500
+META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _bounds(start: date | None, end: date | None) -> tuple[int | None, int | None]:
+    lo = int(datetime.combine(start, time.min, UTC).timestamp() * 1000) if start else None
+    hi = int(datetime.combine(end + timedelta(days=1), time.min, UTC).timestamp() * 1000) if end else None
+    if lo is not None and hi is not None and lo >= hi:
+        raise ExportError("start_date must be on or before end_date")
+    return lo, hi
+
+
+def rated_trace_infos(
+    runtime: Runtime, model: str, start: date | None = None, end: date | None = None
+) -> Iterator[Any]:
+    """TraceInfos of `model` with at least one rating, newest first, without spans."""
+    store = runtime.store.client._tracking_client.store
+    lo, hi = _bounds(start, end)
+    base = f"tags.`{MODEL_KEY_TAG}` = '{model_key(model)}' AND feedback.`{RATING}` IS NOT NULL"
+    if lo is not None:
+        base += f" AND trace.timestamp_ms >= {lo}"
+    seen: set[str] = set()
+    upper = hi
+    while True:
+        flt = base if upper is None else f"{base} AND trace.timestamp_ms < {upper + 1}"
+        infos, _ = store.search_traces(
+            locations=[runtime.store.experiment_id],
+            filter_string=flt,
+            max_results=PAGE,
+            order_by=["timestamp_ms DESC"],
+        )
+        fresh = [i for i in infos if i.trace_id not in seen]
+        for info in fresh:
+            seen.add(info.trace_id)
+            if hi is None or info.request_time < hi:
+                yield info
+        if len(infos) < PAGE or not fresh:
+            return
+        upper = min(i.request_time for i in infos)  # keyset: ties re-read, then skipped
+
+
+def _latest(assessments: list[Any], name: str) -> Any | None:
+    valid = [a for a in assessments if a.name == name and a.valid is not False]
+    return max(valid, key=lambda a: a.create_time_ms or 0, default=None)
+
+
+def row_from_trace(info: Any) -> dict[str, Any] | None:
+    """One training row: input fields, output fields (correction wins), then provenance."""
+    tags = info.tags or {}
+    rating = _latest(list(info.assessments or []), RATING)
+    if rating is None:
+        return None
+    inputs = json.loads(tags.get(INPUTS_TAG, "{}"))
+    outputs = json.loads(tags.get(OUTPUTS_TAG, "{}") or "{}")
+    correction = _latest(list(info.assessments or []), CORRECTION)
+    if correction is not None and isinstance(value := assessment_value(correction), dict):
+        outputs = {**outputs, **value}
+    comment = _latest(list(info.assessments or []), COMMENT)
+    return {
+        **inputs,
+        **outputs,
+        "trace_id": info.trace_id,
+        "model_version": tags.get(VERSION_TAG, ""),
+        "rating": assessment_value(rating),
+        "comment": assessment_value(comment) if comment is not None else None,
+        "_timestamp_ms": info.request_time,
+    }
+
+
+def export_rows(
+    runtime: Runtime,
+    model: str,
+    *,
+    rating: str = "any",
+    start_date: date | None = None,
+    end_date: date | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches."""
+    if rating not in RATING_FILTERS:
+        raise ExportError(f"rating must be one of {', '.join(RATING_FILTERS)}")
+    if limit is not None and limit < 1:
+        raise ExportError("limit must be a positive number")
+    info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
+    runtime.outbox.flush(timeout=10)  # include what was just rated, when MLflow is up
+    rows: list[dict[str, Any]] = []
+    for info in rated_trace_infos(runtime, model, start_date, end_date):
+        row = row_from_trace(info)
+        if row is None or (rating != "any" and row["rating"] != rating):
+            continue
+        row.pop("_timestamp_ms")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    return [_ordered(r, info_versions) for r in rows]
+
+
+def _ordered(row: dict[str, Any], versions: list[registry.VersionInfo]) -> dict[str, Any]:
+    version = next(
+        (v for v in versions if v.version == row["model_version"]), versions[0] if versions else None
+    )
+    fields = (version.input_fields + version.output_fields) if version else []
+    keys = [k for k in fields if k in row] + [k for k in row if k not in fields and k not in META_COLUMNS]
+    return {k: row[k] for k in [*keys, *META_COLUMNS]}
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    writer = csv.DictWriter(out, fieldnames=columns or list(META_COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, ensure_ascii=False, default=str)
+
+
+def to_jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+
+
+def to_dataframe(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def to_examples(rows: list[dict[str, Any]], input_fields: list[str]) -> list[dspy.Example]:
+    """dspy.Examples ready for a compile: the input fields marked as inputs, provenance dropped."""
+    import dspy
+
+    examples = []
+    for row in rows:
+        data = {k: v for k, v in row.items() if k not in META_COLUMNS}
+        examples.append(dspy.Example(**data).with_inputs(*input_fields))
+    return examples
+
+
+def safe_filename(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "export"

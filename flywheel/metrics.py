@@ -1,0 +1,105 @@
+"""Request counters, aggregated across worker processes through a small file per process.
+
+Each process keeps its counters in memory and writes them to
+FLYWHEEL_HOME/metrics/<pid>.json at most every half second (and when asked to
+report), so /metrics in any worker sums every worker's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_FLUSH_EVERY = 0.5
+
+
+@dataclass
+class Counters:
+    request_count: int = 0
+    error_count: int = 0
+    latency_sum_ms: float = 0.0
+    models_served: set[str] = field(default_factory=set)
+
+
+class Metrics:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / f"{os.getpid()}.json"
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._flushed = 0.0
+
+    def record(self, model: str | None, latency_ms: float, error: bool) -> None:
+        with self._lock:
+            self.counters.request_count += 1
+            self.counters.error_count += int(error)
+            if not error:
+                self.counters.latency_sum_ms += latency_ms
+                if model:
+                    self.counters.models_served.add(model)
+        if time.monotonic() - self._flushed > _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            data = {
+                "request_count": self.counters.request_count,
+                "error_count": self.counters.error_count,
+                "latency_sum_ms": self.counters.latency_sum_ms,
+                "models_served": sorted(self.counters.models_served),
+            }
+            self._flushed = time.monotonic()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
+
+    def report(self) -> dict[str, Any]:
+        """SPEC.md's /metrics JSON, summed over every process that served this FLYWHEEL_HOME."""
+        self.flush()
+        total = Counters()
+        for path in self.directory.glob("*.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a file being replaced right now
+            total.request_count += data["request_count"]
+            total.error_count += data["error_count"]
+            total.latency_sum_ms += data["latency_sum_ms"]
+            total.models_served.update(data["models_served"])
+        ok = total.request_count - total.error_count
+        return {
+            "request_count": total.request_count,
+            "error_count": total.error_count,
+            "average_latency_ms": round(total.latency_sum_ms / ok, 2) if ok else 0.0,
+            "models_served": sorted(total.models_served),
+        }
+
+
+def prometheus(report: dict[str, Any], extra: dict[str, float] | None = None) -> str:
+    lines = [
+        "# HELP flywheel_requests_total Prediction requests served.",
+        "# TYPE flywheel_requests_total counter",
+        f"flywheel_requests_total {report['request_count']}",
+        "# HELP flywheel_errors_total Prediction requests that failed.",
+        "# TYPE flywheel_errors_total counter",
+        f"flywheel_errors_total {report['error_count']}",
+        "# HELP flywheel_average_latency_ms Mean latency of successful predictions.",
+        "# TYPE flywheel_average_latency_ms gauge",
+        f"flywheel_average_latency_ms {report['average_latency_ms']}",
+        "# HELP flywheel_model_served Models that served at least one prediction.",
+        "# TYPE flywheel_model_served gauge",
+    ]
+    lines += [f'flywheel_model_served{{model="{_label(m)}"}} 1' for m in report["models_served"]]
+    for name, value in (extra or {}).items():
+        lines += [f"# TYPE flywheel_{name} gauge", f"flywheel_{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

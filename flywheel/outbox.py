@@ -1,0 +1,256 @@
+"""A durable local queue between the server and MLflow: nothing acknowledged is lost.
+
+Every trace and every piece of feedback is first committed to a sqlite file
+under FLYWHEEL_HOME (WAL: a commit survives the process being killed), then a
+background thread delivers it to MLflow in batches and deletes it. When MLflow
+is unreachable items wait and are replayed when it is back. Delivery is
+idempotent (traces are upserted by id, feedback carries its own id), so a
+replay after a crash between "written" and "deleted" adds nothing twice.
+
+Several worker processes share the file: a delivering process claims a batch
+first; a claim older than CLAIM_SECONDS (its process died) is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CLAIM_SECONDS = 30.0
+BATCH = 500
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,
+    claimed_at REAL
+);
+CREATE INDEX IF NOT EXISTS items_trace ON items(trace_id);
+CREATE TABLE IF NOT EXISTS delivered (
+    trace_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: str
+    trace_id: str
+    payload: dict[str, Any]
+
+
+Deliver = Callable[[list[Item]], list[int]]
+
+
+class Outbox:
+    """Group-committed durable queue; `deliver(items) -> ids delivered` is called off-thread."""
+
+    def __init__(self, path: Path, deliver: Deliver, interval: float = 0.05) -> None:
+        self.path = path
+        self.deliver = deliver
+        self.interval = interval
+        self.owner = f"{os.getpid()}-{id(self):x}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+        self._pending: list[tuple[str, str, str, Future[int]]] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = True
+        self.last_error: str | None = None
+        self._backoff = 0.0
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+            self._local.db = db
+        return db
+
+    # --- producers ---------------------------------------------------------------------
+
+    def put(self, kind: str, trace_id: str, payload: dict[str, Any]) -> Future[int]:
+        """Queue an item; the future resolves once it is committed to disk."""
+        future: Future[int] = Future()
+        with self._cond:
+            self._pending.append((kind, trace_id, json.dumps(payload, default=str), future))
+            self._cond.notify()
+        if self._thread is None:  # no background thread (tests, scripts): commit now
+            self._commit_pending()
+        return future
+
+    def put_durable(self, kind: str, trace_id: str, payload: dict[str, Any], timeout: float = 30) -> int:
+        return self.put(kind, trace_id, payload).result(timeout)
+
+    def _commit_pending(self) -> None:
+        with self._cond:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            ids = []
+            now = time.time()
+            for kind, trace_id, payload, _ in batch:
+                cur = db.execute(
+                    "INSERT INTO items(kind, trace_id, payload, created) VALUES (?, ?, ?, ?)",
+                    (kind, trace_id, payload, now),
+                )
+                ids.append(cur.lastrowid)
+            db.execute("COMMIT")
+        except BaseException as exc:
+            db.execute("ROLLBACK") if db.in_transaction else None
+            for *_, future in batch:
+                future.set_exception(exc)
+            return
+        for (*_, future), row_id in zip(batch, ids, strict=True):
+            future.set_result(int(row_id or 0))
+
+    # --- queries -----------------------------------------------------------------------
+
+    def backlog(self) -> int:
+        (count,) = self._db().execute("SELECT COUNT(*) FROM items").fetchone()
+        with self._cond:
+            return int(count) + len(self._pending)
+
+    def pending_trace(self, trace_id: str) -> dict[str, Any] | None:
+        """The queued trace record with this id, if it is still waiting for MLflow."""
+        with self._cond:
+            for kind, tid, payload, _ in self._pending:
+                if kind == "trace" and tid == trace_id:
+                    return dict(json.loads(payload))
+        row = (
+            self._db()
+            .execute("SELECT payload FROM items WHERE kind='trace' AND trace_id=? LIMIT 1", (trace_id,))
+            .fetchone()
+        )
+        return json.loads(row[0]) if row else None
+
+    def delivered_model(self, trace_id: str) -> str | None:
+        row = self._db().execute("SELECT model FROM delivered WHERE trace_id=?", (trace_id,)).fetchone()
+        return row[0] if row else None
+
+    # --- delivery ----------------------------------------------------------------------
+
+    def _claim(self) -> list[Item]:
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "UPDATE items SET claimed_by=?, claimed_at=? WHERE id IN (SELECT id FROM items "
+                "WHERE claimed_by IS NULL OR claimed_by=? OR claimed_at < ? ORDER BY id LIMIT ?)",
+                (self.owner, now, self.owner, now - CLAIM_SECONDS, BATCH),
+            )
+            rows = db.execute(
+                "SELECT id, kind, trace_id, payload FROM items WHERE claimed_by=? ORDER BY id", (self.owner,)
+            ).fetchall()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return [Item(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def drain_once(self) -> int:
+        """Deliver one claimed batch; returns how many items reached MLflow."""
+        self._commit_pending()
+        items = self._claim()
+        if not items:
+            return 0
+        try:
+            done = set(self.deliver(items))
+        except Exception as exc:
+            self.connected = False
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._release(items)
+            raise
+        self.connected, self.last_error = True, None
+        db = self._db()
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        for item in items:
+            if item.id in done:
+                db.execute("DELETE FROM items WHERE id=?", (item.id,))
+                if item.kind == "trace":
+                    db.execute(
+                        "INSERT OR REPLACE INTO delivered(trace_id, model, at) VALUES (?, ?, ?)",
+                        (item.trace_id, item.payload.get("model", ""), now),
+                    )
+        db.execute("COMMIT")
+        self._release([i for i in items if i.id not in done])
+        return len(done)
+
+    def _release(self, items: list[Item]) -> None:
+        if items:
+            self._db().executemany(
+                "UPDATE items SET claimed_by=NULL, attempts=attempts+1 WHERE id=?", [(i.id,) for i in items]
+            )
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Deliver everything queued now (export and tests call this); False if MLflow is down."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.drain_once() == 0 and self.backlog() == 0:
+                    return True
+            except Exception:
+                return False
+        return False
+
+    # --- background thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="flywheel-outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stop.set()
+        with self._cond:
+            self._cond.notify()
+        thread.join(timeout)
+        self._commit_pending()
+        try:
+            self.drain_once()
+        except Exception:
+            pass  # stays on disk for the next start
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                if not self._pending:
+                    self._cond.wait(self.interval)
+            self._commit_pending()
+            if self._backoff and time.monotonic() < self._backoff:
+                continue
+            try:
+                while self.drain_once() and not self._stop.is_set():
+                    self._commit_pending()
+                self._backoff = 0.0
+            except Exception:
+                self._backoff = time.monotonic() + 1.0  # MLflow down: retry every second

@@ -1,0 +1,147 @@
+"""Running the API: in the foreground with worker processes, or in a background thread of a kernel.
+
+The background server pre-binds its socket (so the port is known and taken
+before the call returns), runs uvicorn in a daemon thread, waits until it
+answers, and keeps uvicorn's logging out of notebook cells. One per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from flywheel.config import Settings, get_settings
+
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+_lock = threading.Lock()
+_background: BackgroundServer | None = None
+
+
+@dataclass
+class BackgroundServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    sock: socket.socket
+    url: str
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive() and self.server.started and not self.server.should_exit
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+
+def _quiet_uvicorn_logging() -> dict[str, object]:
+    """Route uvicorn's loggers to the log file handlers only, never to cell output."""
+    config: dict[str, object] = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"null": {"class": "logging.NullHandler"}},
+        "loggers": {name: {"handlers": ["null"], "propagate": False} for name in _UVICORN_LOGGERS},
+    }
+    return config
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def start_background(
+    port: int | None = None, host: str = "127.0.0.1", settings: Settings | None = None, timeout: float = 60.0
+) -> str:
+    """Start the API in a daemon thread of this process (once) and return its URL.
+
+    `port=None` takes API_PORT when it is free, else any free port; calling
+    again returns the same server's URL.
+    """
+    global _background
+    with _lock:
+        if _background is not None and _background.running:
+            return _background.url
+        settings = settings or get_settings()
+        wanted = settings.api_port if port is None else port
+        try:
+            sock = _bind(host, wanted)
+        except OSError:
+            if port is not None:
+                raise
+            sock = _bind(host, 0)
+        actual = sock.getsockname()[1]
+        config = uvicorn.Config(
+            "flywheel.api:app",
+            log_config=_quiet_uvicorn_logging(),
+            access_log=False,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="flywheel-api", daemon=True
+        )
+        thread.start()
+        url = f"http://{host}:{actual}"
+        _wait_until_up(url, thread, timeout)
+        _background = BackgroundServer(server, thread, sock, url)
+        return url
+
+
+def _wait_until_up(url: str, thread: threading.Thread, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError(f"the flywheel API failed to start at {url}; see {_log_hint()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"the flywheel API did not answer at {url} within {timeout:.0f}s")
+
+
+def _log_hint() -> str:
+    return "the flywheel.server logger"
+
+
+def stop_background() -> bool:
+    """Stop the background server if one runs; True when one was stopped."""
+    global _background
+    with _lock:
+        if _background is None:
+            return False
+        _background.stop()
+        _background = None
+        return True
+
+
+def background_url() -> str | None:
+    with _lock:
+        return _background.url if _background is not None and _background.running else None
+
+
+def serve_foreground(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
+    """`flywheel serve`: uvicorn with real worker processes."""
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO)
+    uvicorn.run(
+        "flywheel.api:app",
+        host=host or settings.api_host,
+        port=settings.api_port if port is None else port,
+        workers=workers or settings.api_workers,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

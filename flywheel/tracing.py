@@ -1,0 +1,180 @@
+"""How a prediction becomes an MLflow trace.
+
+flywheel does not use MLflow's asynchronous exporter (it silently drops traces
+under bursts). A prediction becomes a `TraceRecord`, a plain JSON-able record
+with a trace id chosen up front, so the id can be returned with the answer at
+once. The record goes to the durable outbox, and the outbox writes it to MLflow
+in batches as a complete trace: one root span whose inputs and outputs are the
+program's fields, tags naming the model and version, and the logged model id
+in the trace metadata (so each trace links to the right logged model even
+when several versions are loaded in one process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MODEL_TAG = "flywheel.model"
+MODEL_KEY_TAG = "flywheel.model_key"  # a hash of the name: user text never enters a filter string
+VERSION_TAG = "flywheel.model_version"
+INPUTS_TAG = "flywheel.inputs"
+OUTPUTS_TAG = "flywheel.outputs"
+SPAN_NAME = "predict"
+_PREVIEW = 1000
+
+
+def model_key(model: str) -> str:
+    return hashlib.sha256(model.encode()).hexdigest()[:24]
+
+
+def new_trace_id() -> str:
+    return "tr-" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class TraceRecord:
+    trace_id: str
+    model: str
+    version: str
+    model_id: str | None
+    inputs: dict[str, Any]
+    outputs: dict[str, Any] | None
+    start_ns: int
+    end_ns: int
+    error: str | None = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def ok(
+        cls,
+        trace_id: str,
+        info: Any,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any],
+        start_ns: int,
+        end_ns: int,
+    ) -> TraceRecord:
+        return cls(trace_id, info.name, info.version, info.model_id, inputs, outputs, start_ns, end_ns)
+
+    @classmethod
+    def failed(
+        cls, trace_id: str, info: Any, inputs: dict[str, Any], start_ns: int, error: str
+    ) -> TraceRecord:
+        import time
+
+        return cls(
+            trace_id, info.name, info.version, info.model_id, inputs, None, start_ns, time.time_ns(), error
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TraceRecord:
+        return cls(**json.loads(text))
+
+    def tags(self) -> dict[str, str]:
+        """Trace tags: export reads inputs and outputs from here, never from span bodies."""
+        tags = {
+            MODEL_TAG: self.model,
+            MODEL_KEY_TAG: model_key(self.model),
+            VERSION_TAG: self.version,
+            INPUTS_TAG: json.dumps(self.inputs, default=str),
+            "mlflow.traceName": SPAN_NAME,
+        }
+        if self.outputs is not None:
+            tags[OUTPUTS_TAG] = json.dumps(self.outputs, default=str)
+        return {**tags, **self.extra_tags}
+
+    def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:
+        """(TraceInfo, [root Span]) ready for the tracking store's start_trace + log_spans."""
+        from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
+        from mlflow.entities.span import SpanType
+        from mlflow.tracing.constant import (
+            TRACE_SCHEMA_VERSION,
+            TRACE_SCHEMA_VERSION_KEY,
+            SpanAttributeKey,
+            TraceMetadataKey,
+        )
+        from mlflow.tracing.utils import build_otel_context
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import Status, StatusCode
+
+        request = json.dumps(self.inputs, default=str)
+        response = json.dumps(self.outputs, default=str) if self.outputs is not None else ""
+        metadata = {
+            TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION),
+            TraceMetadataKey.INPUTS: request[:_PREVIEW],
+            TraceMetadataKey.OUTPUTS: response[:_PREVIEW],
+        }
+        if self.model_id:
+            metadata[TraceMetadataKey.MODEL_ID] = self.model_id
+        info = TraceInfo(
+            trace_id=self.trace_id,
+            trace_location=TraceLocation.from_experiment_id(experiment_id),
+            request_time=self.start_ns // 1_000_000,
+            execution_duration=max(0, (self.end_ns - self.start_ns) // 1_000_000),
+            state=TraceState.ERROR if self.error else TraceState.OK,
+            request_preview=request[:_PREVIEW],
+            response_preview=(response or self.error or "")[:_PREVIEW],
+            trace_metadata=metadata,
+            tags=self.tags(),
+        )
+        attributes = {
+            SpanAttributeKey.REQUEST_ID: json.dumps(self.trace_id),
+            SpanAttributeKey.SPAN_TYPE: json.dumps(SpanType.CHAIN),
+            SpanAttributeKey.INPUTS: request,
+            SpanAttributeKey.OUTPUTS: response or "null",
+            "flywheel.model": json.dumps(self.model),
+            "flywheel.model_version": json.dumps(self.version),
+        }
+        status = Status(StatusCode.ERROR, self.error) if self.error else Status(StatusCode.OK)
+        otel = ReadableSpan(
+            name=SPAN_NAME,
+            context=build_otel_context(int(self.trace_id[3:], 16), int(self.trace_id[3:19], 16) or 1),
+            parent=None,
+            start_time=self.start_ns,
+            end_time=max(self.end_ns, self.start_ns),
+            attributes=attributes,
+            status=status,
+            resource=Resource.get_empty(),
+        )
+        return info, [Span(otel)]
+
+
+def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
+    """Write complete traces through the tracking store (sqlite or a tracking server).
+
+    Idempotent: a trace already in the store (a replay after a crash) is skipped,
+    so the outbox delivers each trace exactly once. Returns the ids written.
+    """
+    from mlflow.exceptions import MlflowException
+
+    written: list[str] = []
+    spans: list[Any] = []
+    for record in records:
+        info, record_spans = record.to_mlflow(experiment_id)
+        try:
+            store.start_trace(info)
+        except MlflowException as exc:
+            if not _already_exists(store, record.trace_id, exc):
+                raise
+            continue
+        written.append(record.trace_id)
+        spans.extend(record_spans)
+    if spans:
+        store.log_spans(experiment_id, spans)
+    return written
+
+
+def _already_exists(store: Any, trace_id: str, exc: Exception) -> bool:
+    try:
+        store.get_trace_info(trace_id)
+    except Exception:
+        return False
+    return True
