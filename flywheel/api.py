@@ -6,6 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import date
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
@@ -127,7 +128,9 @@ async def predict(body: PredictRequest) -> PredictResponse:
     runtime = get_runtime()
     started = time.perf_counter()
     try:
-        prediction = await serving.apredict(runtime, body.model, body.inputs, ref=refs[0] if refs else None)
+        prediction = await serving.apredict(
+            body.model, body.inputs, refs[0] if refs else None, runtime=runtime
+        )
     except serving.InputError as exc:
         runtime.metrics.record(body.model, 0, error=True)
         raise HTTPException(422, str(exc)) from None
@@ -157,12 +160,12 @@ async def post_feedback(body: FeedbackRequest) -> FeedbackResponse:
     try:
         receipt = await run_in_threadpool(
             feedback.submit,
-            runtime,
             body.trace_id,
             body.rating,
             corrected_output=body.corrected_output,
             comment=body.comment,
             user_id=body.user_id,
+            runtime=runtime,
         )
     except feedback.TraceNotFound as exc:
         raise HTTPException(404, str(exc)) from None
@@ -182,13 +185,15 @@ async def get_export(
 ) -> Response:
     runtime = get_runtime()
     rows = await run_in_threadpool(
-        export.export_rows,
-        runtime,
-        model,
-        rating=rating,
-        start_date=start_date,
-        end_date=end_date,
-        limit=limit,
+        partial(
+            export.export_rows,
+            model,
+            rating=rating,
+            start_date=start_date,
+            end_date=end_date,
+            limit=limit,
+            runtime=runtime,
+        )
     )
     if format == "csv":
         filename = f"{export.safe_filename(model)}-{rating}.csv"

@@ -103,15 +103,18 @@ def row_from_trace(info: Any) -> dict[str, Any] | None:
 
 
 def export_rows(
-    runtime: Runtime,
     model: str,
     *,
     rating: str = "any",
     start_date: date | None = None,
     end_date: date | None = None,
     limit: int | None = None,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches."""
+    from flywheel.runtime import get_runtime
+
+    runtime = runtime or get_runtime()
     if rating not in RATING_FILTERS:
         raise ExportError(f"rating must be one of {', '.join(RATING_FILTERS)}")
     if limit is not None and limit < 1:

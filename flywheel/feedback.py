@@ -98,14 +98,18 @@ def normalize_correction(corrected: dict[str, Any] | str | None, outputs: list[s
 
 
 def submit(
-    runtime: Runtime,
     trace_id: str,
     rating: str,
     *,
     corrected_output: dict[str, Any] | str | None = None,
     comment: str | None = None,
     user_id: str | None = None,
+    runtime: Runtime | None = None,
 ) -> Receipt:
+    """Validate and durably queue feedback; returns once it cannot be lost."""
+    from flywheel.runtime import get_runtime
+
+    runtime = runtime or get_runtime()
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
     if not trace_id or not trace_id.strip():

@@ -16,7 +16,7 @@ from typing import Any
 import dspy
 
 from flywheel import registry
-from flywheel.runtime import Runtime
+from flywheel.runtime import Runtime, get_runtime
 from flywheel.tracing import TraceRecord, new_trace_id
 
 
@@ -86,8 +86,15 @@ def _jsonable(value: Any) -> Any:
 
 
 async def apredict(
-    runtime: Runtime, model: str, inputs: Any, ref: str | int | None = None, timeout: float | None = None
+    model: str,
+    inputs: Any,
+    ref: str | int | None = None,
+    *,
+    timeout: float | None = None,
+    runtime: Runtime | None = None,
 ) -> Prediction:
+    """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE)."""
+    runtime = runtime or get_runtime()
     loaded = await asyncio.to_thread(registry.load, model, ref, runtime.store)
     check_inputs(loaded.info, inputs)
     trace_id = new_trace_id()
@@ -113,15 +120,21 @@ async def apredict(
 
 
 def predict(
-    runtime: Runtime, model: str, inputs: Any, ref: str | int | None = None, timeout: float | None = None
+    model: str,
+    inputs: Any,
+    ref: str | int | None = None,
+    *,
+    timeout: float | None = None,
+    runtime: Runtime | None = None,
 ) -> Prediction:
     """Synchronous predict for notebooks and widgets (runs the same async path)."""
+    call = apredict(model, inputs, ref, timeout=timeout, runtime=runtime)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(apredict(runtime, model, inputs, ref, timeout))
+        return asyncio.run(call)
     # inside a running loop (a kernel cell): run on a private loop in a worker thread
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, apredict(runtime, model, inputs, ref, timeout)).result()
+        return pool.submit(asyncio.run, call).result()
