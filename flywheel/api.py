@@ -184,17 +184,20 @@ async def get_export(
     limit: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
     runtime = get_runtime()
-    rows = await run_in_threadpool(
-        partial(
-            export.export_rows,
-            model,
-            rating=rating,
-            start_date=start_date,
-            end_date=end_date,
-            limit=limit,
-            runtime=runtime,
+    try:
+        rows = await run_in_threadpool(
+            partial(
+                export.export_rows,
+                model,
+                rating=rating,
+                start_date=start_date,
+                end_date=end_date,
+                limit=limit,
+                runtime=runtime,
+            )
         )
-    )
+    except export.ExportError as exc:
+        raise HTTPException(422, str(exc)) from None
     if format == "csv":
         filename = f"{export.safe_filename(model)}-{rating}.csv"
         return Response(

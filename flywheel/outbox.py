@@ -71,6 +71,7 @@ class Outbox:
             db.executescript(_SCHEMA)
         self._pending: list[tuple[str, str, str, Future[int]]] = []
         self._cond = threading.Condition()
+        self._drain_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = True
@@ -159,8 +160,8 @@ class Outbox:
         try:
             db.execute(
                 "UPDATE items SET claimed_by=?, claimed_at=? WHERE id IN (SELECT id FROM items "
-                "WHERE claimed_by IS NULL OR claimed_by=? OR claimed_at < ? ORDER BY id LIMIT ?)",
-                (self.owner, now, self.owner, now - CLAIM_SECONDS, BATCH),
+                "WHERE claimed_by IS NULL OR claimed_at < ? ORDER BY id LIMIT ?)",
+                (self.owner, now, now - CLAIM_SECONDS, BATCH),
             )
             rows = db.execute(
                 "SELECT id, kind, trace_id, payload FROM items WHERE claimed_by=? ORDER BY id", (self.owner,)
@@ -173,6 +174,10 @@ class Outbox:
 
     def drain_once(self) -> int:
         """Deliver one claimed batch; returns how many items reached MLflow."""
+        with self._drain_lock:  # one delivery at a time per process: never the same item twice
+            return self._drain_once()
+
+    def _drain_once(self) -> int:
         self._commit_pending()
         items = self._claim()
         if not items:

@@ -90,23 +90,26 @@ class Runtime:
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
+_built_from: Settings | None = None
 
 
 def get_runtime() -> Runtime:
     """This process's runtime, built on first use from the current settings."""
-    global _runtime
+    global _runtime, _built_from
     with _lock:
         settings = get_settings()
-        if _runtime is None or _runtime.settings != settings:
+        if _runtime is None or _built_from != settings:
             if _runtime is not None:
                 _runtime.stop()
             _runtime = Runtime(settings, connect(settings), make_lm(settings.flywheel_lm))
+            _built_from = settings
         return _runtime
 
 
 def reset_runtime() -> None:
-    global _runtime
+    global _runtime, _built_from
     with _lock:
+        _built_from = None
         if _runtime is not None:
             _runtime.stop()
         _runtime = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
 SPAN_NAME = "predict"
 _PREVIEW = 1000
+_log = logging.getLogger("flywheel.tracing")
 
 
 def model_key(model: str) -> str:
@@ -148,33 +150,32 @@ class TraceRecord:
 
 
 def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
-    """Write complete traces through the tracking store (sqlite or a tracking server).
+    """Write complete traces to the tracking store (sqlite, PostgreSQL or a tracking server).
 
-    Idempotent: a trace already in the store (a replay after a crash) is skipped,
-    so the outbox delivers each trace exactly once. Returns the ids written.
+    Idempotent: a trace already stored (a replay after a crash) is not written
+    twice, so the outbox delivers each trace exactly once. SQL stores take one
+    batched transaction; anything else, or any error there, the public path.
     """
-    from mlflow.exceptions import MlflowException
+    from flywheel import trace_sql
 
-    written: list[str] = []
+    if trace_sql.supports(store):
+        try:
+            done = trace_sql.existing_ids(store, [r.trace_id for r in records])
+            todo = [r for r in records if r.trace_id not in done]
+            if todo:
+                trace_sql.write_batch(store, [r.to_mlflow(experiment_id) for r in todo])
+            return [r.trace_id for r in todo]
+        except Exception as exc:  # internals moved: fall back, slower but public
+            _log.warning("batched trace write failed (%s); using MLflow's public path", exc)
+    return _write_public(store, experiment_id, records)
+
+
+def _write_public(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
     spans: list[Any] = []
     for record in records:
         info, record_spans = record.to_mlflow(experiment_id)
-        try:
-            store.start_trace(info)
-        except MlflowException as exc:
-            if not _already_exists(store, record.trace_id, exc):
-                raise
-            continue
-        written.append(record.trace_id)
+        store.start_trace(info)  # an upsert: replaying a stored trace changes nothing
         spans.extend(record_spans)
     if spans:
         store.log_spans(experiment_id, spans)
-    return written
-
-
-def _already_exists(store: Any, trace_id: str, exc: Exception) -> bool:
-    try:
-        store.get_trace_info(trace_id)
-    except Exception:
-        return False
-    return True
+    return [r.trace_id for r in records]

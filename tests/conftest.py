@@ -30,18 +30,25 @@ def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> store.S
     monkeypatch.chdir(home.parent)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    _reset()
+    return store.connect()
+
+
+def _reset() -> None:
+    from flywheel.runtime import reset_runtime
+    from flywheel.server import stop_background
+
+    stop_background()
+    reset_runtime()
     get_settings.cache_clear()
     store.reset()
     registry.clear_cache()
-    return store.connect()
 
 
 @pytest.fixture
 def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[store.Store]:
     yield use_home(monkeypatch, tmp_path / "home")
-    get_settings.cache_clear()
-    store.reset()
-    registry.clear_cache()
+    _reset()
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,4 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store
         s = use_home(mp, tmp_path_factory.mktemp("demo") / "home")
         seed_demo(s, progress=lambda line: None)
         yield s
-    get_settings.cache_clear()
-    store.reset()
-    registry.clear_cache()
+        _reset()

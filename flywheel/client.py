@@ -1,0 +1,198 @@
+"""A small Python client for the flywheel API, sync (`Client`) and async (`AsyncClient`).
+
+Both build the same requests (`_Requests`), so they cannot drift apart; an
+error status raises `APIError` carrying the server's message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+
+class APIError(RuntimeError):
+    def __init__(self, status_code: int, detail: str) -> None:
+        self.status_code, self.detail = status_code, detail
+        super().__init__(f"{status_code}: {detail}")
+
+
+def _decode(response: httpx.Response) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        raise APIError(response.status_code, str(detail))
+    if response.headers.get("content-type", "").startswith("application/json"):
+        return response.json()
+    return response.text
+
+
+class _Requests:
+    """(method, path, kwargs) for every endpoint."""
+
+    @staticmethod
+    def predict(
+        model: str, inputs: dict[str, Any], version: str | None, stage: str | None, alias: str | None
+    ) -> tuple[str, str, dict[str, Any]]:
+        body: dict[str, Any] = {"model": model, "inputs": inputs}
+        body.update({k: v for k, v in {"version": version, "stage": stage, "alias": alias}.items() if v})
+        return "POST", "/predict", {"json": body}
+
+    @staticmethod
+    def feedback(
+        trace_id: str,
+        rating: str,
+        corrected_output: dict[str, Any] | str | None,
+        comment: str | None,
+        user_id: str | None,
+    ) -> tuple[str, str, dict[str, Any]]:
+        body = {
+            "trace_id": trace_id,
+            "rating": rating,
+            "corrected_output": corrected_output,
+            "comment": comment,
+            "user_id": user_id,
+        }
+        return "POST", "/feedback", {"json": {k: v for k, v in body.items() if v is not None}}
+
+    @staticmethod
+    def export(model: str, rating: str, format: str, **filters: Any) -> tuple[str, str, dict[str, Any]]:
+        params = {"model": model, "rating": rating, "format": format}
+        params.update({k: str(v) for k, v in filters.items() if v is not None})
+        return "GET", "/export", {"params": params}
+
+    @staticmethod
+    def promote(name: str, version: str | int, stage: str) -> tuple[str, str, dict[str, Any]]:
+        return (
+            "POST",
+            f"/models/{quote(name, safe='')}/stage",
+            {"json": {"version": str(version), "stage": stage}},
+        )
+
+
+class Client:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        return _decode(self._http.request(method, path, **kwargs))
+
+    def predict(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        version: str | None = None,
+        stage: str | None = None,
+        alias: str | None = None,
+    ) -> dict[str, Any]:
+        return self._call(*_Requests.predict(model, inputs, version, stage, alias))
+
+    def feedback(
+        self,
+        trace_id: str,
+        rating: str,
+        *,
+        corrected_output: dict[str, Any] | str | None = None,
+        comment: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        return self._call(*_Requests.feedback(trace_id, rating, corrected_output, comment, user_id))
+
+    def export(self, model: str, *, rating: str = "any", format: str = "json", **filters: Any) -> Any:
+        return self._call(*_Requests.export(model, rating, format, **filters))
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/models", {})["models"]
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/models/{quote(name, safe='')}/versions", {})["versions"]
+
+    def promote(self, name: str, version: str | int, stage: str) -> dict[str, Any]:
+        return self._call(*_Requests.promote(name, version, stage))
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health", {})
+
+    def metrics(self) -> dict[str, Any]:
+        return self._call("GET", "/metrics", {})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_connections: int = 100,
+    ) -> None:
+        headers = {"X-API-Key": api_key} if api_key else {}
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout, limits=limits)
+
+    async def _call(self, method: str, path: str, kwargs: dict[str, Any]) -> Any:
+        return _decode(await self._http.request(method, path, **kwargs))
+
+    async def predict(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        version: str | None = None,
+        stage: str | None = None,
+        alias: str | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(*_Requests.predict(model, inputs, version, stage, alias))
+
+    async def feedback(
+        self,
+        trace_id: str,
+        rating: str,
+        *,
+        corrected_output: dict[str, Any] | str | None = None,
+        comment: str | None = None,
+        user_id: str | None = None,
+    ) -> dict[str, Any]:
+        return await self._call(*_Requests.feedback(trace_id, rating, corrected_output, comment, user_id))
+
+    async def export(self, model: str, *, rating: str = "any", format: str = "json", **filters: Any) -> Any:
+        return await self._call(*_Requests.export(model, rating, format, **filters))
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self._call("GET", "/models", {}))["models"]
+
+    async def versions(self, name: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", f"/models/{quote(name, safe='')}/versions", {}))["versions"]
+
+    async def promote(self, name: str, version: str | int, stage: str) -> dict[str, Any]:
+        return await self._call(*_Requests.promote(name, version, stage))
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call("GET", "/health", {})
+
+    async def metrics(self) -> dict[str, Any]:
+        return await self._call("GET", "/metrics", {})
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
