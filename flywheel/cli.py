@@ -67,6 +67,15 @@ def _alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from flywheel.server import serve_foreground
+    from flywheel.store import connect
+
+    connect()  # a bad store is one clear line now, not a traceback in every worker
+    serve_foreground(host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version")
     p.add_argument("stage")
     p.set_defaults(handler=_promote)
+    p = sub.add_parser("serve", help="run the HTTP API in the foreground (API_HOST/API_PORT/API_WORKERS)")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default API_WORKERS)")
+    p.set_defaults(handler=_serve)
     p = sub.add_parser("alias", help="point a free alias (e.g. champion) at a version")
     p.add_argument("name")
     p.add_argument("alias")

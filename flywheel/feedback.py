@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flywheel import registry
-from flywheel.errors import ModelNotFound
 from flywheel.outbox import Item
 from flywheel.store import Store
 from flywheel.tracing import MODEL_TAG, VERSION_TAG, TraceRecord
@@ -67,6 +66,9 @@ def trace_model(runtime: Runtime, trace_id: str) -> tuple[str, str]:
     if pending is not None:
         record = TraceRecord.from_json(pending["record"])
         return record.model, record.version
+    delivered = runtime.outbox.delivered_model(trace_id)
+    if delivered is not None:  # known without asking MLflow, which may be down
+        return delivered
     try:
         info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
     except Exception:
@@ -115,10 +117,7 @@ def submit(
     if not trace_id or not trace_id.strip():
         raise FeedbackError("trace_id is empty")
     model, version = trace_model(runtime, trace_id.strip())
-    try:
-        outputs = registry.get_version(model, version, runtime.store).output_fields
-    except ModelNotFound:
-        outputs = []
+    outputs = registry.output_fields(model, version, runtime.store)
     correction = normalize_correction(corrected_output, outputs)
     comment = (comment or "").strip() or None
     user = (user_id or "").strip() or ANONYMOUS

@@ -25,6 +25,7 @@ system prompt describes it:
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import math
 import re
@@ -277,6 +278,13 @@ def make_lm(spec: str | None = None, **kwargs: Any) -> dspy.BaseLM:
     """
     if spec is None or spec.strip().lower() in ("", "offline", OFFLINE_MODEL):
         return OfflineLM()
+    if spec.startswith("py:"):  # py:package.module:factory, a custom LM of your own
+        module, _, attr = spec[3:].partition(":")
+        factory = getattr(importlib.import_module(module), attr or "make_lm")
+        lm = factory(**kwargs)
+        if not isinstance(lm, dspy.BaseLM):
+            raise TypeError(f"{spec} returned {type(lm).__name__}, not a dspy.BaseLM")
+        return lm
     return dspy.LM(spec.strip(), **kwargs)
 
 

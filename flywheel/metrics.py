@@ -1,8 +1,8 @@
 """Request counters, aggregated across worker processes through a small file per process.
 
-Each process keeps its counters in memory and writes them to
-FLYWHEEL_HOME/metrics/<pid>.json at most every half second (and when asked to
-report), so /metrics in any worker sums every worker's numbers.
+Each process keeps its counters in memory and a daemon thread writes them to
+FLYWHEEL_HOME/metrics/<pid>.json every half second while they change (and when
+asked to report), so /metrics in any worker sums every worker's numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +33,28 @@ class Metrics:
         self.counters = Counters()
         self._lock = threading.Lock()
         self._flushed = 0.0
+        self._dirty = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Flush every half second while dirty, so idle workers still report their last requests."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="flywheel-metrics", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+            self._thread = None
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_FLUSH_EVERY):
+            if self._dirty:
+                self.flush()
 
     def record(self, model: str | None, latency_ms: float, error: bool) -> None:
         with self._lock:
@@ -42,8 +64,7 @@ class Metrics:
                 self.counters.latency_sum_ms += latency_ms
                 if model:
                     self.counters.models_served.add(model)
-        if time.monotonic() - self._flushed > _FLUSH_EVERY:
-            self.flush()
+            self._dirty = True
 
     def flush(self) -> None:
         with self._lock:
@@ -54,6 +75,7 @@ class Metrics:
                 "models_served": sorted(self.counters.models_served),
             }
             self._flushed = time.monotonic()
+            self._dirty = False
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))

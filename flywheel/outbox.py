@@ -41,6 +41,7 @@ CREATE INDEX IF NOT EXISTS items_trace ON items(trace_id);
 CREATE TABLE IF NOT EXISTS delivered (
     trace_id TEXT PRIMARY KEY,
     model TEXT NOT NULL,
+    version TEXT NOT NULL DEFAULT '',
     at REAL NOT NULL
 );
 """
@@ -147,9 +148,14 @@ class Outbox:
         )
         return json.loads(row[0]) if row else None
 
-    def delivered_model(self, trace_id: str) -> str | None:
-        row = self._db().execute("SELECT model FROM delivered WHERE trace_id=?", (trace_id,)).fetchone()
-        return row[0] if row else None
+    def delivered_model(self, trace_id: str) -> tuple[str, str] | None:
+        """(model, version) of a trace this store's outbox delivered: feedback is checked without MLflow."""
+        row = (
+            self._db()
+            .execute("SELECT model, version FROM delivered WHERE trace_id=?", (trace_id,))
+            .fetchone()
+        )
+        return (row[0], row[1]) if row else None
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -198,8 +204,8 @@ class Outbox:
                 db.execute("DELETE FROM items WHERE id=?", (item.id,))
                 if item.kind == "trace":
                     db.execute(
-                        "INSERT OR REPLACE INTO delivered(trace_id, model, at) VALUES (?, ?, ?)",
-                        (item.trace_id, item.payload.get("model", ""), now),
+                        "INSERT OR REPLACE INTO delivered(trace_id, model, version, at) VALUES (?, ?, ?, ?)",
+                        (item.trace_id, item.payload.get("model", ""), item.payload.get("version", ""), now),
                     )
         db.execute("COMMIT")
         self._release([i for i in items if i.id not in done])

@@ -142,6 +142,12 @@ def _model_id_from_source(source: str | None) -> str | None:
     return None
 
 
+def _raise_unless_missing(exc: MlflowException) -> None:
+    """Only "does not exist" means not found; an unreachable registry must not look like a 404."""
+    if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        raise exc
+
+
 def program_fields(program: dspy.Module) -> tuple[list[str], list[str]]:
     """Input fields of the first predictor, output fields of the last (minus reasoning)."""
     predictors = program.predictors()
@@ -269,14 +275,16 @@ def list_versions(name: str, store: Store | None = None) -> list[VersionInfo]:
     client = (store or connect()).client
     try:
         rm = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        _raise_unless_missing(exc)
         raise ModelNotFound(name) from None
     newest = max((int(mv.version) for mv in rm.latest_versions or ()), default=0)
     versions = []
     for number in range(newest, 0, -1):
         try:
             versions.append(_version_info(client.get_model_version(name, str(number))))
-        except MlflowException:
+        except MlflowException as exc:
+            _raise_unless_missing(exc)
             continue  # deleted versions leave gaps
     return versions
 
@@ -285,7 +293,8 @@ def get_version(name: str, version: str | int, store: Store | None = None) -> Ve
     client = (store or connect()).client
     try:
         return _version_info(client.get_model_version(name, str(version)))
-    except MlflowException:
+    except MlflowException as exc:
+        _raise_unless_missing(exc)
         raise ModelNotFound(name, f"version {version}") from None
 
 
@@ -314,7 +323,8 @@ def resolve(name: str, ref: str | int | None = None, store: Store | None = None)
     alias = stage or ref
     try:
         return _version_info(client.get_model_version_by_alias(name, alias))
-    except MlflowException:
+    except MlflowException as exc:
+        _raise_unless_missing(exc)
         pass
     versions = list_versions(name, store)  # raises ModelNotFound for an unknown model
     holders = [v for v in versions if stage is not None and v.stage == stage]
@@ -394,10 +404,28 @@ def resolve_cached(name: str, ref: str | int | None = None, store: Store | None 
     except Exception:
         if hit is None:
             raise
-        return hit[1]  # the registry is unreachable: keep serving what was resolved last
+        with _cache_lock:  # the registry is unreachable: keep serving what was resolved last,
+            _resolved[(name, ref_key)] = (now, hit[1])  # and ask again only after another TTL
+        return hit[1]
     with _cache_lock:
         _resolved[(name, ref_key)] = (now, info)
     return info
+
+
+def peek(name: str, ref: str | int | None, store: Store) -> LoadedProgram | None:
+    """The loaded program when both its resolution and the program are cached, else None.
+
+    Pure memory: the serving hot path calls this on the event loop and only
+    falls back to a thread for `load` on a miss.
+    """
+    if not store.settings.model_cache_enabled:
+        return None
+    ref_key = str(ref if ref is not None else store.settings.default_model_stage)
+    with _cache_lock:
+        hit = _resolved.get((name, ref_key))
+        if hit is None or time.monotonic() - hit[0] >= store.settings.flywheel_resolve_ttl:
+            return None
+        return _programs.get((hit[1].name, hit[1].version))
 
 
 def load(name: str, ref: str | int | None = None, store: Store | None = None) -> LoadedProgram:
@@ -434,6 +462,18 @@ def _load_program(info: VersionInfo) -> dspy.Module:
     if not isinstance(program, dspy.Module):
         raise TypeError(f"{info.uri} is not a DSPy program logged with the mlflow.dspy flavor")
     return program
+
+
+def output_fields(name: str, version: str, store: Store) -> list[str]:
+    """A version's output fields: from the cache when loaded, so it works while MLflow is down."""
+    with _cache_lock:
+        loaded = _programs.get((name, str(version)))
+    if loaded is not None:
+        return loaded.info.output_fields
+    try:
+        return get_version(name, version, store).output_fields
+    except Exception:
+        return []  # unknown or unreachable: corrections are then not checked field by field
 
 
 def cached_versions() -> list[tuple[str, str]]:

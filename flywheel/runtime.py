@@ -42,14 +42,19 @@ class Runtime:
 
     def start(self) -> None:
         self.outbox.start()
+        self.metrics.start()
 
     def stop(self) -> None:
         self.outbox.stop()
-        self.metrics.flush()
+        self.metrics.stop()
 
     def record_trace(self, record: TraceRecord) -> None:
         if self.settings.mlflow_enabled:
-            self.outbox.put("trace", record.trace_id, {"model": record.model, "record": record.to_json()})
+            self.outbox.put(
+                "trace",
+                record.trace_id,
+                {"model": record.model, "version": record.version, "record": record.to_json()},
+            )
 
     def _deliver(self, items: list[Item]) -> list[int]:
         from flywheel import feedback

@@ -95,7 +95,9 @@ async def apredict(
 ) -> Prediction:
     """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE)."""
     runtime = runtime or get_runtime()
-    loaded = await asyncio.to_thread(registry.load, model, ref, runtime.store)
+    loaded = registry.peek(model, ref, runtime.store) or await asyncio.to_thread(
+        registry.load, model, ref, runtime.store
+    )
     check_inputs(loaded.info, inputs)
     trace_id = new_trace_id()
     started_ns = time.time_ns()
