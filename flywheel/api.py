@@ -144,12 +144,8 @@ async def predict(body: PredictRequest) -> PredictResponse:
         runtime.metrics.record(body.model, 0, error=True)
         raise HTTPException(502, str(exc)) from None
     runtime.metrics.record(body.model, (time.perf_counter() - started) * 1000, error=False)
-    return PredictResponse(
-        result=prediction.result,
-        trace_id=prediction.trace_id,
-        model_version=prediction.model_version,
-        latency_ms=prediction.latency_ms,
-    )
+    # already the PredictResponse shape: skip a second validation pass on the hot path
+    return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
 
 
 @app.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])

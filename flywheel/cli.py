@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
     home = store.settings.flywheel_home
     print(
         "\nBrowse it in the MLflow UI:\n"
-        f"  mlflow ui --backend-store-uri {store.tracking_uri} "
+        f"  .venv/bin/mlflow ui --backend-store-uri {store.tracking_uri} "
         f"--default-artifact-root {(home / 'artifacts').as_uri()}"
     )
     return 0

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 RATING_FILTERS = ("thumbs_up", "thumbs_down", "any")
 FORMATS = ("csv", "json", "jsonl")
-PAGE = 500
+PAGE = 5000
 META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
 
 

@@ -31,6 +31,17 @@ def existing_ids(store: Any, trace_ids: list[str]) -> set[str]:
     return found
 
 
+_roots: dict[tuple[int, str], str] = {}
+
+
+def _artifact_root(store: Any, experiment_id: str) -> str:
+    # an experiment's artifact location never changes; looking it up costs a query per batch
+    key = (id(store), experiment_id)
+    if key not in _roots:
+        _roots[key] = store.get_experiment(experiment_id).artifact_location.rstrip("/")
+    return _roots[key]
+
+
 def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
     """items: (TraceInfo, [Span]) pairs, none already stored -> one transaction."""
     from mlflow.store.tracking.dbmodels.models import (
@@ -54,11 +65,9 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
     tags: list[dict[str, Any]] = []
     metadata: list[dict[str, Any]] = []
     spans: list[dict[str, Any]] = []
-    roots: dict[str, str] = {}
     for info, trace_spans in items:
         exp_id = info.experiment_id
-        if exp_id not in roots:
-            roots[exp_id] = store.get_experiment(exp_id).artifact_location.rstrip("/")
+        root = _artifact_root(store, exp_id)
         tid = info.trace_id
         meta = dict(info.trace_metadata)
         columns = analytics_columns_from_metadata(meta)
@@ -81,7 +90,7 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
             }
         )
         trace_tags = {k: v for k, v in info.tags.items() if k != TraceTagKey.TRACE_NAME}
-        trace_tags[MLFLOW_ARTIFACT_LOCATION] = f"{roots[exp_id]}/traces/{tid}/artifacts"
+        trace_tags[MLFLOW_ARTIFACT_LOCATION] = f"{root}/traces/{tid}/artifacts"
         trace_tags[TraceTagKey.SPANS_LOCATION] = SpansLocation.TRACKING_STORE.value
         tags += [{"request_id": tid, "key": k, "value": v} for k, v in trace_tags.items()]
         metadata += [{"request_id": tid, "key": k, "value": v} for k, v in meta.items()]
