@@ -1,0 +1,122 @@
+"""The durable outbox: commit before acknowledging, deliver once, survive failures and restarts."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from flywheel.outbox import Item, Outbox
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self.down = False
+        self.lock = threading.Lock()
+
+    def __call__(self, items: list[Item]) -> list[int]:
+        if self.down:
+            raise ConnectionError("MLflow is unreachable")
+        with self.lock:
+            self.seen += [i.payload["n"] for i in items]
+        return [i.id for i in items]
+
+
+def test_put_durable_is_on_disk_before_it_returns(tmp_path: Path) -> None:
+    sink = Sink()
+    box = Outbox(tmp_path / "o.db", sink)
+    box.put_durable("feedback", "tr-1", {"n": "a"})
+    # a second outbox on the same file (another process, or this one restarted) sees it
+    other = Outbox(tmp_path / "o.db", sink)
+    assert other.backlog() == 1
+    assert other.flush() and sink.seen == ["a"] and box.backlog() == 0
+
+
+def test_delivery_failure_keeps_items_and_replays_them_once(tmp_path: Path) -> None:
+    sink = Sink()
+    box = Outbox(tmp_path / "o.db", sink)
+    sink.down = True
+    for n in "abc":
+        box.put("trace", f"tr-{n}", {"n": n})
+    assert box.flush(timeout=2) is False
+    assert box.connected is False and "unreachable" in (box.last_error or "")
+    assert box.backlog() == 3
+    sink.down = False
+    assert box.flush() and sink.seen == ["a", "b", "c"]
+    assert box.connected and box.backlog() == 0
+    assert box.flush() and sink.seen == ["a", "b", "c"]
+
+
+def test_partial_delivery_retries_only_the_rest(tmp_path: Path) -> None:
+    delivered: list[str] = []
+
+    def half(items: list[Item]) -> list[int]:
+        done = [i for i in items if i.payload["n"] != "later" or delivered.count("later-tried")]
+        delivered.extend(i.payload["n"] for i in done)
+        if len(done) < len(items):
+            delivered.append("later-tried")
+        return [i.id for i in done]
+
+    box = Outbox(tmp_path / "o.db", half)
+    box.put("feedback", "tr-1", {"n": "now"})
+    box.put("feedback", "tr-2", {"n": "later"})
+    assert box.flush()
+    assert delivered == ["now", "later-tried", "later"]
+
+
+def test_background_thread_delivers_and_concurrent_drains_never_double(tmp_path: Path) -> None:
+    sink = Sink()
+    box = Outbox(tmp_path / "o.db", sink, interval=0.01)
+    box.start()
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda k=k: [
+                    box.put_durable("trace", f"t{k}-{n}", {"n": f"{k}-{n}"}) for n in range(50)
+                ]
+            )
+            for k in range(4)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        flushers = [threading.Thread(target=box.flush) for _ in range(3)]
+        for t in flushers:
+            t.start()
+        for t in flushers:
+            t.join()
+        assert box.flush()
+    finally:
+        box.stop()
+    assert sorted(sink.seen) == sorted(f"{k}-{n}" for k in range(4) for n in range(50))
+
+
+def test_queries_see_pending_and_delivered_traces(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", Sink())
+    box.put("trace", "tr-x", {"n": "x", "model": "m", "version": "2"})
+    assert box.pending_trace("tr-x") == {"n": "x", "model": "m", "version": "2"}
+    assert box.flush()
+    assert box.pending_trace("tr-x") is None
+    assert box.delivered_model("tr-x") == ("m", "2")
+    assert box.delivered_model("tr-y") is None
+
+
+@pytest.mark.parametrize("kind", ["trace", "feedback"])
+def test_a_stale_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str) -> None:
+    import flywheel.outbox as outbox_module
+
+    sink = Sink()
+    dead = Outbox(tmp_path / "o.db", sink)
+    dead.put(kind, "tr-1", {"n": "orphan"})
+    assert dead._claim()  # claimed, then the process "dies" before delivering
+    alive = Outbox(tmp_path / "o.db", sink)
+    assert alive.drain_once() == 0  # a fresh claim is respected
+    original = outbox_module.CLAIM_SECONDS
+    outbox_module.CLAIM_SECONDS = 0.0
+    try:
+        assert alive.flush() and sink.seen == ["orphan"]
+    finally:
+        outbox_module.CLAIM_SECONDS = original

@@ -1,0 +1,90 @@
+"""Trace records -> complete MLflow traces; the batched SQL path writes what MLflow's public path writes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import mlflow
+
+from flywheel import trace_sql
+from flywheel.store import Store
+from flywheel.tracing import TraceRecord, model_key, new_trace_id, write_traces
+
+
+def _record(i: int, model: str = 'it\'s "quoted"') -> TraceRecord:
+    now = time.time_ns()
+    return TraceRecord(
+        new_trace_id(), model, "3", "m-abc", {"topic": f"t{i}"}, {"joke": f"j{i}"}, now, now + 2_000_000
+    )
+
+
+def _rows(db: str, trace_id: str) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(db)
+    out = {}
+    for table, column in [
+        ("trace_info", "request_id"),
+        ("trace_tags", "request_id"),
+        ("trace_request_metadata", "request_id"),
+        ("spans", "trace_id"),
+    ]:
+        rows = con.execute(f"SELECT * FROM {table} WHERE {column}=?", (trace_id,)).fetchall()
+        out[table] = sorted(tuple(str(v).replace(trace_id, "ID") for v in row) for row in rows)
+    con.close()
+    return out
+
+
+def test_batched_and_public_paths_write_the_same_rows(fresh_store: Store) -> None:
+    tracking = fresh_store.client._tracking_client.store
+    assert trace_sql.supports(tracking)
+    fast, slow = _record(1), _record(1)
+    slow = TraceRecord(**{**fast.__dict__, "trace_id": slow.trace_id})
+    assert write_traces(tracking, fresh_store.experiment_id, [fast]) == [fast.trace_id]
+    from flywheel.tracing import _write_public
+
+    _write_public(tracking, fresh_store.experiment_id, [slow])
+    db = fresh_store.tracking_uri.removeprefix("sqlite:///")
+    fast_rows, slow_rows = _rows(db, fast.trace_id), _rows(db, slow.trace_id)
+    assert fast_rows.keys() == slow_rows.keys()
+    for table in fast_rows:
+        assert len(fast_rows[table]) == len(slow_rows[table]) > 0, table
+    assert fast_rows["trace_tags"] == slow_rows["trace_tags"]
+    assert fast_rows["trace_request_metadata"] == slow_rows["trace_request_metadata"]
+
+
+def test_a_written_trace_reads_back_complete(fresh_store: Store) -> None:
+    record = _record(7)
+    write_traces(fresh_store.client._tracking_client.store, fresh_store.experiment_id, [record])
+    trace = mlflow.get_trace(record.trace_id)
+    assert trace.info.state.value == "OK"
+    assert trace.info.tags["flywheel.model"] == record.model
+    assert trace.info.tags["flywheel.model_key"] == model_key(record.model)
+    assert trace.info.tags["flywheel.model_version"] == "3"
+    assert trace.info.trace_metadata["mlflow.modelId"] == "m-abc"
+    assert trace.info.experiment_id == fresh_store.experiment_id
+    (span,) = trace.data.spans
+    assert span.inputs == {"topic": "t7"} and span.outputs == {"joke": "j7"}
+
+
+def test_replay_is_idempotent(fresh_store: Store) -> None:
+    tracking = fresh_store.client._tracking_client.store
+    records = [_record(i) for i in range(20)]
+    assert len(write_traces(tracking, fresh_store.experiment_id, records[:10])) == 10
+    written = write_traces(tracking, fresh_store.experiment_id, records)  # a replay overlapping the first
+    assert sorted(written) == sorted(r.trace_id for r in records[10:])
+    infos, _ = tracking.search_traces(locations=[fresh_store.experiment_id], max_results=100)
+    assert len(infos) == 20
+
+
+def test_failed_predictions_are_error_traces(fresh_store: Store) -> None:
+    now = time.time_ns()
+    record = TraceRecord(new_trace_id(), "m", "1", None, {"topic": "x"}, None, now, now, "LM exploded")
+    write_traces(fresh_store.client._tracking_client.store, fresh_store.experiment_id, [record])
+    trace = mlflow.get_trace(record.trace_id)
+    assert trace.info.state.value == "ERROR"
+    assert "flywheel.outputs" not in trace.info.tags
+
+
+def test_record_json_round_trip() -> None:
+    record = _record(3)
+    assert TraceRecord.from_json(record.to_json()) == record
