@@ -1,0 +1,35 @@
+"""export_rows and its formats, as notebooks use them (no HTTP)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import dspy
+
+from flywheel import export, feedback, serving
+from flywheel.store import Store
+
+
+def test_rows_formats_dataframe_and_examples(demo_store: Store) -> None:
+    answer = serving.predict("support-router", {"ticket": "My parcel, with a comma, is late"})
+    feedback.submit(
+        answer.trace_id, "thumbs_down", corrected_output={"category": "shipping"}, comment='say "hi"'
+    )
+    rows = export.export_rows("support-router")
+    row = next(r for r in rows if r["trace_id"] == answer.trace_id)
+    assert list(row) == ["ticket", "category", "trace_id", "model_version", "rating", "comment"]
+    assert row["category"] == "shipping"
+    parsed = list(csv.DictReader(io.StringIO(export.to_csv([row]))))
+    assert parsed[0]["ticket"] == "My parcel, with a comma, is late" and parsed[0]["comment"] == 'say "hi"'
+    assert json.loads(export.to_json([row]))[0] == row
+    assert export.to_dataframe([row]).shape == (1, 6)
+    (example,) = export.to_examples([row], ["ticket"])
+    assert isinstance(example, dspy.Example)
+    assert example.inputs().toDict() == {"ticket": row["ticket"]} and example.category == "shipping"
+    assert "trace_id" not in example.toDict()
+    assert export.export_rows("support-router", rating="thumbs_up") == [
+        r for r in rows if r["rating"] == "thumbs_up"
+    ]
+    assert export.safe_filename("a b/c's") == "a_b_c_s"

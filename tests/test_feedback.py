@@ -1,0 +1,53 @@
+"""feedback.submit validates before anything is stored; deliver writes assessments once."""
+
+from __future__ import annotations
+
+import pytest
+
+from flywheel import feedback, serving
+from flywheel.runtime import get_runtime
+from flywheel.store import Store
+
+
+def test_submit_validates(demo_store: Store) -> None:
+    trace_id = serving.predict("support-router", {"ticket": "Parcel lost"}).trace_id
+    with pytest.raises(feedback.FeedbackError, match="rating must be one of"):
+        feedback.submit(trace_id, "five stars")
+    with pytest.raises(feedback.FeedbackError, match="'team', which the program does not output"):
+        feedback.submit(trace_id, "thumbs_down", corrected_output={"team": "x"})
+    with pytest.raises(feedback.TraceNotFound, match="Trace not found"):
+        feedback.submit("tr-unknown", "thumbs_up")
+    receipt = feedback.submit(trace_id, "thumbs_down", corrected_output="shipping", comment="  ", user_id=" ")
+    assert receipt.corrected_output == {"category": "shipping"}
+    assert receipt.comment is None and receipt.user_id == "anonymous"
+
+
+def test_delivered_assessments_are_human_and_replay_safe(demo_store: Store) -> None:
+    runtime = get_runtime()
+    trace_id = serving.predict("support-router", {"ticket": "Refund my card"}).trace_id
+    feedback.submit(trace_id, "thumbs_up", comment="right team", user_id="rev-1")
+    assert runtime.outbox.flush()
+    tracking = runtime.store.client._tracking_client.store
+    info = tracking.get_trace_info(trace_id)
+    by_name = {a.name: a for a in info.assessments}
+    assert by_name["user_rating"].value == "thumbs_up" and by_name["comment"].value == "right team"
+    assert by_name["user_rating"].source.source_id == "rev-1"
+    # replaying the same outbox item (a crash after writing, before deleting) adds nothing
+    from flywheel.outbox import Item
+
+    feedback_id = by_name["user_rating"].metadata[feedback.FEEDBACK_ID]
+    item = Item(
+        1,
+        "feedback",
+        trace_id,
+        {
+            "feedback_id": feedback_id,
+            "trace_id": trace_id,
+            "user_id": "rev-1",
+            "rating": "thumbs_up",
+            "corrected_output": None,
+            "comment": "right team",
+        },
+    )
+    assert feedback.deliver(runtime.store, [item]) == [1]
+    assert len(tracking.get_trace_info(trace_id).assessments) == 2
