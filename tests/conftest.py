@@ -35,6 +35,7 @@ def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> store.S
 
 
 def _reset() -> None:
+    """Stop servers and forget every cached setting, connection, program and runtime."""
     from flywheel.runtime import reset_runtime
     from flywheel.server import stop_background
 

@@ -338,3 +338,46 @@ def test_python_client_sync(url: str) -> None:
         with pytest.raises(APIError) as info:
             client.predict("nope", {"topic": "x"})
         assert info.value.status_code == 404 and "Model not found" in info.value.detail
+
+
+def test_api_keys_protect_predict_feedback_and_admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import _reset, use_home
+
+    from flywheel.demo import seed_demo
+
+    store = use_home(
+        monkeypatch,
+        tmp_path / "home",
+        FLYWHEEL_PREDICT_KEY="p-key",
+        FLYWHEEL_FEEDBACK_KEY="f-key",
+        FLYWHEEL_ADMIN_KEY="a-key",
+    )
+    seed_demo(store, progress=lambda line: None)
+    url = start_background(port=0)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            body = {"model": JOKES, "inputs": {"topic": "cat"}}
+            assert http.post("/predict", json=body).status_code == 401
+            assert http.post("/predict", json=body, headers={"X-API-Key": "a-key"}).status_code == 403
+            answer = http.post("/predict", json=body, headers={"X-API-Key": "p-key"})
+            assert answer.status_code == 200
+            rating = {"trace_id": answer.json()["trace_id"], "rating": "thumbs_up"}
+            assert http.post("/feedback", json=rating).status_code == 401
+            assert http.post("/feedback", json=rating, headers={"X-API-Key": "f-key"}).status_code == 200
+            promote = {"version": "1", "stage": "Staging"}
+            assert http.post(f"/models/{JOKES}/stage", json=promote).status_code == 401
+            assert (
+                http.get("/export", params={"model": JOKES}, headers={"X-API-Key": "p-key"}).status_code
+                == 403
+            )
+            assert (
+                http.get("/export", params={"model": JOKES}, headers={"X-API-Key": "a-key"}).status_code
+                == 200
+            )
+            ok = http.post(f"/models/{JOKES}/stage", json=promote, headers={"X-API-Key": "a-key"})
+            assert ok.status_code == 200
+            assert http.get("/health").status_code == 200  # health and metrics stay open for probes
+            with Client(url, api_key="p-key") as client:
+                assert client.predict(JOKES, {"topic": "dog"})["model_version"] == "2"
+    finally:
+        _reset()

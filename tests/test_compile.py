@@ -1,0 +1,202 @@
+"""Compile on a real sqlite store: export -> split -> optimize -> one MLflow run -> a new version."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import dspy
+import mlflow
+import pytest
+
+from flywheel import registry
+from flywheel.compile import (
+    Cancelled,
+    CompileError,
+    available_optimizers,
+    compile_program,
+    example_key,
+    make_optimizer,
+    split_examples,
+)
+from flywheel.demo import ROUTER_MODEL, router_program
+from flywheel.demo_data import JOKES
+from flywheel.evaluate import make_metric
+from flywheel.export import export_rows, to_csv
+from flywheel.lm import make_lm
+from flywheel.runtime import reset_runtime
+from flywheel.simulate import simulate_reviews
+from flywheel.store import Store
+
+
+@pytest.fixture
+def store(fresh_store: Store) -> Iterator[Store]:
+    reset_runtime()  # the runtime (outbox, LM) must follow the fresh store
+    yield fresh_store
+    reset_runtime()
+
+
+def _router_in_production(store: Store, k: int = 2) -> registry.VersionInfo:
+    info = registry.register_program(router_program(k), ROUTER_MODEL, lm=make_lm(), store=store)
+    return registry.promote(ROUTER_MODEL, info.version, "Production", store)
+
+
+def _examples(texts: list[str]) -> list[dspy.Example]:
+    return [dspy.Example(ticket=t, category="billing").with_inputs("ticket") for t in texts]
+
+
+def test_split_is_deterministic_deduplicated_and_leak_free() -> None:
+    texts = [f"ticket number {i}" for i in range(40)]
+    dupes = ["  TICKET   number 3 ", "ticket number 7"]  # same inputs once normalised
+    examples = _examples(texts + dupes)
+    split = split_examples(examples, ["ticket"], dev_fraction=0.25, seed=3)
+    assert split.duplicates == 2
+    assert len(split.train) + len(split.dev) == 40
+    train_keys = {example_key(e, ["ticket"]) for e in split.train}
+    dev_keys = {example_key(e, ["ticket"]) for e in split.dev}
+    assert not train_keys & dev_keys and split.dev and split.train
+
+    shuffled = examples[:]
+    random.Random(1).shuffle(shuffled)
+    again = split_examples(shuffled, ["ticket"], dev_fraction=0.25, seed=3)
+
+    def keys(part: list[dspy.Example]) -> list[str]:
+        return [example_key(e, ["ticket"]) for e in part]
+
+    assert keys(again.train) == keys(split.train) and keys(again.dev) == keys(split.dev)  # order too
+    assert split_examples(examples, ["ticket"], seed=4).dev != split.dev  # the seed matters
+
+    # as feedback accumulates, an example never moves from dev into train
+    grown = split_examples(_examples(texts + [f"new ticket {i}" for i in range(30)]), ["ticket"], seed=3)
+    assert dev_keys <= {example_key(e, ["ticket"]) for e in grown.dev}
+
+
+def test_split_keeps_one_example_on_each_side_of_small_sets() -> None:
+    two = split_examples(_examples(["a", "b"]), ["ticket"], dev_fraction=0.9)
+    assert (len(two.train), len(two.dev)) == (1, 1)
+    one = split_examples(_examples(["a"]), ["ticket"])
+    assert (len(one.train), len(one.dev)) == (1, 0)
+    none = split_examples(_examples(["a", "b", "c"]), ["ticket"], dev_fraction=0)
+    assert len(none.dev) == 0
+
+
+def test_optimizers_take_their_own_parameters() -> None:
+    assert {"LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch"} <= set(
+        available_optimizers()
+    )
+    metric, lm = make_metric("exact_match", ["category"]), make_lm()
+    labeled, call = make_optimizer("LabeledFewShot", metric, lm, {"k": 3, "sample": False})
+    assert labeled.k == 3 and call == {"sample": False}  # a compile() argument goes to compile()
+    boot, _ = make_optimizer("BootstrapFewShot", metric, lm, {"max_bootstrapped_demos": 2})
+    assert boot.max_bootstrapped_demos == 2 and boot.metric is metric
+    with pytest.raises(CompileError, match="does not take nope"):
+        make_optimizer("LabeledFewShot", metric, lm, {"nope": 1})
+    with pytest.raises(CompileError, match="unknown optimizer 'Magic'"):
+        make_optimizer("Magic", metric, lm, {})
+
+
+def test_compile_from_an_export_registers_a_version_with_its_dataset_and_scores(store: Store) -> None:
+    production = _router_in_production(store)
+    simulate_reviews(16, seed=4)  # served through serving.predict, rated through feedback.submit
+    rows = export_rows(ROUTER_MODEL)
+    assert len(rows) == 16 and all(r["trace_id"] for r in rows)
+    lines: list[str] = []
+    result = compile_program(
+        rows,
+        registry.load(ROUTER_MODEL, "Production", store).program,
+        ROUTER_MODEL,
+        optimizer="LabeledFewShot",
+        optimizer_params={"k": 16},
+        progress=lines.append,
+        store=store,
+    )
+    assert [line.split(": ")[1] for line in lines] == [
+        "split", "score before", "optimize", "score after", "log run", "register",
+    ]  # fmt: skip
+    version = result.version
+    assert version.version == str(int(production.version) + 1) and version.stage == "None"
+    assert result.train_size + result.dev_size == 16 and result.dev_size >= 1
+    assert version.tags["optimizer"] == "LabeledFewShot"
+    assert version.score == pytest.approx(result.score_after, abs=1e-3)
+    assert version.tags["dataset"] == f"{ROUTER_MODEL}-feedback"
+    assert version.tags["lineage.count"] == str(result.train_size)
+    assert version.tags["lineage.sha256"] == result.lineage_hash
+
+    run = mlflow.get_run(result.run_id)
+    assert run.info.experiment_id == store.experiment_id
+    inputs = run.inputs.dataset_inputs
+    contexts = {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation"}
+    assert {d.dataset.name for d in inputs} == {f"{ROUTER_MODEL}-feedback"}
+    schema = json.loads(inputs[0].dataset.schema)["mlflow_colspec"]
+    assert {c["name"] for c in schema} == {"ticket", "category", "trace_id"}
+    assert run.data.metrics["dev_score_before"] == pytest.approx(result.score_before)
+    assert run.data.metrics["dev_score_after"] == pytest.approx(result.score_after)
+    assert run.data.params["optimizer.k"] == "16" and run.data.params["train_size"] == str(result.train_size)
+
+    lineage = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/lineage/trace_ids.json")
+    exported = {r["trace_id"] for r in rows}
+    assert set(lineage["train"]) | set(lineage["dev"]) <= exported
+    assert len(lineage["train"]) == result.train_size and not set(lineage["train"]) & set(lineage["dev"])
+    # the registered program is the compiled one: it carries the training rows as demos
+    loaded = registry.load(ROUTER_MODEL, version.version, store).program
+    assert len(loaded.predictors()[0].demos) == result.train_size
+
+
+def test_compile_from_a_csv_with_a_signature_string(store: Store, tmp_path: Path) -> None:
+    rows = [
+        {"topic": t, "joke": j, "trace_id": f"tr-{i}", "rating": "thumbs_up"}
+        for i, (t, j) in enumerate(JOKES)
+    ]
+    path = tmp_path / "jokes-export.csv"
+    path.write_text(to_csv(rows))
+    result = compile_program(
+        path,
+        "topic -> joke",
+        "csv-jokes",
+        module="ChainOfThought",
+        optimizer="BootstrapFewShot",
+        optimizer_params={"max_bootstrapped_demos": 2, "max_labeled_demos": 4},
+        metric="f1",
+        progress=False,
+        store=store,
+    )
+    info = result.version
+    assert (info.name, info.version, info.input_fields, info.output_fields) == (
+        "csv-jokes", "1", ["topic"], ["joke"],
+    )  # fmt: skip
+    assert info.tags["dataset"] == "jokes-export" and info.tags["metric"] == "f1"
+    assert result.score_after is not None and result.score_after >= result.score_before
+    assert isinstance(registry.load("csv-jokes", "1", store).program, dspy.ChainOfThought)
+
+
+def test_compile_refuses_data_it_cannot_learn_from(store: Store) -> None:
+    with pytest.raises(CompileError, match="no usable rows"):
+        compile_program([{"topic": "cat"}], "topic -> joke", "empty", progress=False, store=store)
+
+
+def test_cancel_stops_a_compile_before_anything_is_registered(store: Store) -> None:
+    rows = [{"topic": t, "joke": j} for t, j in JOKES]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="'split'"):
+        compile_program(rows, "topic -> joke", "cancelled", progress=False, cancel=stop, store=store)
+
+    lines: list[str] = []  # cancel as soon as the optimizer runs: inside BootstrapFewShot's metric calls
+    with pytest.raises(Cancelled) as raised:
+        compile_program(
+            rows,
+            "topic -> joke",
+            "cancelled",
+            optimizer="BootstrapFewShot",
+            progress=lines.append,
+            cancel=lambda: bool(lines) and lines[-1].endswith("optimize"),
+            store=store,
+        )
+    assert raised.value.step in ("optimize", "score after")
+    with pytest.raises(registry.ModelNotFound):
+        registry.list_versions("cancelled", store)
+    assert not mlflow.search_runs([store.experiment_id], output_format="list")  # no half-logged run

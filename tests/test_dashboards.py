@@ -1,0 +1,239 @@
+"""The Voila dashboards in a real browser (Debian's Chromium through Playwright).
+
+Voila serves dashboards/ over a seeded temp store with predictions waiting for
+review; two reviewers rate with mouse and keyboard, a version is promoted, and
+the screenshots in docs/screenshots/ are taken from these runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flywheel import registry, serving, store
+from flywheel.config import get_settings
+from flywheel.dashboards import Launched, free_port, launch, voila_command
+from flywheel.demo import seed_demo
+from flywheel.feedback import submit
+from flywheel.runtime import Runtime, get_runtime, reset_runtime
+from flywheel.server import stop_background
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+JOKES = "joke-generator"
+TOPICS = ["cats", "coffee", "mondays", "pizza", "robots", "trains"]
+LOAD = 120_000  # ms: a fresh Voila kernel imports MLflow and DSPy first
+STEP = 30_000
+CARD = ".fw-item .fw-card"
+
+
+def reset() -> None:
+    stop_background()
+    reset_runtime()
+    get_settings.cache_clear()
+    store.reset()
+    registry.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def review_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runtime, list[str]]]:
+    """The demo plus predictions waiting for review (and two rated ones, for the statistics)."""
+    from conftest import use_home
+
+    with pytest.MonkeyPatch.context() as mp:
+        s = use_home(mp, tmp_path_factory.mktemp("voila") / "home")
+        seed_demo(s, progress=lambda line: None)
+        rt = get_runtime()
+        rated = [serving.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
+        submit(rated[0], "thumbs_up", user_id="seed", runtime=rt)
+        submit(rated[1], "thumbs_down", user_id="seed", runtime=rt)
+        waiting = [serving.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
+        assert rt.outbox.flush(timeout=30)
+        yield rt, waiting
+        reset()
+
+
+@pytest.fixture(scope="module")
+def voila(review_store: tuple[Runtime, list[str]]) -> Iterator[Launched]:
+    launched = launch(port=free_port(0), open_api=True, api_port=0, block=False, echo=lambda line: None)
+    try:
+        yield launched
+    finally:
+        launched.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: run scripts/install-test-deps (as root)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser: Any, url: str, height: int = 900) -> Any:
+    page = browser.new_page(viewport={"width": 1100, "height": height})
+    page.set_default_timeout(STEP)
+    page.goto(url, wait_until="domcontentloaded")
+    return page
+
+
+def shown(page: Any) -> str | None:
+    card = page.query_selector(CARD)
+    return card.get_attribute("data-trace-id") if card else None
+
+
+def wait_moved_on(page: Any, old: str | None) -> str | None:
+    page.wait_for_function(
+        "old => { const c = document.querySelector('.fw-item .fw-card');"
+        " return !c || c.dataset.traceId !== old; }",
+        arg=old,
+    )
+    return shown(page)
+
+
+def assert_clean(page: Any) -> None:
+    """No code cells, no tracebacks, no error lines."""
+    assert page.locator(".jp-CodeCell .jp-InputArea:visible, .cm-editor:visible").count() == 0
+    assert "Traceback" not in page.content()
+    assert page.locator("[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
+    assert page.locator(".fw-msg-error").count() == 0
+
+
+def ratings(rt: Runtime, trace_id: str) -> dict[str, list[Any]]:
+    rt.outbox.flush(timeout=30)
+    info = rt.store.client._tracking_client.store.get_trace_info(trace_id)
+    found: dict[str, list[Any]] = {}
+    for a in info.assessments or []:
+        if a.valid is not False:
+            found.setdefault(a.name, []).append(a)
+    return found
+
+
+def test_voila_command_and_launch(voila: Launched) -> None:
+    import httpx
+
+    cmd = voila_command(Path("dashboards"), 1234)
+    assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
+    assert set(voila.urls) == {"rating.ipynb", "models.ipynb"}
+    assert voila.api_url and httpx.get(f"{voila.api_url}/health").json()["status"] == "healthy"
+    assert httpx.get(f"{voila.base_url}/voila/tree").status_code == 200
+
+
+def test_two_reviewers_rate_with_mouse_and_keyboard(
+    voila: Launched, browser: Any, review_store: tuple[Runtime, list[str]]
+) -> None:
+    rt, waiting = review_store
+    url = voila.urls["rating.ipynb"]
+    rita = open_page(browser, f"{url}?reviewer=rita&model={JOKES}")
+    bo = open_page(browser, f"{url}?reviewer=bo")  # both kernels start side by side
+    rita.wait_for_selector(CARD, timeout=LOAD)
+    bo.wait_for_selector(CARD, timeout=LOAD)
+    assert_clean(rita)
+    assert rita.input_value(".fw-reviewer input") == "rita"
+    first, theirs = shown(rita), shown(bo)
+    assert first in waiting and theirs in waiting and first != theirs  # never the same item
+    assert "6</b> remaining" in rita.inner_html(".fw-progress")
+
+    rita.click("button.fw-rate-up")  # mouse
+    second = wait_moved_on(rita, first)
+    assert second not in (first, theirs)
+
+    rita.fill(".fw-correction-joke textarea", "Coffee has it rough: it gets mugged every morning.")
+    rita.fill(".fw-comment textarea", "funnier this way")
+    rita.keyboard.press("d")  # typing in a text box is not a shortcut
+    assert rita.input_value(".fw-comment textarea") == "funnier this wayd" and shown(rita) == second
+    rita.keyboard.press("Backspace")
+    rita.keyboard.press("Escape")  # leave the text box, then the shortcut
+    rita.keyboard.press("d")
+    third = wait_moved_on(rita, second)
+
+    rita.keyboard.press("s")  # skip, then undo the skip: the same item is back
+    assert wait_moved_on(rita, third) != third
+    rita.keyboard.press("z")
+    rita.wait_for_function(
+        "t => document.querySelector('.fw-item .fw-card').dataset.traceId === t", arg=third
+    )
+    rita.keyboard.press("u")
+    wait_moved_on(rita, third)
+    rita.wait_for_selector(".fw-progress:has-text('3 by you')")
+    assert "Saved thumbs up as rita" in rita.inner_text(".fw-status")
+    assert_clean(rita)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    rita.screenshot(path=str(SCREENSHOTS / "rating.png"), full_page=True)
+
+    bo.keyboard.press("u")
+    wait_moved_on(bo, theirs)
+
+    expected = {first: ("thumbs_up", "rita"), second: ("thumbs_down", "rita"), third: ("thumbs_up", "rita")}
+    expected[theirs] = ("thumbs_up", "bo")
+    for trace_id, (value, user) in expected.items():
+        got = ratings(rt, trace_id)
+        assert [(a.value, a.source.source_id) for a in got["user_rating"]] == [(value, user)]
+    corrected = ratings(rt, second)
+    assert corrected["corrected_output"][0].value == {
+        "joke": "Coffee has it rough: it gets mugged every morning."
+    }
+    assert corrected["comment"][0].value == "funnier this way"
+    rita.close()
+    bo.close()
+
+
+def test_promote_on_the_models_dashboard(voila: Launched, browser: Any, review_store: Any) -> None:
+    rt, _ = review_store
+    page = open_page(browser, voila.urls["models.ipynb"], height=1250)  # all of it in the screenshot
+    page.wait_for_selector(".fw-versions table", timeout=LOAD)
+    page.wait_for_selector("img.fw-trend")
+    assert_clean(page)
+    assert "fw-badge-Production" in page.inner_html(".fw-versions")
+    assert "50% (1/2)" in page.inner_text(".fw-versions")  # v1: the two seeded ratings
+
+    page.select_option(".fw-promote-version select", label="v1 · Archived")
+    page.click("button.fw-promote-production")
+    page.wait_for_selector(".fw-confirm:visible")
+    assert "v2 (now Production) will be archived" in page.inner_text(".fw-confirm")
+    assert registry.resolve(JOKES, "Production", rt.store).version == "2"  # not before confirming
+    page.screenshot(path=str(SCREENSHOTS / "models.png"), full_page=True)
+    page.click("button.fw-confirm-yes")
+    page.wait_for_selector(".fw-status:has-text('v1 is now Production')")
+    registry.clear_cache()
+    assert registry.resolve(JOKES, "Production", rt.store).version == "1"
+    assert registry.get_version(JOKES, "2", rt.store).stage == "Archived"
+    assert "v1 · Production" in page.inner_text(".fw-promote-version").replace("\xa0", " ")
+    page.close()
+
+
+def test_empty_store_is_a_friendly_page(
+    browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import use_home
+
+    use_home(monkeypatch, tmp_path / "empty")
+    launched = launch(port=free_port(0), open_api=False, block=False, echo=lambda line: None)
+    try:
+        page = open_page(browser, launched.urls["rating.ipynb"])
+        page.wait_for_selector(".fw-empty", timeout=LOAD)
+        assert "No models are registered yet" in page.inner_text(".fw-empty")
+        assert_clean(page)
+        page.close()
+    finally:
+        launched.stop()
+        reset()

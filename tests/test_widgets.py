@@ -1,0 +1,427 @@
+"""Widget panels without a kernel: click buttons, set values, check what reached MLflow."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+
+from flywheel import export, feedback, registry, serving, store
+from flywheel.config import get_settings
+from flywheel.runtime import Runtime, get_runtime, reset_runtime
+from flywheel.tracing import model_key
+from flywheel.widgets import (
+    ExportPanel,
+    ModelsPanel,
+    PredictPanel,
+    RatingPanel,
+    export_panel,
+    find,
+    models_panel,
+    parse_query,
+    predict_panel,
+    prediction_card,
+    rating_panel,
+    rating_stats,
+    trend_png,
+)
+from flywheel.widgets_queue import Leases, ReviewQueue
+from flywheel.widgets_review import KEYS, key_listener_html
+
+JOKES, ROUTER = "joke-generator", "support-router"
+
+
+@pytest.fixture(scope="module")
+def rt(demo_store: store.Store) -> Iterator[Runtime]:
+    reset_runtime()
+    yield get_runtime()
+    reset_runtime()
+
+
+def valid_assessments(runtime: Runtime, trace_id: str) -> dict[str, list[Any]]:
+    runtime.outbox.flush(timeout=10)
+    info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+    found: dict[str, list[Any]] = {}
+    for a in info.assessments or []:
+        if a.valid is not False:
+            found.setdefault(a.name, []).append(a)
+    return found
+
+
+def unrated(runtime: Runtime, model: str) -> list[str]:
+    runtime.outbox.flush(timeout=10)
+    infos, _ = runtime.store.client._tracking_client.store.search_traces(
+        locations=[runtime.store.experiment_id],
+        filter_string=f"tags.`flywheel.model_key` = '{model_key(model)}' AND feedback.`user_rating` IS NULL",
+        max_results=1000,
+    )
+    return [i.trace_id for i in infos]
+
+
+def fresh_queue(runtime: Runtime, model: str, n: int) -> list[str]:
+    """Rate whatever an earlier test left unrated, then make `n` predictions to review (oldest first)."""
+    for trace_id in unrated(runtime, model):
+        feedback.submit(trace_id, "thumbs_up", user_id="cleanup", runtime=runtime)
+    ids = []
+    for i in range(n):
+        inputs = {"topic": f"topic {i}"} if model == JOKES else {"ticket": f"my invoice {i} is wrong"}
+        ids.append(serving.predict(model, inputs, runtime=runtime).trace_id)
+        time.sleep(0.002)  # distinct timestamps: the queue is oldest first
+    runtime.outbox.flush(timeout=10)
+    return ids
+
+
+def shown(panel: RatingPanel) -> str | None:
+    assert panel.queue is not None
+    return panel.queue.current.trace_id if panel.queue.current else None
+
+
+def status_of(panel: Any) -> str:
+    return re.sub(r"<[^>]+>", "", panel.status.value)
+
+
+# --- predict and rate -------------------------------------------------------------------------
+
+
+def test_predict_panel_predicts_and_stores_rating_correction_comment(rt: Runtime) -> None:
+    panel = predict_panel(JOKES, user_id="bob")
+    assert isinstance(panel, PredictPanel)
+    assert ("Production (v2)", "Production") in panel.ref.options
+    assert ("@champion (v2)", "champion") in panel.ref.options
+    assert panel.ref.value == "Production" and list(panel.inputs) == ["topic"]
+    assert find(panel, "fw-input-topic") is panel.inputs["topic"]
+
+    panel.inputs["topic"].value = "coffee"
+    panel.predict_button.click()
+    assert panel.prediction is not None and panel.prediction.model_version == "2"
+    assert panel.prediction.trace_id in panel.result.value
+    assert "selectedEvaluationId=" + panel.prediction.trace_id in panel.result.value
+    assert panel.corrections["joke"].value == panel.prediction.result["joke"]  # pre-filled
+
+    panel.corrections["joke"].value = "Decaf: coffee that gave up."
+    panel.comment.value = "punchier"
+    panel.down.click()
+    panel.submit_button.click()
+    assert "error" not in panel.status.value, panel.status.value
+
+    got = valid_assessments(rt, panel.prediction.trace_id)
+    assert [a.value for a in got["user_rating"]] == ["thumbs_down"]
+    assert got["corrected_output"][0].value == {"joke": "Decaf: coffee that gave up."}
+    assert got["comment"][0].value == "punchier"
+    source = got["user_rating"][0].source
+    assert (str(source.source_type).rsplit(".", 1)[-1], source.source_id) == ("HUMAN", "bob")
+    assert "user_rating" in panel.stored.value and "thumbs_down" in panel.stored.value
+
+
+def test_predict_panel_version_choice_and_other_model_inputs(rt: Runtime) -> None:
+    panel = predict_panel(JOKES, ref="1")
+    assert panel.ref.value == "1"
+    panel.inputs["topic"].value = "tea"
+    panel.predict_button.click()
+    assert panel.prediction is not None and panel.prediction.model_version == "1"
+
+    panel.model.value = ROUTER
+    assert list(panel.inputs) == ["ticket"] and panel.ref.value == "Production"
+
+
+def test_predict_panel_unchanged_output_is_not_a_correction(rt: Runtime) -> None:
+    panel = predict_panel(JOKES)
+    panel.inputs["topic"].value = "mondays"
+    panel.predict_button.click()
+    panel.up.click()
+    assert panel.up.button_style == "success" and panel.down.button_style == ""
+    panel.submit_button.click()
+    assert panel.prediction is not None
+    got = valid_assessments(rt, panel.prediction.trace_id)
+    assert [a.value for a in got["user_rating"]] == ["thumbs_up"]
+    assert "corrected_output" not in got and "comment" not in got
+    assert got["user_rating"][0].source.source_id == feedback.ANONYMOUS
+
+
+def test_predict_panel_shows_errors_instead_of_raising(rt: Runtime) -> None:
+    panel = predict_panel(JOKES)
+    panel.submit_button.click()
+    assert "Predict something first" in status_of(panel)
+    panel.predict_button.click()  # empty topic
+    assert "fw-msg-error" in panel.status.value and "topic" in status_of(panel)
+    panel.inputs["topic"].value = "x"
+    panel.predict_button.click()
+    panel.submit_button.click()
+    assert "thumbs up or thumbs down" in status_of(panel)
+
+
+def test_prediction_card_links_the_trace(rt: Runtime) -> None:
+    card = prediction_card({"result": {"joke": "<b>hi</b>"}, "trace_id": "tr-1", "model_version": "2"})
+    assert "&lt;b&gt;hi&lt;/b&gt;" in card.value  # user text is escaped
+    assert f"/#/experiments/{rt.store.experiment_id}/traces?selectedEvaluationId=tr-1" in card.value
+
+
+# --- the review queue -------------------------------------------------------------------------
+
+
+def test_rating_panel_rates_oldest_first_as_the_reviewer_from_the_query_string(rt: Runtime) -> None:
+    ids = fresh_queue(rt, ROUTER, 3)
+    panel = rating_panel(f"reviewer=alice&model={ROUTER}")
+    assert isinstance(panel, RatingPanel)
+    assert panel.reviewer.value == "alice" and panel.model.value == ROUTER
+    assert shown(panel) == ids[0]
+    assert ids[0] in panel.item.value and "my invoice 0" in panel.item.value
+    assert panel.queue is not None and panel.queue.progress().remaining == 3
+
+    panel.up.click()
+    assert shown(panel) == ids[1]
+    panel.corrections["category"].value = "billing" if "billing" not in panel.item.value else "technical"
+    fixed = panel.corrections["category"].value
+    panel.comment.value = "wrong team"
+    panel.down.click()
+    assert shown(panel) == ids[2]
+    assert "<b>1</b> remaining" in panel.progress.value and "2 by you" in panel.progress.value
+
+    first, second = valid_assessments(rt, ids[0]), valid_assessments(rt, ids[1])
+    assert (
+        first["user_rating"][0].value == "thumbs_up" and first["user_rating"][0].source.source_id == "alice"
+    )
+    assert second["user_rating"][0].value == "thumbs_down"
+    assert second["corrected_output"][0].value == {"category": fixed}
+    assert second["comment"][0].value == "wrong team"
+
+    panel.up.click()
+    assert shown(panel) is None and "fw-empty" in panel.item.value and panel.up.disabled
+    assert "<b>0</b> remaining" in panel.progress.value
+
+
+def test_skip_and_undo(rt: Runtime) -> None:
+    ids = fresh_queue(rt, ROUTER, 3)
+    panel = rating_panel(model=ROUTER, reviewer="dana")
+    assert panel.undo.disabled and shown(panel) == ids[0]
+    panel.skip.click()
+    assert shown(panel) == ids[1]
+    panel.undo.click()  # undo the skip: the skipped item is back
+    assert shown(panel) == ids[0]
+
+    panel.corrections["category"].value = "shipping"
+    panel.comment.value = "first try"
+    panel.down.click()
+    assert valid_assessments(rt, ids[0])["user_rating"][0].value == "thumbs_down"
+    panel.undo.click()  # take the rating back: its assessments leave MLflow, the item is shown again
+    assert shown(panel) == ids[0]
+    assert valid_assessments(rt, ids[0]) == {}
+    assert panel.corrections["category"].value == "shipping" and panel.comment.value == "first try"
+    assert ids[0] in unrated(rt, ROUTER)
+
+    panel.up.click()
+    assert valid_assessments(rt, ids[0])["user_rating"][0].value == "thumbs_up"
+    panel.skip.click()  # ids[1] skipped -> ids[2]
+    assert shown(panel) == ids[2]
+    panel.up.click()  # only the skipped one is left: it comes back
+    assert shown(panel) == ids[1]
+
+
+def test_two_reviewers_never_share_an_item_and_lose_no_rating(rt: Runtime) -> None:
+    ids = fresh_queue(rt, ROUTER, 4)
+    a = rating_panel(model=ROUTER, reviewer="ann")
+    b = rating_panel(model=ROUTER, reviewer="ben")
+    seen = [shown(a), shown(b)]
+    assert seen == ids[:2]
+    a.up.click()
+    b.down.click()
+    a.up.click()
+    assert shown(a) is None or shown(a) != shown(b)
+    b.down.click()
+    assert shown(a) is None and shown(b) is None
+    ratings = {t: valid_assessments(rt, t)["user_rating"] for t in ids}
+    assert all(len(r) == 1 for r in ratings.values())
+    users = sorted(r[0].source.source_id for r in ratings.values())
+    assert users == ["ann", "ann", "ben", "ben"]
+
+
+def test_items_rated_elsewhere_are_skipped_and_a_lapsed_lease_keeps_both_ratings(rt: Runtime) -> None:
+    ids = fresh_queue(rt, ROUTER, 3)
+    a = rating_panel(model=ROUTER, reviewer="ann", lease_seconds=0.05)
+    assert shown(a) == ids[0]
+    feedback.submit(ids[1], "thumbs_up", user_id="api-user", runtime=rt)  # rated through the API meanwhile
+    time.sleep(0.1)  # ann's lease lapses: ben may take her item
+    b = rating_panel(model=ROUTER, reviewer="ben")
+    assert shown(b) == ids[0]
+    b.down.click()
+    assert shown(b) == ids[2]  # ids[1] was rated meanwhile
+    a.up.click()  # ann rates the item she was shown: kept next to ben's
+    assert {x.source.source_id for x in valid_assessments(rt, ids[0])["user_rating"]} == {"ann", "ben"}
+    assert shown(a) is None  # ids[2] is ben's
+
+
+def test_queue_filters_by_version(rt: Runtime) -> None:
+    for trace_id in unrated(rt, JOKES):
+        feedback.submit(trace_id, "thumbs_up", user_id="cleanup", runtime=rt)
+    old = serving.predict(JOKES, {"topic": "old"}, "1", runtime=rt).trace_id
+    serving.predict(JOKES, {"topic": "new"}, "2", runtime=rt)
+    panel = rating_panel(f"model={JOKES}&version=1&reviewer=vic")
+    assert panel.version.value == "1" and shown(panel) == old
+    panel.up.click()
+    assert shown(panel) is None
+    panel.version.value = "all"
+    assert shown(panel) is not None and "v2" in panel.item.value
+
+
+def test_leases_are_exclusive_across_sessions(tmp_path: Any) -> None:
+    one, two = Leases(tmp_path / "r.db", 60), Leases(tmp_path / "r.db", 60)
+    assert one.claim("s1", "ann", ["t1", "t2"]) == "t1"
+    assert two.claim("s2", "ben", ["t1", "t2"]) == "t2"
+    assert two.claim("s3", "cid", ["t1", "t2"]) is None
+    one.mark_done("s1", "ann", "t1")
+    one.release("s1")
+    assert two.claim("s3", "cid", ["t1"]) is None  # rated here, maybe not in MLflow yet
+    one.unmark_done("t1")
+    assert two.claim("s3", "cid", ["t1"]) == "t1"
+
+
+def test_queue_rejects_a_non_numeric_version(rt: Runtime) -> None:
+    with pytest.raises(Exception, match="number"):
+        ReviewQueue(rt, ROUTER, "1' OR 1=1")
+
+
+def test_keyboard_shortcuts_click_the_buttons_by_class() -> None:
+    html = key_listener_html()
+    assert html.startswith("<img") and "onerror=" in html
+    for cls in ("fw-rate-up", "fw-rate-down", "fw-skip", "fw-undo"):
+        assert cls in html and cls in KEYS.values()
+    assert "TEXTAREA" in html  # typing in a text box never triggers a shortcut
+
+
+def test_parse_query() -> None:
+    assert parse_query("reviewer=al%20ice&model=m&version=2") == {
+        "reviewer": "al ice",
+        "model": "m",
+        "version": "2",
+    }
+    assert parse_query("?user=bo")["reviewer"] == "bo"
+    assert parse_query("") == {}
+
+
+# --- models and promotion ---------------------------------------------------------------------
+
+
+def test_models_panel_versions_stats_and_trend(rt: Runtime) -> None:
+    panel = models_panel()
+    assert isinstance(panel, ModelsPanel)
+    assert JOKES in panel.overview.value and ROUTER in panel.overview.value
+    assert panel.model.value == JOKES
+    table = panel.versions.value
+    assert "<b>v2</b>" in table and "<b>v1</b>" in table and "champion" in table
+    assert "fw-badge-Production" in table and "fw-badge-Archived" in table
+
+    rows = export.export_rows(JOKES, runtime=rt)
+    stats = rating_stats(JOKES, rt)
+    assert sum(s.ratings for s in stats.values()) == len(rows) > 0
+    for version, s in stats.items():
+        mine = [r for r in rows if r["model_version"] == version]
+        assert s.up == sum(r["rating"] == "thumbs_up" for r in mine)
+    assert bytes(panel.trend.value).startswith(b"\x89PNG")
+    assert trend_png({}) == b""
+
+
+def test_promote_needs_confirmation_and_moves_the_stage(rt: Runtime) -> None:
+    panel = models_panel(model=JOKES)
+    assert isinstance(panel, ModelsPanel)
+    assert panel.admin_key.layout.display == "none"
+    panel.promote_version.value = "1"
+    panel.stage_buttons["Production"].click()
+    assert panel.confirm_box.layout.display == "flex" and "v2 (now Production) will be archived" in (
+        panel.confirm_text.value
+    )
+    assert registry.resolve(JOKES, "Production", rt.store).version == "2"  # nothing yet
+    panel.confirm_no.click()
+    assert panel.confirm_box.layout.display == "none"
+    assert registry.resolve(JOKES, "Production", rt.store).version == "2"
+    try:
+        panel.stage_buttons["Production"].click()
+        panel.confirm_yes.click()
+        assert registry.resolve(JOKES, "Production", rt.store).version == "1"
+        assert registry.get_version(JOKES, "2", rt.store).stage == "Archived"
+        assert "v1 is now Production" in status_of(panel)
+        assert serving.predict(JOKES, {"topic": "x"}, runtime=rt).model_version == "1"
+        panel.promote_version.value = "2"
+        panel.stage_buttons["Staging"].click()
+        panel.confirm_yes.click()
+        assert registry.get_version(JOKES, "2", rt.store).stage == "Staging"
+    finally:
+        registry.promote(JOKES, "2", "Production", rt.store)
+
+
+@pytest.fixture
+def admin_key(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+    monkeypatch.setenv("FLYWHEEL_ADMIN_KEY", "s3cret")
+    get_settings.cache_clear()
+    yield get_runtime()
+    monkeypatch.delenv("FLYWHEEL_ADMIN_KEY")
+    get_settings.cache_clear()
+    reset_runtime()
+
+
+def test_promotion_needs_the_admin_key_when_one_is_set(admin_key: Runtime) -> None:
+    panel = models_panel(model=ROUTER, runtime=admin_key)
+    assert isinstance(panel, ModelsPanel)
+    assert panel.admin_key.layout.display == "flex"
+    panel.promote_version.value = "1"
+    for typed in ("", "wrong"):
+        panel.admin_key.value = typed
+        panel.stage_buttons["Staging"].click()
+        panel.confirm_yes.click()
+        assert "admin key" in status_of(panel)
+        assert registry.get_version(ROUTER, "1", admin_key.store).stage == "Production"
+    panel.admin_key.value = "s3cret"
+    try:
+        panel.confirm_yes.click()
+        assert registry.get_version(ROUTER, "1", admin_key.store).stage == "Staging"
+    finally:
+        registry.promote(ROUTER, "1", "Production", admin_key.store)
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_export_panel_filters_counts_downloads_and_converts(rt: Runtime) -> None:
+    p = serving.predict(JOKES, {"topic": "export me"}, runtime=rt)
+    feedback.submit(p.trace_id, "thumbs_down", corrected_output={"joke": "fixed"}, comment="c", runtime=rt)
+    panel = export_panel(JOKES)
+    assert isinstance(panel, ExportPanel)
+    everything = export.export_rows(JOKES, runtime=rt)
+    assert len(panel.rows) == len(everything) and f"<b>{len(everything)}</b> rows" in panel.counts.value
+    row = next(r for r in panel.rows if r["trace_id"] == p.trace_id)
+    assert row["joke"] == "fixed" and row["topic"] == "export me"
+
+    csv_link = find(panel, "fw-downloads").value
+    data = re.search(
+        r'fw-download-csv" download="[^"]+" href="data:text/csv;charset=utf-8;base64,([^"]+)"', csv_link
+    )
+    assert data is not None and base64.b64decode(data.group(1)).decode() == export.to_csv(panel.rows)
+
+    panel.rating.value = "thumbs_up"
+    assert panel.rows and all(r["rating"] == "thumbs_up" for r in panel.rows)
+    assert p.trace_id not in {r["trace_id"] for r in panel.rows}
+    examples = panel.examples()
+    assert len(examples) == len(panel.rows) and set(examples[0].inputs().keys()) == {"topic"}
+    assert list(panel.dataframe().columns)[:2] == ["topic", "joke"]
+
+    panel.rating.value = "any"
+    panel.start.value = date.today() + timedelta(days=2)
+    assert panel.rows == [] and "No rated traces" in panel.preview.value and panel.downloads.value == ""
+    panel.end.value = date.today()
+    assert "fw-msg-error" in panel.status.value  # start after end: one line, no traceback
+
+
+# --- empty store --------------------------------------------------------------------------------
+
+
+def test_every_panel_has_a_friendly_empty_state(fresh_store: store.Store) -> None:
+    reset_runtime()
+    try:
+        for panel in (predict_panel(), rating_panel(), models_panel(), export_panel()):
+            assert "registered" in find(panel, "fw-empty").value
+    finally:
+        reset_runtime()
