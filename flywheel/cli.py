@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 
@@ -76,6 +77,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _param(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _loop(args: argparse.Namespace) -> int:
+    from flywheel.compile import Cancelled, CompileError
+    from flywheel.loop import LoopError, loop
+
+    try:
+        turn = loop(
+            args.name,
+            optimizer=args.optimizer,
+            optimizer_params=dict(args.param),
+            metric=args.metric,
+            target_stage=args.stage,
+            margin=args.margin,
+            seed=args.seed,
+            progress=lambda line: print(line, file=sys.stderr),
+        )
+    except (LoopError, CompileError) as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 1
+    except (Cancelled, KeyboardInterrupt):
+        print("flywheel: loop cancelled; nothing was registered", file=sys.stderr)
+        return 130
+    print(turn.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default API_WORKERS)")
     p.set_defaults(handler=_serve)
+    p = sub.add_parser("loop", help="one turn: export ratings -> compile -> evaluate -> promote if not worse")
+    p.add_argument("name")
+    p.add_argument("--optimizer", default="LabeledFewShot")
+    p.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="an optimizer parameter, e.g. --param k=16 (repeatable; values parsed as JSON)",
+    )
+    p.add_argument("--metric", default="exact_match", choices=["exact_match", "f1", "judge"])
+    p.add_argument("--stage", default="Production", help="Staging or Production")
+    p.add_argument(
+        "--margin", type=float, default=0.0, help="the candidate must score >= Production + margin"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_loop)
     p = sub.add_parser("alias", help="point a free alias (e.g. champion) at a version")
     p.add_argument("name")
     p.add_argument("alias")

@@ -378,6 +378,16 @@ _cache_lock = threading.Lock()
 _programs: dict[tuple[str, str], LoadedProgram] = {}
 _resolved: dict[tuple[str, str], tuple[float, VersionInfo]] = {}
 _loading: dict[tuple[str, str], threading.Lock] = {}
+_cache_uri: list[str] = [""]  # the store the caches describe; another store empties them
+
+
+def _same_store(store: Store) -> None:
+    with _cache_lock:
+        if _cache_uri[0] != store.tracking_uri:
+            _programs.clear()
+            _resolved.clear()
+            _loading.clear()
+            _cache_uri[0] = store.tracking_uri
 
 
 def _forget(name: str) -> None:
@@ -390,6 +400,7 @@ def resolve_cached(name: str, ref: str | int | None = None, store: Store | None 
     """resolve() remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on how long another
     process's promotion takes to be seen here (this process's own promotions are seen at once)."""
     store = store or connect()
+    _same_store(store)
     ref_key = str(ref if ref is not None else store.settings.default_model_stage)
     ttl = store.settings.flywheel_resolve_ttl
     now = time.monotonic()
@@ -418,7 +429,7 @@ def peek(name: str, ref: str | int | None, store: Store) -> LoadedProgram | None
     Pure memory: the serving hot path calls this on the event loop and only
     falls back to a thread for `load` on a miss.
     """
-    if not store.settings.model_cache_enabled:
+    if not store.settings.model_cache_enabled or _cache_uri[0] != store.tracking_uri:
         return None
     ref_key = str(ref if ref is not None else store.settings.default_model_stage)
     with _cache_lock:
@@ -454,9 +465,17 @@ def load(name: str, ref: str | int | None = None, store: Store | None = None) ->
 
 
 def _load_program(info: VersionInfo) -> dspy.Module:
-    with _quiet("mlflow.tracking.fluent"), warnings.catch_warnings():  # "Active model is set"
-        warnings.simplefilter("ignore")
-        pyfunc = mlflow.pyfunc.load_model(info.uri)
+    from mlflow.tracking import fluent
+
+    # pyfunc's loader makes the loaded model this thread's "active model", which would
+    # silently attach later runs and metrics to it: put the caller's context back.
+    previous = fluent._ACTIVE_MODEL_CONTEXT.get()
+    try:
+        with _quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pyfunc = mlflow.pyfunc.load_model(info.uri)
+    finally:
+        fluent._ACTIVE_MODEL_CONTEXT.set(previous)
     wrapper = getattr(pyfunc, "_model_impl", None)  # the flavor's DspyModelWrapper
     program = getattr(wrapper, "model", None)
     if not isinstance(program, dspy.Module):

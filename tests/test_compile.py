@@ -18,12 +18,11 @@ from flywheel.compile import (
     CompileError,
     available_optimizers,
     compile_program,
-    example_key,
     make_optimizer,
-    split_examples,
 )
+from flywheel.dataset import example_key, split_examples
 from flywheel.demo import ROUTER_MODEL, router_program
-from flywheel.demo_data import JOKES
+from flywheel.demo_data import JOKES, ticket_splits
 from flywheel.evaluate import make_metric
 from flywheel.export import export_rows, to_csv
 from flywheel.lm import make_lm
@@ -200,3 +199,23 @@ def test_cancel_stops_a_compile_before_anything_is_registered(store: Store) -> N
     with pytest.raises(registry.ModelNotFound):
         registry.list_versions("cancelled", store)
     assert not mlflow.search_runs([store.experiment_id], output_format="list")  # no half-logged run
+
+
+def test_gepa_compiles_with_reviewer_feedback_on_the_offline_lm(store: Store) -> None:
+    if "GEPA" not in available_optimizers():
+        pytest.skip("GEPA is not installed")
+    pool, _ = ticket_splits()
+    rows = [
+        dict(row, trace_id=f"tr-{i}", comment=f"It is {row['category']}.") for i, row in enumerate(pool[:12])
+    ]
+    result = compile_program(
+        rows,
+        router_program(0),
+        "gepa-router",
+        optimizer="GEPA",
+        optimizer_params={"max_metric_calls": 24},
+        progress=False,
+        store=store,
+    )
+    assert result.version.tags["optimizer"] == "GEPA" and result.score_after is not None
+    assert mlflow.get_run(result.run_id).data.params["optimizer.max_metric_calls"] == "24"

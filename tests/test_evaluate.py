@@ -63,7 +63,7 @@ def test_judge_metric_asks_a_dspy_judge_on_the_ambient_lm() -> None:
 
 
 def test_gepa_feedback_carries_the_expected_answer_and_the_reviewers_comment() -> None:
-    from flywheel.compile import example_key
+    from flywheel.dataset import example_key
 
     gold = _example(ticket="where is my parcel", category="shipping")
     comments = {example_key(gold, ["ticket"]): "Parcels are always shipping."}
