@@ -219,3 +219,28 @@ def test_gepa_compiles_with_reviewer_feedback_on_the_offline_lm(store: Store) ->
     )
     assert result.version.tags["optimizer"] == "GEPA" and result.score_after is not None
     assert mlflow.get_run(result.run_id).data.params["optimizer.max_metric_calls"] == "24"
+
+
+def test_miprov2_compiles_on_the_offline_lm(store: Store) -> None:
+    assert "MIPROv2" in available_optimizers()  # optuna is a declared dependency
+    pool, _ = ticket_splits()
+    rows = [dict(row, trace_id=f"tr-{i}") for i, row in enumerate(pool[:16])]
+    params = {
+        "auto": None,
+        "num_candidates": 2,
+        "num_trials": 2,
+        "minibatch": False,
+        "max_bootstrapped_demos": 2,
+        "max_labeled_demos": 4,
+    }
+    result = compile_program(
+        rows,
+        router_program(0),
+        "mipro-router",
+        optimizer="MIPROv2",
+        optimizer_params=params,
+        progress=False,
+        store=store,
+    )
+    assert result.version.tags["optimizer"] == "MIPROv2" and result.score_after is not None
+    assert mlflow.get_run(result.run_id).data.params["optimizer.num_trials"] == "2"
