@@ -292,7 +292,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4, help="flywheel serve workers (API_WORKERS default)")
     parser.add_argument("--export-sizes", default="10000,100000")
     parser.add_argument("--rated-share", type=float, default=0.1)
     parser.add_argument("--skip-serve", action="store_true")
