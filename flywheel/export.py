@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 RATING_FILTERS = ("thumbs_up", "thumbs_down", "any")
 FORMATS = ("csv", "json", "jsonl")
-PAGE = 5000
+PAGE = 5000  # local SQL stores; a tracking server accepts at most REST_PAGE per request
+REST_PAGE = 500
 META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
 
 
@@ -49,7 +50,10 @@ def rated_trace_infos(
     runtime: Runtime, model: str, start: date | None = None, end: date | None = None
 ) -> Iterator[Any]:
     """TraceInfos of `model` with at least one rating, newest first, without spans."""
+    from flywheel.trace_sql import supports
+
     store = runtime.store.client._tracking_client.store
+    page = PAGE if supports(store) else REST_PAGE
     lo, hi = _bounds(start, end)
     base = f"tags.`{MODEL_KEY_TAG}` = '{model_key(model)}' AND feedback.`{RATING}` IS NOT NULL"
     if lo is not None:
@@ -61,7 +65,7 @@ def rated_trace_infos(
         infos, _ = store.search_traces(
             locations=[runtime.store.experiment_id],
             filter_string=flt,
-            max_results=PAGE,
+            max_results=page,
             order_by=["timestamp_ms DESC"],
         )
         fresh = [i for i in infos if i.trace_id not in seen]
@@ -69,7 +73,7 @@ def rated_trace_infos(
             seen.add(info.trace_id)
             if hi is None or info.request_time < hi:
                 yield info
-        if len(infos) < PAGE or not fresh:
+        if len(infos) < page or not fresh:
             return
         upper = min(i.request_time for i in infos)  # keyset: ties re-read, then skipped
 

@@ -177,5 +177,13 @@ def _write_public(store: Any, experiment_id: str, records: list[TraceRecord]) ->
         store.start_trace(info)  # an upsert: replaying a stored trace changes nothing
         spans.extend(record_spans)
     if spans:
-        store.log_spans(experiment_id, spans)
+        try:
+            store.log_spans(experiment_id, spans)
+        except NotImplementedError:
+            # MLflow's REST store caches a failed /version probe (e.g. made during an outage)
+            # for the life of the process; forget it and ask the server again.
+            getattr(type(store), "_get_server_version", None) and type(
+                store
+            )._get_server_version.cache_clear()
+            store.log_spans(experiment_id, spans)
     return [r.trace_id for r in records]

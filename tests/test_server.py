@@ -118,7 +118,7 @@ def test_workers_hot_swap_without_a_failed_request(served: tuple[str, Store]) ->
             capture_output=True,
         )
         promoted_at = time.monotonic()
-        await asyncio.sleep(4)
+        await asyncio.sleep(6)
         stop.set()
         await task
         return asked_at, promoted_at
@@ -129,7 +129,7 @@ def test_workers_hot_swap_without_a_failed_request(served: tuple[str, Store]) ->
         registry.promote(JOKES, "2", "Production", store)
     assert statuses and set(statuses) == {200}, "a request failed during the switch"
     before = {v for t, v in versions if t < asked_at}
-    after = {v for t, v in versions if t > promoted_at + 2.5}  # FLYWHEEL_RESOLVE_TTL=1 plus slack
+    after = {v for t, v in versions if t > promoted_at + 4}  # FLYWHEEL_RESOLVE_TTL=1 plus slack for a busy CI
     assert before == {"2"} and after == {"1"}
 
 
@@ -262,7 +262,9 @@ def test_outage_degrades_then_replays_everything_exactly_once(
             info = tracking.get_trace_info(trace_id)
             ratings = [a for a in info.assessments if a.name == "user_rating"]
             assert len(ratings) == 1, f"{trace_id}: {len(ratings)} ratings"
-        rows = client.get("/export", params={"model": JOKES}).json()["rows"]
+        exported = client.get("/export", params={"model": JOKES}).json()
+        assert "rows" in exported, exported
+        rows = exported["rows"]
         assert sorted(r["trace_id"] for r in rows) == sorted(before + during)
         client.close()
     finally:
