@@ -55,6 +55,7 @@ class FeedbackResponse(BaseModel):
     corrected_output: dict[str, Any] | None
     comment: str | None
     queued: bool = Field(description="true until the feedback is written to MLflow (it is durable already)")
+    feedback_id: str = Field(description="stored as metadata `flywheel.feedback_id` on each assessment")
 
 
 class StageRequest(BaseModel):

@@ -77,6 +77,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboards(args: argparse.Namespace) -> int:
+    from flywheel.dashboards import launch
+
+    launch(port=args.port, open_api=not args.no_api, host=args.host, api_port=args.api_port)
+    return 0
+
+
 def _param(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -130,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default API_WORKERS)")
     p.set_defaults(handler=_serve)
+    p = sub.add_parser(
+        "dashboards", help="serve the reviewer dashboards with Voila (and the API) until Ctrl-C"
+    )
+    p.add_argument("--port", type=int, default=8866, help="Voila's port (another free one when taken)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--api-port", type=int, default=None, help="the API's port (default API_PORT)")
+    p.add_argument("--no-api", action="store_true", help="do not start the API beside the dashboards")
+    p.set_defaults(handler=_dashboards)
     p = sub.add_parser("loop", help="one turn: export ratings -> compile -> evaluate -> promote if not worse")
     p.add_argument("name")
     p.add_argument("--optimizer", default="LabeledFewShot")

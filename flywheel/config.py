@@ -51,6 +51,7 @@ class Settings:
     flywheel_predict_key: str | None = None
     flywheel_feedback_key: str | None = None
     flywheel_admin_key: str | None = None
+    mlflow_ui_url: str = "http://127.0.0.1:5000"
 
     @property
     def artifact_root(self) -> Path:
@@ -91,11 +92,33 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
 }
 
 
+_PROJECT_MARKERS = (".env", ".flywheel", "pyproject.toml", ".git")
+
+
+def project_dir(start: Path | None = None) -> Path:
+    """The nearest directory from `start` (the cwd) up that looks like the project's root.
+
+    Notebooks and dashboards run in notebooks/ and dashboards/: the `.env` and a
+    relative FLYWHEEL_HOME are found and resolved from here, not from the kernel's cwd.
+    """
+    start = (start or Path.cwd()).resolve()
+    for directory in (start, *start.parents):
+        if any((directory / marker).exists() for marker in _PROJECT_MARKERS):
+            return directory
+    return start
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
 ) -> Settings:
-    """Build Settings from `environ` (default os.environ) over an optional `.env` file."""
+    """Build Settings from `environ` (default os.environ) over an optional `.env` file.
+
+    A relative `env_file` or FLYWHEEL_HOME is taken from the project directory.
+    """
+    root = project_dir()
     merged: dict[str, str] = {}
+    if env_file is not None and not Path(env_file).is_absolute():
+        env_file = root / env_file
     if env_file is not None and Path(env_file).is_file():
         merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     merged.update(os.environ if environ is None else environ)
@@ -118,7 +141,8 @@ def load_settings(
             values[field.name] = raw.strip() or None if "None" in str(field.type) else raw.strip()
 
     settings = Settings(**values)
-    home = settings.flywheel_home.expanduser().resolve()
+    home = settings.flywheel_home.expanduser()
+    home = (home if home.is_absolute() else root / home).resolve()
     uri = settings.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
     if not uri.startswith(("sqlite:", "http://", "https://", "postgresql", "mysql", "file:")):
         raise ConfigError(
@@ -138,6 +162,19 @@ def apply_mlflow_client_settings() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     # LiteLLM (imported by DSPy and mlflow.genai) would fetch a price list from the network
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus every resolved setting, for child processes (Voila kernels)
+    that start elsewhere and would not find a relative FLYWHEEL_HOME or the project's `.env`."""
+    env = dict(os.environ)
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if value is not None:
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            env[field.name.upper()] = text
+    env.update(extra or {})
+    return env
 
 
 @lru_cache(maxsize=1)

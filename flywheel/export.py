@@ -124,7 +124,7 @@ def export_rows(
     if limit is not None and limit < 1:
         raise ExportError("limit must be a positive number")
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
-    runtime.outbox.flush(timeout=10)  # include what was just rated, when MLflow is up
+    runtime.outbox.flush(timeout=5, wait=False)  # include what was just rated, without stalling
     rows: list[dict[str, Any]] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
         row = row_from_trace(info)

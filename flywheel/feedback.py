@@ -48,6 +48,7 @@ class Receipt:
     corrected_output: dict[str, Any] | None
     comment: str | None
     queued: bool
+    feedback_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Receipt:
             "corrected_output": self.corrected_output,
             "comment": self.comment,
             "queued": self.queued,
+            "feedback_id": self.feedback_id,
         }
 
 
@@ -130,7 +132,7 @@ def submit(
         "comment": comment,
     }
     runtime.outbox.put_durable("feedback", payload["trace_id"], payload)
-    return Receipt(payload["trace_id"], rating, user, correction, comment, queued=True)
+    return Receipt(payload["trace_id"], rating, user, correction, comment, True, payload["feedback_id"])
 
 
 def deliver(store: Store, items: list[Item]) -> list[int]:

@@ -59,6 +59,16 @@ class Item:
 Deliver = Callable[[list[Item]], list[int]]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Outbox:
     """Group-committed durable queue; `deliver(items) -> ids delivered` is called off-thread."""
 
@@ -69,11 +79,15 @@ class Outbox:
         self.owner = f"{os.getpid()}-{id(self):x}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        db = self._db()
+        db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(delivered)")}
+        if "version" not in columns:  # files written before `version` was recorded
+            db.execute("ALTER TABLE delivered ADD COLUMN version TEXT NOT NULL DEFAULT ''")
         self._pending: list[tuple[str, str, str, Future[int]]] = []
         self._cond = threading.Condition()
         self._drain_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = True
@@ -111,10 +125,16 @@ class Outbox:
         return self.put(kind, trace_id, payload, urgent=True).result(timeout)
 
     def _commit_pending(self) -> None:
-        with self._cond:
-            batch, self._pending = self._pending, []
-        if not batch:
-            return
+        # Items stay in _pending until committed, so pending_trace() never misses one in flight.
+        with self._commit_lock:
+            with self._cond:
+                batch = list(self._pending)
+            if batch:
+                self._commit(batch)
+                with self._cond:
+                    del self._pending[: len(batch)]
+
+    def _commit(self, batch: list[tuple[str, str, str, Future[int]]]) -> None:
         db = self._db()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -166,7 +186,16 @@ class Outbox:
 
     # --- delivery ----------------------------------------------------------------------
 
+    def _release_dead_owners(self) -> None:
+        """Claims of a process that no longer runs (the file is local, so its pid is ours to check)."""
+        db = self._db()
+        for (owner,) in db.execute("SELECT DISTINCT claimed_by FROM items WHERE claimed_by IS NOT NULL"):
+            pid = int(owner.split("-", 1)[0]) if owner.split("-", 1)[0].isdigit() else 0
+            if pid and pid != os.getpid() and not _alive(pid):
+                db.execute("UPDATE items SET claimed_by=NULL WHERE claimed_by=?", (owner,))
+
     def _claim(self) -> list[Item]:
+        self._release_dead_owners()
         db = self._db()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
@@ -224,16 +253,25 @@ class Outbox:
                 "UPDATE items SET claimed_by=NULL, attempts=attempts+1 WHERE id=?", [(i.id,) for i in items]
             )
 
-    def flush(self, timeout: float = 60.0) -> bool:
-        """Deliver everything queued now (export and tests call this); False if MLflow is down."""
+    def flush(self, timeout: float = 60.0, wait: bool = True) -> bool:
+        """Deliver what is queued; True once the whole backlog (every process's) is empty.
+
+        `wait=False` delivers what this process can claim now and returns (export does
+        this beside a busy server); otherwise it retries, through brief errors such as
+        a locked file, until the backlog is empty or `timeout` passes (MLflow down).
+        """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             try:
-                if self.drain_once() == 0 and self.backlog() == 0:
+                while self.drain_once():
+                    pass
+                if self.backlog() == 0:
                     return True
-            except Exception:
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            if not wait or time.monotonic() >= deadline:
                 return False
-        return False
+            time.sleep(0.1)
 
     # --- background thread -------------------------------------------------------------
 

@@ -7,7 +7,10 @@ everything at a tracking server with no other change.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -57,10 +60,24 @@ def connect(settings: Settings | None = None) -> Store:
             check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
+        with _quiet_db_setup():  # "Creating initial MLflow database tables..." in notebook cells
+            experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
         store = Store(uri, experiment_id, settings)
         _connected[key] = store
         return store
+
+
+@contextmanager
+def _quiet_db_setup() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
 
 
 def ensure_experiment(settings: Settings, name: str) -> str:

@@ -76,3 +76,23 @@ def test_config_is_the_only_reader_of_the_environment() -> None:
         if p.name != "config.py" and re.search(r"os\.environ|os\.getenv", p.read_text())
     ]
     assert offenders == []
+
+
+def test_a_kernel_in_a_subfolder_finds_the_project_env_and_store(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / ".env").write_text("FLYWHEEL_ADMIN_KEY=from-dotenv\n")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    s = load_settings({}, env_file=".env")
+    assert s.flywheel_admin_key == "from-dotenv"
+    assert s.flywheel_home == (tmp_path / ".flywheel").resolve()
+    assert s.mlflow_tracking_uri == f"sqlite:///{(tmp_path / '.flywheel' / 'mlflow.db').resolve()}"
+
+
+def test_child_environment_passes_resolved_settings(tmp_path: Path) -> None:
+    from flywheel.config import child_environment
+
+    s = load_settings({"FLYWHEEL_HOME": str(tmp_path), "FEEDBACK_ENABLED": "no"}, env_file=None)
+    env = child_environment(s, {"EXTRA": "1"})
+    assert env["FLYWHEEL_HOME"] == str(tmp_path.resolve()) and env["FEEDBACK_ENABLED"] == "false"
+    assert env["EXTRA"] == "1" and "FLYWHEEL_LM" not in env or env["FLYWHEEL_LM"]

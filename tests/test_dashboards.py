@@ -7,6 +7,7 @@ the screenshots in docs/screenshots/ are taken from these runs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import pytest
 
 from flywheel import registry, serving, store
-from flywheel.config import get_settings
-from flywheel.dashboards import Launched, free_port, launch, voila_command
+from flywheel.config import get_settings, load_settings
+from flywheel.dashboards import Launched, free_port, kernel_env, launch, voila_command
 from flywheel.demo import seed_demo
 from flywheel.feedback import submit
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
@@ -118,14 +119,20 @@ def assert_clean(page: Any) -> None:
     assert page.locator(".fw-msg-error").count() == 0
 
 
-def ratings(rt: Runtime, trace_id: str) -> dict[str, list[Any]]:
-    rt.outbox.flush(timeout=30)
-    info = rt.store.client._tracking_client.store.get_trace_info(trace_id)
-    found: dict[str, list[Any]] = {}
-    for a in info.assessments or []:
-        if a.valid is not False:
-            found.setdefault(a.name, []).append(a)
-    return found
+def ratings(rt: Runtime, trace_id: str, timeout: float = 30) -> dict[str, list[Any]]:
+    """Valid assessments of a trace once its rating is in MLflow (the kernels deliver it; under load a
+    delivery may hit a locked sqlite database and wait for the next pass, so poll)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rt.outbox.flush(timeout=5)
+        info = rt.store.client._tracking_client.store.get_trace_info(trace_id)
+        found: dict[str, list[Any]] = {}
+        for a in info.assessments or []:
+            if a.valid is not False:
+                found.setdefault(a.name, []).append(a)
+        if "user_rating" in found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 def test_voila_command_and_launch(voila: Launched) -> None:
@@ -134,6 +141,9 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     cmd = voila_command(Path("dashboards"), 1234)
     assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
     assert set(voila.urls) == {"rating.ipynb", "models.ipynb"}
+    env = kernel_env()  # the kernels run in dashboards/: they get the resolved settings
+    assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
+    assert load_settings(env, env_file=None) == get_settings()
     assert voila.api_url and httpx.get(f"{voila.api_url}/health").json()["status"] == "healthy"
     assert httpx.get(f"{voila.base_url}/voila/tree").status_code == 200
 
@@ -187,7 +197,15 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     expected[theirs] = ("thumbs_up", "bo")
     for trace_id, (value, user) in expected.items():
         got = ratings(rt, trace_id)
-        assert [(a.value, a.source.source_id) for a in got["user_rating"]] == [(value, user)]
+        assert [(a.value, a.source.source_id) for a in got.get("user_rating", [])] == [(value, user)], (
+            trace_id,
+            {k: [(a.value, a.source.source_id) for a in v] for k, v in got.items()},
+            first,
+            second,
+            third,
+            theirs,
+            rt.outbox.backlog(),
+        )
     corrected = ratings(rt, second)
     assert corrected["corrected_output"][0].value == {
         "joke": "Coffee has it rough: it gets mugged every morning."

@@ -13,6 +13,7 @@ import pytest
 
 from flywheel import export, feedback, registry, serving, store
 from flywheel.config import get_settings
+from flywheel.outbox import Outbox
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.tracing import model_key
 from flywheel.widgets import (
@@ -253,6 +254,23 @@ def test_items_rated_elsewhere_are_skipped_and_a_lapsed_lease_keeps_both_ratings
     a.up.click()  # ann rates the item she was shown: kept next to ben's
     assert {x.source.source_id for x in valid_assessments(rt, ids[0])["user_rating"]} == {"ann", "ben"}
     assert shown(a) is None  # ids[2] is ben's
+
+
+def test_another_process_holding_outbox_items_never_stalls_a_click(rt: Runtime) -> None:
+    ids = fresh_queue(rt, ROUTER, 2)
+    other = Outbox(rt.settings.flywheel_home / "outbox.db", lambda items: [])  # a busy server elsewhere
+    other.put("feedback", "tr-held", {"note": "claimed by another process"})
+    assert [i.trace_id for i in other._claim()] == ["tr-held"]
+    try:
+        panel = rating_panel(model=ROUTER, reviewer="eve")
+        started = time.monotonic()
+        panel.up.click()
+        panel.undo.click()
+        assert time.monotonic() - started < 3
+        assert "fw-msg-error" not in panel.status.value and shown(panel) == ids[0]
+    finally:
+        other._db().execute("DELETE FROM items WHERE trace_id='tr-held'")
+    assert valid_assessments(rt, ids[0]) == {}  # the rating was taken back
 
 
 def test_queue_filters_by_version(rt: Runtime) -> None:

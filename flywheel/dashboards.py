@@ -1,0 +1,178 @@
+"""`flywheel dashboards`: serve the reviewer dashboards with Voila, and the API beside them.
+
+Voila starts each dashboard's kernel in the dashboards/ directory, so a
+relative FLYWHEEL_HOME (the default `./.flywheel`) would point the kernels at
+another store; the kernels get the resolved home and tracking URI instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from flywheel.config import child_environment, get_settings
+
+DASHBOARDS = ("rating.ipynb", "models.ipynb")
+DEFAULT_PORT = 8866
+
+
+def dashboards_dir() -> Path:
+    """dashboards/ of the source tree (flywheel is installed in editable mode from it)."""
+    return Path(__file__).resolve().parent.parent / "dashboards"
+
+
+def free_port(preferred: int, host: str = "127.0.0.1") -> int:
+    """`preferred` when it is free, else any free port (0 always means any)."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free port")
+
+
+def voila_command(directory: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "voila",
+        str(directory),
+        "--no-browser",
+        f"--port={port}",
+        f"--Voila.ip={host}",
+        "--VoilaConfiguration.show_tracebacks=False",
+        "--theme=light",
+        "--Voila.port_retries=0",
+    ]
+
+
+def kernel_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Voila and its kernels: they run in dashboards/, so they get every
+    resolved setting (FLYWHEEL_HOME, keys from `.env`) passed on explicitly."""
+    return child_environment(get_settings(), extra)
+
+
+@dataclass
+class Launched:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    api_url: str | None
+    started_api: bool = False
+    urls: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (Voila then shuts its kernels down); past `timeout`, kill its whole process group.
+
+        Also stops the background API when this launch started it.
+        """
+        if self.started_api:
+            from flywheel import server
+
+            server.stop_background()
+            self.started_api = False
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)  # its own session: Voila and its kernels
+                self.process.wait(timeout)
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Voila exited with code {process.returncode} before serving {url}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"Voila did not answer at {url} within {timeout:.0f}s")
+
+
+def _api_running(port: int) -> str | None:
+    url = f"http://127.0.0.1:{port}"
+    try:
+        return url if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+def launch(
+    port: int = DEFAULT_PORT,
+    open_api: bool = True,
+    *,
+    host: str = "127.0.0.1",
+    api_port: int | None = None,
+    directory: Path | None = None,
+    block: bool = True,
+    echo: Callable[[str], None] = print,
+) -> Launched:
+    """Start Voila on dashboards/ (and the API in the background unless one answers); print the URLs.
+
+    With `block` (the CLI) it serves until Ctrl-C, then stops Voila and the API it started.
+    """
+    from flywheel import server
+
+    directory = directory or dashboards_dir()
+    api_url = None
+    started_api = False
+    if open_api:
+        wanted = get_settings().api_port if api_port is None else api_port
+        api_url = _api_running(wanted) if wanted else None
+        if api_url is None:
+            api_url, started_api = server.start_background(port=None if api_port is None else api_port), True
+    port = free_port(port, host)
+    base = f"http://{host}:{port}"
+    process = subprocess.Popen(
+        voila_command(directory, port, host), env=kernel_env(), cwd=directory, start_new_session=True
+    )
+    launched = Launched(process, base, api_url, started_api)
+    launched.urls = {name: f"{base}/voila/render/{name}" for name in DASHBOARDS}
+    try:
+        wait_until_up(f"{base}/voila/tree", process)
+    except BaseException:
+        launched.stop()
+        raise
+    echo(f"Dashboards (Voila) at {base}/")
+    echo(f"  rating: {launched.urls['rating.ipynb']}?reviewer=YOUR_NAME")
+    echo(f"  models: {launched.urls['models.ipynb']}")
+    if api_url:
+        echo(f"API at {api_url} (OpenAPI docs at {api_url}/docs)")
+    if not block:
+        return launched
+    _interrupt_on_term()
+    try:
+        process.wait()
+    except KeyboardInterrupt:
+        echo("Stopping the dashboards")
+    finally:
+        launched.stop()
+    return launched
+
+
+def _interrupt_on_term() -> None:
+    """`kill` (SIGTERM/SIGHUP) stops the dashboards like Ctrl-C: Voila runs in its own session."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)

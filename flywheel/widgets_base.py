@@ -1,0 +1,264 @@
+"""Shared pieces of the widget panels: HTML snippets, status lines, error guards, choices.
+
+Every handler runs behind `guarded`, so a failure shows one friendly line in
+the panel instead of a traceback (Voila must never show one).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs
+
+import ipywidgets as widgets
+
+from flywheel import registry
+
+if TYPE_CHECKING:
+    from flywheel.runtime import Runtime
+
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+log = logging.getLogger("flywheel.widgets")
+F = TypeVar("F", bound=Callable[..., Any])
+
+CSS = """<style>
+.fw-panel {max-width: 920px; gap: 6px;}
+.fw-card {border: 1px solid #d9dde3; border-radius: 8px; padding: 10px 16px; background: #fbfcfd;}
+.fw-title {font-size: 18px; font-weight: 600; margin: 4px 0;}
+.fw-muted {color: #667085; font-size: 12px;}
+.fw-field {color: #667085; font-size: 11px; text-transform: uppercase; letter-spacing: .04em;
+  margin-top: 6px;}
+.fw-value {white-space: pre-wrap; font-size: 14px; line-height: 1.45;}
+.fw-badge {display: inline-block; padding: 0 8px; border-radius: 10px; font-size: 12px; background: #eef0f3;
+  color: #344054; margin-right: 4px;}
+.fw-badge-Production {background: #d1fadf; color: #05603a;}
+.fw-badge-Staging {background: #fef0c7; color: #93370d;}
+.fw-badge-Archived {background: #f2f4f7; color: #667085;}
+.fw-table {border-collapse: collapse; font-size: 13px; margin: 4px 0;}
+.fw-table th {text-align: left; color: #475467; font-weight: 600; border-bottom: 2px solid #d0d5dd;
+  padding: 4px 10px; white-space: nowrap;}
+.fw-table td {padding: 4px 10px; border-bottom: 1px solid #eaecf0; vertical-align: top;}
+.fw-msg-ok {color: #05603a;} .fw-msg-error {color: #b42318;} .fw-msg-info {color: #475467;}
+.fw-nowrap {white-space: nowrap;}
+.fw-trace-link {color: #175cd3; text-decoration: underline;}
+.fw-empty-state {padding: 18px; border: 1px dashed #d0d5dd; border-radius: 8px; color: #475467;}
+</style>"""
+
+
+def esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def fmt_value(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def text_of(value: Any) -> str:
+    """An output field as the text a correction box starts from."""
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
+def nowrap(html_text: str) -> str:
+    return f'<span class="fw-nowrap">{html_text}</span>'
+
+
+def fmt_time(value: datetime | int | float | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)):
+        value = datetime.fromtimestamp(value / 1000, tz=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def badge(text: str) -> str:
+    return f'<span class="fw-badge fw-badge-{esc(text)}">{esc(text)}</span>'
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+    """An HTML table; cells are HTML already (escape user text before)."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="fw-table {cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def fields_html(values: dict[str, Any]) -> str:
+    return "".join(
+        f'<div class="fw-field">{esc(k)}</div><div class="fw-value">{esc(fmt_value(v))}</div>'
+        for k, v in values.items()
+    )
+
+
+def empty_state(message: str, cls: str = "fw-empty") -> widgets.HTML:
+    return html_widget(f'<div class="fw-empty-state">{message}</div>', cls)
+
+
+NO_MODELS = "No models registered yet: run <code>flywheel demo</code> or register a program."
+
+
+def store_error(exc: BaseException) -> widgets.VBox:
+    """What a panel shows instead of itself when the store cannot be opened."""
+    return widgets.VBox(
+        [html_widget(CSS), empty_state(f"Cannot open the flywheel store: {esc(friendly(exc))}")]
+    )
+
+
+def html_widget(value: str = "", *classes: str) -> widgets.HTML:
+    w = widgets.HTML(value)
+    for c in classes:
+        w.add_class(c)
+    return w
+
+
+def button(description: str, cls: str, style: str = "", tooltip: str = "", icon: str = "") -> widgets.Button:
+    b = widgets.Button(description=description, button_style=style, tooltip=tooltip, icon=icon)
+    b.add_class(cls)
+    return b
+
+
+def classed(widget: widgets.Widget, *classes: str) -> Any:
+    for c in classes:
+        widget.add_class(c)
+    return widget
+
+
+def say(status: widgets.HTML, kind: str, message: str) -> None:
+    """Show one line in a panel's status area; kind is ok, error or info."""
+    status.value = f'<div class="fw-msg-{kind}">{esc(message)}</div>'
+
+
+def friendly(exc: BaseException) -> str:
+    known = ("ModelNotFound", "InputError", "FeedbackError", "TraceNotFound", "InvalidStage", "ConfigError")
+    if type(exc).__name__ in (*known, "ExportError", "PredictTimeout", "LMFailure", "ReviewError"):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def guarded(status: widgets.HTML) -> Callable[[F], F]:
+    """Catch any error of a handler and show it in `status` instead of a traceback."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                log.debug("widget handler %s failed", fn.__name__, exc_info=True)  # never into a cell
+                say(status, "error", friendly(exc))
+                return None
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
+
+
+def find(root: widgets.Widget, cls: str) -> Any:
+    """The first widget under `root` carrying CSS class `cls` (for tests and notebooks)."""
+    stack = [root]
+    while stack:
+        w = stack.pop(0)
+        if cls in getattr(w, "_dom_classes", ()):
+            return w
+        stack.extend(getattr(w, "children", ()))
+    raise LookupError(f"no widget with class {cls!r}")
+
+
+# --- MLflow links and stored feedback -------------------------------------------------------
+
+
+def mlflow_ui_url(runtime: Runtime) -> str:
+    # `mlflow_ui_url` is a proposed setting (MLFLOW_UI_URL); until it exists, the MLflow UI default
+    return (getattr(runtime.settings, "mlflow_ui_url", None) or DEFAULT_MLFLOW_UI).rstrip("/")
+
+
+def trace_url(trace_id: str, runtime: Runtime) -> str:
+    exp = runtime.store.experiment_id
+    return f"{mlflow_ui_url(runtime)}/#/experiments/{exp}/traces?selectedEvaluationId={trace_id}"
+
+
+def trace_link(trace_id: str, runtime: Runtime) -> str:
+    url = esc(trace_url(trace_id, runtime))
+    return f'<a class="fw-trace-link" href="{url}" target="_blank" rel="noopener">{esc(trace_id)}</a>'
+
+
+def deliver_now(runtime: Runtime, batches: int = 20) -> bool:
+    """Deliver what can be claimed now from the shared outbox; False when MLflow does not answer.
+
+    Unlike `outbox.flush`, it does not wait for items another process holds (a busy server's
+    batches), so a click never stalls on someone else's backlog.
+    """
+    try:
+        for _ in range(batches):
+            if runtime.outbox.drain_once() == 0:
+                break
+    except Exception:
+        log.debug("outbox delivery failed", exc_info=True)
+        return False
+    return True
+
+
+def stored_feedback(trace_id: str, runtime: Runtime) -> list[dict[str, Any]]:
+    """The valid assessments MLflow holds for a trace, oldest first (what a panel shows as stored)."""
+    from flywheel.feedback import assessment_value
+
+    info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+    rows = []
+    for a in sorted(info.assessments or [], key=lambda a: a.create_time_ms or 0):
+        if a.valid is False:
+            continue
+        rows.append(
+            {
+                "name": a.name,
+                "value": assessment_value(a),
+                "source": str(getattr(a.source, "source_type", "")).rsplit(".", 1)[-1],
+                "user_id": getattr(a.source, "source_id", None),
+                "time": fmt_time(a.create_time_ms),
+            }
+        )
+    return rows
+
+
+def feedback_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return '<div class="fw-muted">Nothing stored in MLflow for this trace yet.</div>'
+    cells = [
+        [esc(r["name"]), esc(fmt_value(r["value"])), esc(r["source"]), esc(r["user_id"]), esc(r["time"])]
+        for r in rows
+    ]
+    return table(["assessment", "value", "source", "user", "stored (UTC)"], cells, "fw-stored-table")
+
+
+def parse_query(query_string: str) -> dict[str, str]:
+    """`reviewer` (or `user`), `model` and `version` from a Voila page's query string."""
+    values = {k: v[-1] for k, v in parse_qs(query_string.lstrip("?")).items() if v}
+    if "user" in values and "reviewer" not in values:
+        values["reviewer"] = values["user"]
+    return values
+
+
+# --- choices --------------------------------------------------------------------------------
+
+
+def model_names(runtime: Runtime) -> list[str]:
+    return [m.name for m in registry.list_models(runtime.store)]
+
+
+def ref_options(versions: list[registry.VersionInfo]) -> list[tuple[str, str]]:
+    """Dropdown choices naming versions the way users do: stages, aliases, then numbers."""
+    options: list[tuple[str, str]] = []
+    for stage in ("Production", "Staging"):
+        holder = next((v for v in versions if v.stage == stage or stage in v.aliases), None)
+        if holder is not None:
+            options.append((f"{stage} (v{holder.version})", stage))
+    for v in versions:
+        for alias in v.aliases:
+            if alias not in ("Production", "Staging"):
+                options.append((f"@{alias} (v{v.version})", alias))
+    options += [(f"v{v.version} · {v.stage}", v.version) for v in versions]
+    return options

@@ -1,0 +1,317 @@
+"""The rating dashboard's panel: one unrated trace at a time, rate / correct / comment / skip / undo.
+
+ipywidgets has no key events, so the shortcuts are a tiny document key
+listener injected through an HTML widget (an `<img onerror>`: scripts inside
+innerHTML never run, event attributes do). It clicks the panel's buttons by
+their CSS class, so a shortcut does exactly what the mouse does. It is only
+installed in Voila, where no notebook shortcuts (d, z, ...) compete, and it listens in the capture
+phase because ipywidgets' text boxes stop key events from bubbling (Esc must still leave them).
+"""
+
+from __future__ import annotations
+
+import atexit
+import html
+from typing import Any
+
+import ipywidgets as widgets
+
+from flywheel import registry
+from flywheel.runtime import Runtime, get_runtime
+from flywheel.widgets_base import (
+    CSS,
+    badge,
+    button,
+    classed,
+    deliver_now,
+    empty_state,
+    esc,
+    fields_html,
+    fmt_time,
+    friendly,
+    guarded,
+    html_widget,
+    model_names,
+    parse_query,
+    say,
+    store_error,
+    text_of,
+    trace_link,
+)
+from flywheel.widgets_predict import corrections
+from flywheel.widgets_queue import LEASE_SECONDS, QueueItem, ReviewQueue
+
+ALL_VERSIONS = "all"
+KEYS = {
+    "u": "fw-rate-up",
+    "+": "fw-rate-up",
+    "d": "fw-rate-down",
+    "-": "fw-rate-down",
+    "s": "fw-skip",
+    "z": "fw-undo",
+}
+_KEY_JS = """(function(img){img.remove();
+if (window.__fwKeys || (document.querySelector('.jp-LabShell') && !document.body.hasAttribute('data-voila')))
+  return;
+window.__fwKeys = true;
+var map = %s;
+document.addEventListener('keydown', function (e) {
+  var t = e.target || {};
+  if (t.tagName === 'TEXTAREA' || t.tagName === 'INPUT' || t.isContentEditable) {
+    if (e.key === 'Escape') { t.blur(); }
+    return;
+  }
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  var cls = map[(e.key || '').toLowerCase()];
+  var b = cls && document.querySelector('button.' + cls);
+  if (b && !b.disabled) { e.preventDefault(); b.click(); }
+}, true);})(this);"""
+HELP = (
+    '<div class="fw-muted">Keys: <b>U</b> thumbs up · <b>D</b> thumbs down · <b>S</b> skip · <b>Z</b> undo '
+    "(outside the text boxes; <b>Esc</b> leaves a text box). Ratings are saved to MLflow at once.</div>"
+)
+
+
+def key_listener_html() -> str:
+    import json
+
+    js = _KEY_JS % json.dumps(KEYS)
+    return f'<img src="data:," alt="" style="display:none" onerror="{html.escape(js, quote=True)}">'
+
+
+class RatingPanel(widgets.VBox):
+    def __init__(
+        self,
+        runtime: Runtime,
+        model: str | None,
+        version: str | None,
+        reviewer: str,
+        lease_seconds: float,
+    ) -> None:
+        super().__init__()
+        self.add_class("fw-panel")
+        self.add_class("fw-rating-panel")
+        self.runtime = runtime
+        self.queue: ReviewQueue | None = None
+        self.status = html_widget("", "fw-status")
+        names = model_names(runtime)
+        if not names:
+            self.children = [
+                html_widget(CSS),
+                empty_state(
+                    "No models are registered yet, so there is nothing to review. Run "
+                    "<code>flywheel demo</code> (or register a program) and make a few predictions."
+                ),
+            ]
+            return
+        self.reviewer = classed(
+            widgets.Text(
+                value=reviewer, description="Reviewer", placeholder="your name", continuous_update=False
+            ),
+            "fw-reviewer",
+        )
+        self.model = classed(
+            widgets.Dropdown(options=names, value=model if model in names else names[0], description="Model"),
+            "fw-model",
+        )
+        self.version = classed(widgets.Dropdown(description="Version"), "fw-version")
+        self.progress = html_widget("", "fw-progress")
+        self.item = html_widget("", "fw-item")
+        self.corrections: dict[str, widgets.Textarea] = {}
+        self.corrections_box = classed(widgets.VBox(), "fw-corrections")
+        self.comment = classed(
+            widgets.Textarea(placeholder="comment (optional)", layout=widgets.Layout(width="100%")),
+            "fw-comment",
+        )
+        self.up = button("Thumbs up  [U]", "fw-rate-up", "success")
+        self.down = button("Thumbs down  [D]", "fw-rate-down", "danger")
+        self.skip = button("Skip  [S]", "fw-skip")
+        self.undo = button("Undo  [Z]", "fw-undo", "warning")
+        self.editor = classed(
+            widgets.VBox(
+                [
+                    html_widget('<div class="fw-field">correction (edit the output if it is wrong)</div>'),
+                    self.corrections_box,
+                    html_widget('<div class="fw-field">comment</div>'),
+                    self.comment,
+                ]
+            ),
+            "fw-editor",
+        )
+        self.children = [
+            html_widget(CSS),
+            widgets.HBox([self.reviewer, self.model, self.version]),
+            self.progress,
+            self.item,
+            self.editor,
+            classed(widgets.HBox([self.up, self.down, self.skip, self.undo]), "fw-actions"),
+            self.status,
+            html_widget(HELP, "fw-help"),
+            html_widget(key_listener_html(), "fw-keys"),
+        ]
+        guard = guarded(self.status)
+        self._lease_seconds = lease_seconds
+        self._quiet = False
+        atexit.register(self._release)  # a closed tab's kernel exits: free its item, deliver what is left
+        self.up.on_click(guard(lambda _: self.do_rate("thumbs_up")))
+        self.down.on_click(guard(lambda _: self.do_rate("thumbs_down")))
+        self.skip.on_click(guard(lambda _: self.do_skip()))
+        self.undo.on_click(guard(lambda _: self.do_undo()))
+        self.reviewer.observe(guard(self._reviewer_changed), names="value")
+        self.model.observe(guard(lambda _: self._load_versions(None)), names="value")
+        self.version.observe(guard(lambda _: self._quiet or self._restart()), names="value")
+        self.comment.observe(guard(lambda _: self.queue and self.queue.renew()), names="value")
+        guard(self._load_versions)(version)
+
+    # --- queue plumbing ------------------------------------------------------------------
+
+    def _load_versions(self, wanted: str | None) -> None:
+        versions = registry.list_versions(self.model.value, self.runtime.store)
+        options = [("all versions", ALL_VERSIONS)] + [
+            (f"v{v.version} · {v.stage}", v.version) for v in versions
+        ]
+        value = wanted if wanted in [v for _, v in options] else ALL_VERSIONS
+        self._quiet = True
+        try:
+            self.version.options, self.version.value = options, value
+        finally:
+            self._quiet = False
+        self._restart()
+
+    def _restart(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+        version = None if self.version.value in (None, ALL_VERSIONS) else self.version.value
+        self.queue = ReviewQueue(
+            self.runtime, self.model.value, version, self.reviewer.value.strip(), self._lease_seconds
+        )
+        self.queue.next()
+        self._show()
+
+    def _reviewer_changed(self, _: Any) -> None:
+        if self.queue is not None:
+            self.queue.reviewer = self.reviewer.value.strip()
+            self._show_progress()
+
+    def _release(self) -> None:
+        try:
+            if self.queue is not None:
+                self.queue.close()
+            deliver_now(self.runtime)  # a rating a locked database held back is not left for later
+        except Exception:  # at exit the store may be gone already; the outbox keeps what is left
+            pass
+
+    def _q(self) -> ReviewQueue:
+        if self.queue is None:
+            raise RuntimeError("the review queue did not start; see the message above")
+        return self.queue
+
+    def _show_progress(self) -> None:
+        q = self._q()
+        p = q.progress()
+        more = "+" if p.capped else ""
+        who = "" if q.reviewer else " · rating as <b>anonymous</b>: type your name above"
+        self.progress.value = (
+            f'<div class="fw-muted"><b>{p.rated}{more}</b> rated · <b>{p.remaining}{more}</b> remaining '
+            f"· {p.mine} by you in this session{who}</div>"
+        )
+
+    def _show(self, prefill: dict[str, Any] | None = None) -> None:
+        q = self._q()
+        item = q.current
+        self._show_progress()
+        for b in (self.up, self.down, self.skip):
+            b.disabled = item is None
+        self.undo.disabled = not q.history
+        if item is None:
+            self.item.value = (
+                '<div class="fw-empty-state fw-empty">All caught up: nothing left to review for '
+                f"<b>{esc(q.model)}</b>{'' if q.version is None else f' v{esc(q.version)}'}.</div>"
+            )
+            self.editor.layout.display = "none"
+            return
+        self.item.value = self._card(item)
+        self.editor.layout.display = "flex"
+        prefill = prefill or {}
+        self.corrections = {
+            k: classed(
+                widgets.Textarea(
+                    value=str(prefill.get("corrected_output", {}).get(k, text_of(v))),
+                    description=k,
+                    layout=widgets.Layout(width="100%"),
+                    rows=3,
+                ),
+                "fw-correction",
+                f"fw-correction-{k}",
+            )
+            for k, v in item.outputs.items()
+        }
+        for box in self.corrections.values():
+            box.observe(lambda _: q.renew(), names="value")
+        self.corrections_box.children = list(self.corrections.values())
+        self.comment.value = prefill.get("comment") or ""
+
+    def _card(self, item: QueueItem) -> str:
+        return (
+            f'<div class="fw-card" data-trace-id="{esc(item.trace_id)}">'
+            f'<div>{badge(f"v{item.version}")}<span class="fw-muted">{esc(item.model)} · '
+            f"{esc(fmt_time(item.request_time))} UTC · trace {trace_link(item.trace_id, self.runtime)}"
+            "</span></div>"
+            f'<div class="fw-title">Inputs</div>{fields_html(item.inputs)}'
+            f'<div class="fw-title">Output</div>{fields_html(item.outputs)}</div>'
+        )
+
+    # --- actions (buttons and keys) --------------------------------------------------------
+
+    def do_rate(self, rating: str) -> None:
+        q = self._q()
+        item = q.current
+        if item is None:
+            say(self.status, "info", "Nothing to rate.")
+            return
+        receipt = q.rate(rating, corrections(self.corrections, item.outputs), self.comment.value)
+        extra = " with a correction" if receipt.corrected_output else ""
+        word = "up" if rating == "thumbs_up" else "down"
+        self._show()
+        say(self.status, "ok", f"Saved thumbs {word}{extra} as {receipt.user_id}.")
+
+    def do_skip(self) -> None:
+        self._q().skip()
+        self._show()
+        say(self.status, "info", "Skipped; it comes back after the others.")
+
+    def do_undo(self) -> None:
+        try:
+            item, receipt = self._q().undo()
+        except Exception as exc:
+            say(self.status, "error", friendly(exc))
+            return
+        prefill = receipt.to_dict() if receipt is not None else None
+        if prefill is not None and prefill.get("corrected_output") is None:
+            prefill["corrected_output"] = {}
+        self._show(prefill)
+        what = "rating taken back" if receipt is not None else "skip undone"
+        say(self.status, "ok", f"Undone: {what}; the item is shown again.")
+
+
+def rating_panel(
+    query_string: str = "",
+    *,
+    model: str | None = None,
+    version: str | None = None,
+    reviewer: str = "",
+    lease_seconds: float = LEASE_SECONDS,
+    runtime: Runtime | None = None,
+) -> widgets.VBox:
+    """The review queue; `query_string` (Voila's QUERY_STRING) may set reviewer, model and version."""
+    q = parse_query(query_string)
+    try:
+        return RatingPanel(
+            runtime or get_runtime(),
+            q.get("model", model),
+            q.get("version", version),
+            q.get("reviewer", reviewer),
+            lease_seconds,
+        )
+    except Exception as exc:  # a store that cannot be opened: one line, not a traceback
+        return store_error(exc)
