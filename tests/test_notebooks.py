@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 def nbmake(home: Path, *paths: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "MLFLOW_", "API_"))}
-    env.update(FLYWHEEL_HOME=str(home), FLYWHEEL_NB_SAMPLES="4")
+    env.update(FLYWHEEL_HOME=str(home), FLYWHEEL_NB_SAMPLES="4", FLYWHEEL_LOOP_TURNS="2")
     cmd = [sys.executable, "-m", "pytest", "--nbmake", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
     cmd += paths
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -30,7 +30,8 @@ def test_notebooks_and_dashboards_run_on_a_fresh_store(tmp_path: Path) -> None:
     done = nbmake(tmp_path / "home", "notebooks/", "dashboards/")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", done.stdout)
-    assert passed and int(passed.group(1)) >= 6  # 4 notebooks + 2 dashboards at least
+    expected = len(list((ROOT / "notebooks").glob("*.ipynb")) + list((ROOT / "dashboards").glob("*.ipynb")))
+    assert expected >= 7 and passed and int(passed.group(1)) == expected
 
 
 def test_dashboards_run_on_an_empty_store(tmp_path: Path) -> None:
