@@ -32,6 +32,7 @@ FORMATS = ("csv", "json", "jsonl")
 PAGE = 5000  # local SQL stores; a tracking server accepts at most REST_PAGE per request
 REST_PAGE = 500
 META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
+CORRECTED = "corrected"
 
 
 class ExportError(ValueError):
@@ -102,7 +103,7 @@ def row_from_trace(info: Any) -> dict[str, Any] | None:
         "model_version": tags.get(VERSION_TAG, ""),
         "rating": assessment_value(rating),
         "comment": assessment_value(comment) if comment is not None else None,
-        "_timestamp_ms": info.request_time,
+        CORRECTED: correction is not None,
     }
 
 
@@ -113,9 +114,14 @@ def export_rows(
     start_date: date | None = None,
     end_date: date | None = None,
     limit: int | None = None,
+    with_corrected: bool = False,
     runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches."""
+    """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches.
+
+    `with_corrected` adds a last column saying whether a reviewer's correction replaced
+    the served output (the loop learns from a thumbs down only when one did).
+    """
     from flywheel.runtime import get_runtime
 
     runtime = runtime or get_runtime()
@@ -130,7 +136,8 @@ def export_rows(
         row = row_from_trace(info)
         if row is None or (rating != "any" and row["rating"] != rating):
             continue
-        row.pop("_timestamp_ms")
+        if not with_corrected:
+            del row[CORRECTED]
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
@@ -142,8 +149,9 @@ def _ordered(row: dict[str, Any], versions: list[registry.VersionInfo]) -> dict[
         (v for v in versions if v.version == row["model_version"]), versions[0] if versions else None
     )
     fields = (version.input_fields + version.output_fields) if version else []
-    keys = [k for k in fields if k in row] + [k for k in row if k not in fields and k not in META_COLUMNS]
-    return {k: row[k] for k in [*keys, *META_COLUMNS]}
+    meta = [*META_COLUMNS, CORRECTED]
+    keys = [k for k in fields if k in row] + [k for k in row if k not in fields and k not in meta]
+    return {k: row[k] for k in [*keys, *meta] if k in row}
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

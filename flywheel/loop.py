@@ -18,8 +18,7 @@ import dspy
 from flywheel import registry
 from flywheel.compile import Cancelled, CancelToken, CompileResult, compile_program, is_cancelled
 from flywheel.evaluate import GateResult, gate
-from flywheel.export import export_rows, rated_trace_infos
-from flywheel.feedback import CORRECTION
+from flywheel.export import CORRECTED, export_rows
 from flywheel.runtime import Runtime, get_runtime
 
 
@@ -55,17 +54,6 @@ class LoopTurn:
         )
 
 
-def corrected_trace_ids(
-    model: str, runtime: Runtime, start_date: date | None = None, end_date: date | None = None
-) -> set[str]:
-    """Traces of `model` that carry a valid `corrected_output` assessment."""
-    found = set()
-    for info in rated_trace_infos(runtime, model, start_date, end_date):
-        if any(a.name == CORRECTION and a.valid is not False for a in info.assessments or ()):
-            found.add(info.trace_id)
-    return found
-
-
 def training_rows(
     model: str,
     *,
@@ -79,12 +67,17 @@ def training_rows(
     because its output is known to be wrong and the right one is unknown."""
     runtime = runtime or get_runtime()
     rows = export_rows(
-        model, rating=rating, start_date=start_date, end_date=end_date, limit=limit, runtime=runtime
+        model,
+        rating=rating,
+        start_date=start_date,
+        end_date=end_date,
+        limit=limit,
+        with_corrected=True,
+        runtime=runtime,
     )
-    if not any(r["rating"] == "thumbs_down" for r in rows):
-        return rows, len(rows)
-    corrected = corrected_trace_ids(model, runtime, start_date, end_date)
-    usable = [r for r in rows if r["rating"] != "thumbs_down" or r["trace_id"] in corrected]
+    usable = [r for r in rows if r["rating"] != "thumbs_down" or r[CORRECTED]]
+    for row in rows:
+        del row[CORRECTED]
     return usable, len(rows)
 
 
