@@ -65,7 +65,7 @@ def rating_stats(model: str, runtime: Runtime) -> dict[str, VersionStats]:
         s = stats.setdefault(str(row["model_version"]), VersionStats())
         good = row["rating"] == "thumbs_up"
         s.up, s.down = s.up + good, s.down + (not good)
-        s.points.append((int(row["_timestamp_ms"]), good))
+        s.points.append((int(info.request_time), good))
     return stats
 
 
