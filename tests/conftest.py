@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,31 @@ _ENV_NAMES = [
 ]
 
 
+_TEMPLATE: list[Path] = []
+
+
+def _empty_database() -> Path:
+    """An sqlite file with MLflow's schema already migrated (the migrations cost ~1 s per store)."""
+    if not _TEMPLATE:
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        path = Path(tempfile.mkdtemp(prefix="flywheel-template-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+        _TEMPLATE.append(path)
+    return _TEMPLATE[0]
+
+
 def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> store.Store:
-    """Point flywheel (settings, MLflow, caches) at a fresh store under `home`."""
+    """Point flywheel (settings, MLflow, caches) at a fresh store under `home`.
+
+    The store starts from a copy of an empty, migrated database; flywheel's own
+    experiment (with its artifacts under `home`) is created by `connect` as usual.
+    """
+    if "MLFLOW_TRACKING_URI" not in env:
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_database(), home / "mlflow.db")
     for name in _ENV_NAMES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FLYWHEEL_HOME", str(home))

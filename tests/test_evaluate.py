@@ -102,6 +102,7 @@ def _register(store: Store, k: int) -> str:
     return registry.register_program(router_program(k), ROUTER_MODEL, lm=make_lm(), store=store).version
 
 
+@pytest.mark.slow
 def test_gate_accepts_better_refuses_worse_and_keeps_evaluation_out_of_serving(store: Store) -> None:
     heldout = ticket_splits()[1][9:17]  # eight rows keep it quick; no demos < four demos < sixteen here
     assert accuracy(router_program(0), heldout) < accuracy(router_program(4), heldout)

@@ -121,6 +121,7 @@ def test_load_caches_by_resolved_version_and_sees_promotion_at_once(fresh_store:
     assert registry.cached_versions() == [("jokes", "1"), ("jokes", "2")]
 
 
+@pytest.mark.slow
 def test_promotion_by_another_process_is_seen_within_the_resolve_ttl(
     fresh_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
