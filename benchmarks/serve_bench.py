@@ -296,6 +296,7 @@ def main() -> None:
     parser.add_argument("--export-sizes", default="10000,100000")
     parser.add_argument("--rated-share", type=float, default=0.1)
     parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure flywheel serve only")
     parser.add_argument("--load", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
@@ -324,9 +325,11 @@ def main() -> None:
     if not args.skip_serve:
         fly = bench_flywheel(env, args)
         print(f"  flywheel serve: {fly}", flush=True)
-        ml = bench_mlflow_serve(env, args)
-        print(f"  mlflow models serve: {ml}", flush=True)
-        rows = [(f"flywheel serve --workers {args.workers}", fly), ("mlflow models serve (defaults)", ml)]
+        rows = [(f"flywheel serve --workers {args.workers}", fly)]
+        if not args.skip_baseline:
+            ml = bench_mlflow_serve(env, args)
+            print(f"  mlflow models serve: {ml}", flush=True)
+            rows.append(("mlflow models serve (defaults)", ml))
     sizes = [int(s) for s in args.export_sizes.split(",") if s]
     exports = bench_export(sizes, args.rated_share) if sizes else []
 
