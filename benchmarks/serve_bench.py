@@ -158,7 +158,7 @@ def complete_traces(trace_ids: list[str]) -> int:
 
     from flywheel.store import connect
 
-    tracking = connect().client._tracking_client.store
+    tracking = connect().tracking
     complete = 0
     with tracking.ManagedSessionMaker() as session:
         for i in range(0, len(trace_ids), 500):
@@ -247,7 +247,7 @@ def bench_export(sizes: list[int], rated_share: float) -> list[dict[str, Any]]:
     from flywheel.tracing import TraceRecord, new_trace_id, write_traces
 
     runtime = get_runtime()
-    tracking = runtime.store.client._tracking_client.store
+    tracking = runtime.store.tracking
     version = "1"
     results = []
     have = 0

@@ -53,7 +53,7 @@ def rated_trace_infos(
     """TraceInfos of `model` with at least one rating, newest first, without spans."""
     from flywheel.trace_sql import supports
 
-    store = runtime.store.client._tracking_client.store
+    store = runtime.store.tracking
     page = PAGE if supports(store) else REST_PAGE
     lo, hi = _bounds(start, end)
     base = f"tags.`{MODEL_KEY_TAG}` = '{model_key(model)}' AND feedback.`{RATING}` IS NOT NULL"
@@ -130,7 +130,7 @@ def export_rows(
     if limit is not None and limit < 1:
         raise ExportError("limit must be a positive number")
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
-    runtime.outbox.flush(timeout=5, wait=False)  # include what was just rated, without stalling
+    runtime.outbox.deliver_available()  # include what was just rated, without stalling
     rows: list[dict[str, Any]] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
         row = row_from_trace(info)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import registry
 from flywheel.outbox import Item
 from flywheel.store import Store
-from flywheel.tracing import MODEL_TAG, VERSION_TAG, TraceRecord
+from flywheel.tracing import MODEL_TAG, VERSION_TAG
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -66,13 +66,12 @@ def trace_model(runtime: Runtime, trace_id: str) -> tuple[str, str]:
     """(model, version) of a trace, from the outbox when it is not in MLflow yet."""
     pending = runtime.outbox.pending_trace(trace_id)
     if pending is not None:
-        record = TraceRecord.from_json(pending["record"])
-        return record.model, record.version
+        return pending["model"], pending["version"]
     delivered = runtime.outbox.delivered_model(trace_id)
     if delivered is not None:  # known without asking MLflow, which may be down
         return delivered
     try:
-        info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+        info = runtime.store.tracking.get_trace_info(trace_id)
     except Exception:
         raise TraceNotFound(trace_id) from None
     tags = info.tags or {}
@@ -139,7 +138,7 @@ def deliver(store: Store, items: list[Item]) -> list[int]:
     """Write queued feedback to MLflow; returns the outbox ids now stored (once each)."""
     from mlflow.entities import AssessmentSource, Feedback
 
-    tracking = store.client._tracking_client.store
+    tracking = store.tracking
     done: list[int] = []
     for item in items:
         p = item.payload

@@ -34,7 +34,6 @@ CREATE TABLE IF NOT EXISTS items (
     trace_id TEXT NOT NULL,
     payload TEXT NOT NULL,
     created REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
     claimed_by TEXT,
     claimed_at REAL
 );
@@ -234,42 +233,46 @@ class Outbox:
         self.connected, self.last_error = True, None
         db = self._db()
         now = time.time()
+        delivered = [i for i in items if i.id in done]
         db.execute("BEGIN IMMEDIATE")
-        for item in items:
-            if item.id in done:
-                db.execute("DELETE FROM items WHERE id=?", (item.id,))
-                if item.kind == "trace":
-                    db.execute(
-                        "INSERT OR REPLACE INTO delivered(trace_id, model, version, at) VALUES (?, ?, ?, ?)",
-                        (item.trace_id, item.payload.get("model", ""), item.payload.get("version", ""), now),
-                    )
+        db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in delivered])
+        db.executemany(
+            "INSERT OR REPLACE INTO delivered(trace_id, model, version, at) VALUES (?, ?, ?, ?)",
+            [
+                (i.trace_id, i.payload.get("model", ""), i.payload.get("version", ""), now)
+                for i in delivered
+                if i.kind == "trace"
+            ],
+        )
         db.execute("COMMIT")
         self._release([i for i in items if i.id not in done])
         return len(done)
 
     def _release(self, items: list[Item]) -> None:
         if items:
-            self._db().executemany(
-                "UPDATE items SET claimed_by=NULL, attempts=attempts+1 WHERE id=?", [(i.id,) for i in items]
-            )
+            self._db().executemany("UPDATE items SET claimed_by=NULL WHERE id=?", [(i.id,) for i in items])
 
-    def flush(self, timeout: float = 60.0, wait: bool = True) -> bool:
-        """Deliver what is queued; True once the whole backlog (every process's) is empty.
+    def deliver_available(self, max_batches: int | None = None) -> bool:
+        """Deliver the batches this process can claim now, without waiting for ones another
+        process holds (a click or an export never stalls on a busy server's backlog).
+        False when a delivery failed (MLflow does not answer, the file was locked)."""
+        try:
+            batches = 0
+            while self.drain_once() and (max_batches is None or (batches := batches + 1) < max_batches):
+                pass
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        return True
 
-        `wait=False` delivers what this process can claim now and returns (export does
-        this beside a busy server); otherwise it retries, through brief errors such as
-        a locked file, until the backlog is empty or `timeout` passes (MLflow down).
-        """
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Deliver until the whole backlog (every process's) is empty; False after `timeout`
+        (MLflow down, or items another process holds). Retries through brief errors."""
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                while self.drain_once():
-                    pass
-                if self.backlog() == 0:
-                    return True
-            except Exception as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            if not wait or time.monotonic() >= deadline:
+            if self.deliver_available() and self.backlog() == 0:
+                return True
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(0.1)
 

@@ -6,6 +6,7 @@ background server in the same kernel write through the same outbox.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -50,21 +51,16 @@ class Runtime:
 
     def record_trace(self, record: TraceRecord) -> None:
         if self.settings.mlflow_enabled:
-            self.outbox.put(
-                "trace",
-                record.trace_id,
-                {"model": record.model, "version": record.version, "record": record.to_json()},
-            )
+            self.outbox.put("trace", record.trace_id, record.to_dict())
 
     def _deliver(self, items: list[Item]) -> list[int]:
         from flywheel import feedback
 
-        tracking = self.store.client._tracking_client.store
         traces = [i for i in items if i.kind == "trace"]
         done: list[int] = []
         if traces:
-            records = [TraceRecord.from_json(i.payload["record"]) for i in traces]
-            write_traces(tracking, self.store.experiment_id, records)
+            records = [TraceRecord(**i.payload) for i in traces]
+            write_traces(self.store.tracking, self.store.experiment_id, records)
             done += [i.id for i in traces]
         rest = [i for i in items if i.kind == "feedback"]
         if rest:
@@ -99,7 +95,11 @@ _built_from: Settings | None = None
 
 
 def get_runtime() -> Runtime:
-    """This process's runtime, built on first use from the current settings."""
+    """This process's runtime, built and started on first use from the current settings.
+
+    Started here, not only by the API's lifespan: a notebook that predicts without a
+    server still gets its traces and feedback delivered in the background.
+    """
     global _runtime, _built_from
     with _lock:
         settings = get_settings()
@@ -107,6 +107,7 @@ def get_runtime() -> Runtime:
             if _runtime is not None:
                 _runtime.stop()
             _runtime = Runtime(settings, connect(settings), make_lm(settings.flywheel_lm))
+            _runtime.start()
             _built_from = settings
         return _runtime
 
@@ -118,3 +119,6 @@ def reset_runtime() -> None:
         if _runtime is not None:
             _runtime.stop()
         _runtime = None
+
+
+atexit.register(reset_runtime)  # at exit: commit what is queued and deliver what MLflow takes

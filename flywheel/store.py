@@ -12,6 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import httpx
 import mlflow
@@ -29,9 +31,15 @@ class Store:
     experiment_id: str
     settings: Settings
 
-    @property
+    @cached_property
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @cached_property
+    def tracking(self) -> Any:
+        """MLflow's tracking store: trace and assessment calls `MlflowClient` does not expose
+        (`get_trace_info`, `start_trace`, `log_spans`, `create_assessment`)."""
+        return self.client._tracking_client.store
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:

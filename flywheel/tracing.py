@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 MODEL_TAG = "flywheel.model"
@@ -48,7 +48,6 @@ class TraceRecord:
     start_ns: int
     end_ns: int
     error: str | None = None
-    extra_tags: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def ok(
@@ -72,12 +71,9 @@ class TraceRecord:
             trace_id, info.name, info.version, info.model_id, inputs, None, start_ns, time.time_ns(), error
         )
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), default=str)
-
-    @classmethod
-    def from_json(cls, text: str) -> TraceRecord:
-        return cls(**json.loads(text))
+    def to_dict(self) -> dict[str, Any]:
+        """The outbox payload: plain JSON types, with `model` and `version` at the top level."""
+        return asdict(self)
 
     def tags(self) -> dict[str, str]:
         """Trace tags: export reads inputs and outputs from here, never from span bodies."""
@@ -90,7 +86,7 @@ class TraceRecord:
         }
         if self.outputs is not None:
             tags[OUTPUTS_TAG] = json.dumps(self.outputs, default=str)
-        return {**tags, **self.extra_tags}
+        return tags
 
     def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:
         """(TraceInfo, [root Span]) ready for the tracking store's start_trace + log_spans."""

@@ -22,7 +22,6 @@ from flywheel import registry
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
 
-DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
 log = logging.getLogger("flywheel.widgets")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -172,14 +171,9 @@ def find(root: widgets.Widget, cls: str) -> Any:
 # --- MLflow links and stored feedback -------------------------------------------------------
 
 
-def mlflow_ui_url(runtime: Runtime) -> str:
-    # `mlflow_ui_url` is a proposed setting (MLFLOW_UI_URL); until it exists, the MLflow UI default
-    return (getattr(runtime.settings, "mlflow_ui_url", None) or DEFAULT_MLFLOW_UI).rstrip("/")
-
-
 def trace_url(trace_id: str, runtime: Runtime) -> str:
-    exp = runtime.store.experiment_id
-    return f"{mlflow_ui_url(runtime)}/#/experiments/{exp}/traces?selectedEvaluationId={trace_id}"
+    ui, exp = runtime.settings.mlflow_ui_url.rstrip("/"), runtime.store.experiment_id
+    return f"{ui}/#/experiments/{exp}/traces?selectedEvaluationId={trace_id}"
 
 
 def trace_link(trace_id: str, runtime: Runtime) -> str:
@@ -187,27 +181,11 @@ def trace_link(trace_id: str, runtime: Runtime) -> str:
     return f'<a class="fw-trace-link" href="{url}" target="_blank" rel="noopener">{esc(trace_id)}</a>'
 
 
-def deliver_now(runtime: Runtime, batches: int = 20) -> bool:
-    """Deliver what can be claimed now from the shared outbox; False when MLflow does not answer.
-
-    Unlike `outbox.flush`, it does not wait for items another process holds (a busy server's
-    batches), so a click never stalls on someone else's backlog.
-    """
-    try:
-        for _ in range(batches):
-            if runtime.outbox.drain_once() == 0:
-                break
-    except Exception:
-        log.debug("outbox delivery failed", exc_info=True)
-        return False
-    return True
-
-
 def stored_feedback(trace_id: str, runtime: Runtime) -> list[dict[str, Any]]:
     """The valid assessments MLflow holds for a trace, oldest first (what a panel shows as stored)."""
     from flywheel.feedback import assessment_value
 
-    info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+    info = runtime.store.tracking.get_trace_info(trace_id)
     rows = []
     for a in sorted(info.assessments or [], key=lambda a: a.create_time_ms or 0):
         if a.valid is False:

@@ -23,7 +23,6 @@ from flywheel.widgets_base import (
     badge,
     button,
     classed,
-    deliver_now,
     empty_state,
     esc,
     fmt_time,
@@ -56,7 +55,7 @@ class VersionStats:
 
 def rating_stats(model: str, runtime: Runtime) -> dict[str, VersionStats]:
     """Thumbs up/down per version of `model` (each trace's latest rating counts once)."""
-    deliver_now(runtime)
+    runtime.outbox.deliver_available(max_batches=20)
     stats: dict[str, VersionStats] = {}
     for info in export.rated_trace_infos(runtime, model):
         row = export.row_from_trace(info)

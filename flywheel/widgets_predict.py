@@ -13,7 +13,6 @@ from flywheel.widgets_base import (
     NO_MODELS,
     button,
     classed,
-    deliver_now,
     empty_state,
     esc,
     feedback_table,
@@ -182,7 +181,7 @@ class PredictPanel(widgets.VBox):
             user_id=self.user.value,
             runtime=self.runtime,
         )
-        delivered = deliver_now(self.runtime)
+        delivered = self.runtime.outbox.deliver_available(max_batches=20)
         rows = stored_feedback(self.prediction.trace_id, self.runtime) if delivered else []
         note = "" if delivered else '<div class="fw-muted">Queued: MLflow is unreachable; it is kept.</div>'
         self.stored.value = '<div class="fw-title">Stored in MLflow</div>' + feedback_table(rows) + note

@@ -23,7 +23,6 @@ from flywheel import feedback
 from flywheel.feedback import FEEDBACK_ID, RATING
 from flywheel.runtime import Runtime
 from flywheel.tracing import INPUTS_TAG, MODEL_KEY_TAG, MODEL_TAG, OUTPUTS_TAG, VERSION_TAG, model_key
-from flywheel.widgets_base import deliver_now
 
 LEASE_SECONDS = 180.0
 DONE_KEEP_SECONDS = 86400.0
@@ -160,7 +159,7 @@ class ReviewQueue:
         return flt + f" AND feedback.`{RATING}` IS {'NOT ' if rated else ''}NULL"
 
     def _pages(self, rated: bool, cap: int) -> Any:
-        tracking = self.runtime.store.client._tracking_client.store
+        tracking = self.runtime.store.tracking
         token, seen = None, 0
         while seen < cap:
             infos, token = tracking.search_traces(
@@ -183,7 +182,7 @@ class ReviewQueue:
 
     def next(self) -> QueueItem | None:
         """Release the item shown and lease the next free one (skipped ones come last)."""
-        deliver_now(self.runtime)  # what was rated in any process, into MLflow
+        self.runtime.outbox.deliver_available(max_batches=20)  # what was rated in any process, into MLflow
         self.current = None
         for allow_skipped in (False, True):
             for page in self._pages(rated=False, cap=COUNT_CAP):
@@ -233,7 +232,7 @@ class ReviewQueue:
         if action == "rate" and receipt is not None:
             deadline = time.monotonic() + UNDO_WAIT
             while not retract(self.runtime, item.trace_id, receipt):
-                if not deliver_now(self.runtime):
+                if not self.runtime.outbox.deliver_available(max_batches=20):
                     raise ReviewError("MLflow is unreachable, so the rating cannot be taken back now")
                 if time.monotonic() > deadline:  # another process holds it on its way to MLflow
                     raise ReviewError("the rating is still on its way to MLflow; try undo again shortly")
@@ -286,7 +285,7 @@ def _item(info: Any) -> QueueItem:
 
 def retract(runtime: Runtime, trace_id: str, receipt: feedback.Receipt) -> int:
     """Delete the assessments one submission wrote (MLflow restores what they overrode); 0 if none yet."""
-    tracking = runtime.store.client._tracking_client.store
+    tracking = runtime.store.tracking
     info = tracking.get_trace_info(trace_id)
     ours = [a for a in info.assessments or [] if (a.metadata or {}).get(FEEDBACK_ID) == receipt.feedback_id]
     for a in ours:

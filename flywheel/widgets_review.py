@@ -23,7 +23,6 @@ from flywheel.widgets_base import (
     badge,
     button,
     classed,
-    deliver_now,
     empty_state,
     esc,
     fields_html,
@@ -197,7 +196,9 @@ class RatingPanel(widgets.VBox):
         try:
             if self.queue is not None:
                 self.queue.close()
-            deliver_now(self.runtime)  # a rating a locked database held back is not left for later
+            self.runtime.outbox.deliver_available(
+                max_batches=20
+            )  # a rating a locked database held back is not left for later
         except Exception:  # at exit the store may be gone already; the outbox keeps what is left
             pass
 

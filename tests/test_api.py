@@ -40,7 +40,7 @@ def http(url: str) -> Iterator[httpx.Client]:
 def _assessments(trace_id: str) -> list:
     runtime = get_runtime()
     assert runtime.outbox.flush(), runtime.outbox.last_error
-    return list(runtime.store.client._tracking_client.store.get_trace_info(trace_id).assessments)
+    return list(runtime.store.tracking.get_trace_info(trace_id).assessments)
 
 
 def test_spec_sequence_end_to_end(http: httpx.Client) -> None:
@@ -117,7 +117,7 @@ def test_every_trace_of_a_concurrent_burst_reaches_mlflow(url: str) -> None:
     assert len(ids) == 200
     runtime = get_runtime()
     assert runtime.outbox.flush()
-    store = runtime.store.client._tracking_client.store
+    store = runtime.store.tracking
     for trace_id in ids:
         info = store.get_trace_info(trace_id)
         assert info.tags["flywheel.model"] == JOKES and info.tags["flywheel.model_version"] == "2"
@@ -131,7 +131,7 @@ def test_trace_links_to_the_logged_model_of_its_version(http: httpx.Client) -> N
     two = http.post("/predict", json={"model": JOKES, "inputs": {"topic": "cat"}, "version": "2"}).json()
     runtime = get_runtime()
     runtime.outbox.flush()
-    store = runtime.store.client._tracking_client.store
+    store = runtime.store.tracking
     for answer in (one, two):
         info = store.get_trace_info(answer["trace_id"])
         expected = registry.get_version(JOKES, answer["model_version"]).model_id

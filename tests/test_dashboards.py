@@ -125,7 +125,7 @@ def ratings(rt: Runtime, trace_id: str, timeout: float = 30) -> dict[str, list[A
     deadline = time.monotonic() + timeout
     while True:
         rt.outbox.flush(timeout=5)
-        info = rt.store.client._tracking_client.store.get_trace_info(trace_id)
+        info = rt.store.tracking.get_trace_info(trace_id)
         found: dict[str, list[Any]] = {}
         for a in info.assessments or []:
             if a.valid is not False:

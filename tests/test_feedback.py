@@ -27,7 +27,7 @@ def test_delivered_assessments_are_human_and_replay_safe(demo_store: Store) -> N
     trace_id = serving.predict("support-router", {"ticket": "Refund my card"}).trace_id
     feedback.submit(trace_id, "thumbs_up", comment="right team", user_id="rev-1")
     assert runtime.outbox.flush()
-    tracking = runtime.store.client._tracking_client.store
+    tracking = runtime.store.tracking
     info = tracking.get_trace_info(trace_id)
     by_name = {a.name: a for a in info.assessments}
     assert by_name["user_rating"].value == "thumbs_up" and by_name["comment"].value == "right team"

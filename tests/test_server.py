@@ -176,7 +176,7 @@ def test_acknowledged_feedback_survives_a_killed_server(fresh_store: Store) -> N
     _kill(proc, signal.SIGKILL)  # no chance to flush anything
     runtime = get_runtime()  # a new process-level runtime replays the outbox
     assert runtime.outbox.flush(), runtime.outbox.last_error
-    info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+    info = runtime.store.tracking.get_trace_info(trace_id)
     names = sorted(a.name for a in info.assessments)
     assert names == ["comment", "user_rating"]
 
@@ -257,7 +257,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
             "outbox_backlog": 0,
             "detail": None,
         }
-        tracking = runtime.store.client._tracking_client.store
+        tracking = runtime.store.tracking
         for trace_id in before + during:
             info = tracking.get_trace_info(trace_id)
             ratings = [a for a in info.assessments if a.name == "user_rating"]

@@ -19,7 +19,7 @@ def test_predict_by_every_reference_and_traced(demo_store: Store) -> None:
     assert serving.predict("joke-generator", {"topic": "coffee"}, "champion").model_version == "2"
     runtime = get_runtime()
     assert runtime.outbox.flush()
-    info = runtime.store.client._tracking_client.store.get_trace_info(by_stage.trace_id)
+    info = runtime.store.tracking.get_trace_info(by_stage.trace_id)
     assert info.tags["flywheel.inputs"] == '{"topic": "coffee"}'
 
 

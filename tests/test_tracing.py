@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -35,7 +36,7 @@ def _rows(db: str, trace_id: str) -> dict[str, list[tuple]]:
 
 
 def test_batched_and_public_paths_write_the_same_rows(fresh_store: Store) -> None:
-    tracking = fresh_store.client._tracking_client.store
+    tracking = fresh_store.tracking
     assert trace_sql.supports(tracking)
     fast, slow = _record(1), _record(1)
     slow = TraceRecord(**{**fast.__dict__, "trace_id": slow.trace_id})
@@ -54,7 +55,7 @@ def test_batched_and_public_paths_write_the_same_rows(fresh_store: Store) -> Non
 
 def test_a_written_trace_reads_back_complete(fresh_store: Store) -> None:
     record = _record(7)
-    write_traces(fresh_store.client._tracking_client.store, fresh_store.experiment_id, [record])
+    write_traces(fresh_store.tracking, fresh_store.experiment_id, [record])
     trace = mlflow.get_trace(record.trace_id)
     assert trace.info.state.value == "OK"
     assert trace.info.tags["flywheel.model"] == record.model
@@ -67,7 +68,7 @@ def test_a_written_trace_reads_back_complete(fresh_store: Store) -> None:
 
 
 def test_replay_is_idempotent(fresh_store: Store) -> None:
-    tracking = fresh_store.client._tracking_client.store
+    tracking = fresh_store.tracking
     records = [_record(i) for i in range(20)]
     assert len(write_traces(tracking, fresh_store.experiment_id, records[:10])) == 10
     written = write_traces(tracking, fresh_store.experiment_id, records)  # a replay overlapping the first
@@ -79,7 +80,7 @@ def test_replay_is_idempotent(fresh_store: Store) -> None:
 def test_failed_predictions_are_error_traces(fresh_store: Store) -> None:
     now = time.time_ns()
     record = TraceRecord(new_trace_id(), "m", "1", None, {"topic": "x"}, None, now, now, "LM exploded")
-    write_traces(fresh_store.client._tracking_client.store, fresh_store.experiment_id, [record])
+    write_traces(fresh_store.tracking, fresh_store.experiment_id, [record])
     trace = mlflow.get_trace(record.trace_id)
     assert trace.info.state.value == "ERROR"
     assert "flywheel.outputs" not in trace.info.tags
@@ -87,4 +88,5 @@ def test_failed_predictions_are_error_traces(fresh_store: Store) -> None:
 
 def test_record_json_round_trip() -> None:
     record = _record(3)
-    assert TraceRecord.from_json(record.to_json()) == record
+    payload = json.loads(json.dumps(record.to_dict()))  # as the outbox stores it
+    assert TraceRecord(**payload) == record

@@ -46,7 +46,7 @@ def rt(demo_store: store.Store) -> Iterator[Runtime]:
 
 def valid_assessments(runtime: Runtime, trace_id: str) -> dict[str, list[Any]]:
     runtime.outbox.flush(timeout=10)
-    info = runtime.store.client._tracking_client.store.get_trace_info(trace_id)
+    info = runtime.store.tracking.get_trace_info(trace_id)
     found: dict[str, list[Any]] = {}
     for a in info.assessments or []:
         if a.valid is not False:
@@ -56,7 +56,7 @@ def valid_assessments(runtime: Runtime, trace_id: str) -> dict[str, list[Any]]:
 
 def unrated(runtime: Runtime, model: str) -> list[str]:
     runtime.outbox.flush(timeout=10)
-    infos, _ = runtime.store.client._tracking_client.store.search_traces(
+    infos, _ = runtime.store.tracking.search_traces(
         locations=[runtime.store.experiment_id],
         filter_string=f"tags.`flywheel.model_key` = '{model_key(model)}' AND feedback.`user_rating` IS NULL",
         max_results=1000,
