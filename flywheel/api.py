@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -94,7 +95,7 @@ def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
             return
         if x_api_key is None:
             raise HTTPException(401, f"this endpoint needs the {kind} API key in the X-API-Key header")
-        if x_api_key != wanted:
+        if not secrets.compare_digest(x_api_key, wanted):
             raise HTTPException(403, f"the X-API-Key header does not hold the {kind} API key")
 
     return Depends(check)
@@ -121,6 +122,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
+_PREDICT_ERRORS: dict[type[Exception], int] = {
+    serving.InputError: 422,
+    ModelNotFound: 404,
+    serving.PredictTimeout: 504,
+    serving.LMFailure: 502,
+}
+
+
 @app.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
 async def predict(body: PredictRequest) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
@@ -132,18 +141,12 @@ async def predict(body: PredictRequest) -> PredictResponse:
         prediction = await serving.apredict(
             body.model, body.inputs, refs[0] if refs else None, runtime=runtime
         )
-    except serving.InputError as exc:
+    except Exception as exc:
         runtime.metrics.record(body.model, 0, error=True)
-        raise HTTPException(422, str(exc)) from None
-    except ModelNotFound:
-        runtime.metrics.record(body.model, 0, error=True)
-        raise
-    except serving.PredictTimeout as exc:
-        runtime.metrics.record(body.model, 0, error=True)
-        raise HTTPException(504, str(exc)) from None
-    except serving.LMFailure as exc:
-        runtime.metrics.record(body.model, 0, error=True)
-        raise HTTPException(502, str(exc)) from None
+        status = next((code for kind, code in _PREDICT_ERRORS.items() if isinstance(exc, kind)), None)
+        if status is None:
+            raise
+        raise HTTPException(status, str(exc)) from None
     runtime.metrics.record(body.model, (time.perf_counter() - started) * 1000, error=False)
     # already the PredictResponse shape: skip a second validation pass on the hot path
     return JSONResponse(prediction.to_dict())  # type: ignore[return-value]

@@ -336,8 +336,7 @@ def _log_and_register(
         version = registry.register_program(
             result.program, name, description=text, tags=tags, lm=lm, store=store
         )
-        # on the run and the new logged model; explicit, or MLflow would pick its thread-local
-        # "active model", which loading any registered program silently sets
+        # on the run and on the new version's logged model
         scores = {"dev_score_before": result.score_before, "dev_score_after": result.score_after}
         mlflow.log_metrics({k: v for k, v in scores.items() if v is not None}, model_id=version.model_id)
         return version

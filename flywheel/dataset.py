@@ -30,14 +30,15 @@ def read_rows(data: TrainingData) -> list[dict[str, Any]]:
     return [dict(row.toDict() if isinstance(row, dspy.Example) else row) for row in data]
 
 
-def _norm(value: Any) -> str:
+def normalize(value: Any) -> str:
+    """Text compared without case or spacing differences (dedup keys and exact-match metrics)."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return " ".join(text.split()).casefold()
 
 
 def example_key(example: dspy.Example | Mapping[str, Any], input_fields: Sequence[str]) -> str:
     """Identity of an example by its inputs only: the same input never lands on both sides."""
-    return json.dumps([_norm(example.get(f, "")) for f in input_fields])
+    return json.dumps([normalize(example.get(f, "")) for f in input_fields])
 
 
 def _unit(seed: int, key: str) -> float:

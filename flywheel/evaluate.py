@@ -10,10 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,11 @@ import mlflow
 
 from flywheel import registry
 from flywheel.config import ConfigError, canonical_stage
+from flywheel.dataset import example_key, normalize
 from flywheel.errors import InvalidStage, ModelNotFound
 from flywheel.lm import make_lm
-from flywheel.store import Store, connect, ensure_experiment
+from flywheel.serving import output_values
+from flywheel.store import Store, connect, ensure_experiment, quiet
 
 EVAL_EXPERIMENT = "flywheel-evaluation"
 METRICS = ("exact_match", "f1", "judge")
@@ -35,14 +36,9 @@ Metric = Callable[..., Any]
 # --- DSPy metrics (compile) ---------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return " ".join(text.split()).casefold()
-
-
 def token_f1(expected: Any, actual: Any) -> float:
     """SQuAD-style token F1: partial credit for free text (jokes), 1.0 for an identical answer."""
-    gold, pred = re.findall(r"\w+", _text(expected)), re.findall(r"\w+", _text(actual))
+    gold, pred = re.findall(r"\w+", normalize(expected)), re.findall(r"\w+", normalize(actual))
     if not gold or not pred:
         return float(gold == pred)
     common = sum((Counter(gold) & Counter(pred)).values())
@@ -53,7 +49,7 @@ def token_f1(expected: Any, actual: Any) -> float:
 
 
 def field_exact(expected: Mapping[str, Any], actual: Mapping[str, Any] | Any, fields: Sequence[str]) -> float:
-    return float(all(_text(expected.get(f)) == _text(_get(actual, f)) for f in fields))
+    return float(all(normalize(expected.get(f)) == normalize(_get(actual, f)) for f in fields))
 
 
 def field_f1(expected: Mapping[str, Any], actual: Mapping[str, Any] | Any, fields: Sequence[str]) -> float:
@@ -110,14 +106,13 @@ def feedback_metric(
     base: Metric, output_fields: Sequence[str], comments: Mapping[str, str], input_fields: Sequence[str]
 ) -> Metric:
     """For GEPA: the base score plus text built from the expected answer and the reviewer's comment."""
-    from flywheel.dataset import example_key
 
     def with_feedback(
         gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
     ) -> dspy.Prediction:
         value = base(gold, pred, trace)
         points = float(getattr(value, "score", value))
-        wrong = [f for f in output_fields if _text(gold.get(f)) != _text(_get(pred, f))]
+        wrong = [f for f in output_fields if normalize(gold.get(f)) != normalize(_get(pred, f))]
         parts = [
             "Correct."
             if not wrong
@@ -201,26 +196,11 @@ class VersionScore:
     run_id: str
 
 
-_CHATTY = (
+_CHATTY = (  # MLflow prints a banner and three INFO lines per evaluation
     "mlflow.tracking.fluent",
     "mlflow.genai.utils.data_validation",
     "mlflow.models.evaluation.utils.trace",
 )
-
-
-@contextlib.contextmanager
-def _quiet_genai() -> Iterator[None]:
-    """Keep notebooks readable: MLflow prints a banner and three INFO lines per evaluation."""
-    loggers = [logging.getLogger(name) for name in _CHATTY]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
 
 
 def evaluate_version(
@@ -249,14 +229,14 @@ def evaluate_version(
                 output = program(**inputs)
             except Exception as exc:  # an unparseable answer scores 0 rather than failing the run
                 return {"error": f"{type(exc).__name__}: {exc}"}
-        return {f: _jsonable(_get(output, f)) for f in info.output_fields}
+        return output_values(info, output)
 
     experiment_id = ensure_experiment(store.settings, EVAL_EXPERIMENT)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"eval-{name}-v{info.version}", nested=nested
     ):
         mlflow.set_tags({"flywheel.model": name, "flywheel.model_version": info.version})
-        with _quiet_genai():
+        with quiet(*_CHATTY), contextlib.redirect_stdout(io.StringIO()):
             result = mlflow.genai.evaluate(
                 data=records,
                 predict_fn=predict_fn,
@@ -265,12 +245,6 @@ def evaluate_version(
             )
     metrics = {k.removesuffix("/mean"): float(v) for k, v in result.metrics.items() if k.endswith("/mean")}
     return VersionScore(info.version, metrics, result.run_id)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump()
-    return value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
 
 
 # --- the promotion gate -------------------------------------------------------------------
@@ -351,12 +325,13 @@ def gate(
         cand_score = round(cand.metrics[metric], 6)
         base_score = round(base.metrics[metric], 6) if base else None
         passed = passes(cand_score, base_score, margin)
-        # explicit model id: fluent logging would pick MLflow's thread-local "active model" (the last loaded)
+        verdict = "passed" if passed else "failed"
+        # on the candidate's logged model as well as the run
         scores = {"candidate_score": cand_score, "baseline_score": base_score}
         mlflow.log_metrics({k: v for k, v in scores.items() if v is not None}, model_id=info.model_id)
-        mlflow.set_tags({"flywheel.model": name, "gate.result": "passed" if passed else "failed"})
+        mlflow.set_tags({"flywheel.model": name, "gate.result": verdict})
     tags = {
-        "gate.result": "passed" if passed else "failed",
+        "gate.result": verdict,
         "gate.metric": metric,
         "gate.candidate_score": f"{cand_score:.3f}",
         "gate.baseline_score": "none" if base_score is None else f"{base_score:.3f}",

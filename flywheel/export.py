@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from flywheel import registry
 from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
-from flywheel.tracing import INPUTS_TAG, MODEL_KEY_TAG, OUTPUTS_TAG, VERSION_TAG, model_key
+from flywheel.tracing import model_filter, served_call
 
 if TYPE_CHECKING:
     import dspy
@@ -56,7 +56,7 @@ def rated_trace_infos(
     store = runtime.store.tracking
     page = PAGE if supports(store) else REST_PAGE
     lo, hi = _bounds(start, end)
-    base = f"tags.`{MODEL_KEY_TAG}` = '{model_key(model)}' AND feedback.`{RATING}` IS NOT NULL"
+    base = f"{model_filter(model)} AND feedback.`{RATING}` IS NOT NULL"
     if lo is not None:
         base += f" AND trace.timestamp_ms >= {lo}"
     seen: set[str] = set()
@@ -86,12 +86,11 @@ def _latest(assessments: list[Any], name: str) -> Any | None:
 
 def row_from_trace(info: Any) -> dict[str, Any] | None:
     """One training row: input fields, output fields (correction wins), then provenance."""
-    tags = info.tags or {}
+    call = served_call(info)
     rating = _latest(list(info.assessments or []), RATING)
-    if rating is None:
+    if call is None or rating is None:
         return None
-    inputs = json.loads(tags.get(INPUTS_TAG, "{}"))
-    outputs = json.loads(tags.get(OUTPUTS_TAG, "{}") or "{}")
+    inputs, outputs = call.inputs, call.outputs
     correction = _latest(list(info.assessments or []), CORRECTION)
     if correction is not None and isinstance(value := assessment_value(correction), dict):
         outputs = {**outputs, **value}
@@ -100,7 +99,7 @@ def row_from_trace(info: Any) -> dict[str, Any] | None:
         **inputs,
         **outputs,
         "trace_id": info.trace_id,
-        "model_version": tags.get(VERSION_TAG, ""),
+        "model_version": call.version,
         "rating": assessment_value(rating),
         "comment": assessment_value(comment) if comment is not None else None,
         CORRECTED: correction is not None,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import registry
 from flywheel.outbox import Item
 from flywheel.store import Store
-from flywheel.tracing import MODEL_TAG, VERSION_TAG
+from flywheel.tracing import served_call
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -71,13 +71,12 @@ def trace_model(runtime: Runtime, trace_id: str) -> tuple[str, str]:
     if delivered is not None:  # known without asking MLflow, which may be down
         return delivered
     try:
-        info = runtime.store.tracking.get_trace_info(trace_id)
+        call = served_call(runtime.store.tracking.get_trace_info(trace_id))
     except Exception:
         raise TraceNotFound(trace_id) from None
-    tags = info.tags or {}
-    if MODEL_TAG not in tags:
+    if call is None:
         raise TraceNotFound(trace_id)  # a trace, but not a flywheel prediction
-    return tags[MODEL_TAG], tags.get(VERSION_TAG, "")
+    return call.model, call.version
 
 
 def normalize_correction(corrected: dict[str, Any] | str | None, outputs: list[str]) -> dict[str, Any] | None:

@@ -14,8 +14,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +27,7 @@ from mlflow.types.schema import ColSpec, Schema
 
 from flywheel.config import STAGES, ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.store import Store, connect
+from flywheel.store import Store, connect, quiet
 
 INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
@@ -206,7 +205,7 @@ def register_program(
         run_ctx as run,
         dspy.context(lm=saved_lm, callbacks=[]),
         warnings.catch_warnings(),
-        _quiet("mlflow.dspy.save"),  # the pickle caution, on every single save
+        quiet("mlflow.dspy.save", level=logging.ERROR),  # the pickle caution, on every single save
     ):
         warnings.simplefilter("ignore")
         model_info = mlflow.dspy.log_model(
@@ -226,17 +225,6 @@ def register_program(
         )
     _forget(name)
     return _version_info(client.get_model_version(name, mv.version))
-
-
-@contextmanager
-def _quiet(logger: str) -> Iterator[None]:
-    log = logging.getLogger(logger)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
 
 
 class _nullcontext:
@@ -471,7 +459,7 @@ def _load_program(info: VersionInfo) -> dspy.Module:
     # silently attach later runs and metrics to it: put the caller's context back.
     previous = fluent._ACTIVE_MODEL_CONTEXT.get()
     try:
-        with _quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
+        with quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pyfunc = mlflow.pyfunc.load_model(info.uri)
     finally:

@@ -71,7 +71,8 @@ def check_inputs(info: registry.VersionInfo, inputs: Any) -> dict[str, Any]:
     return inputs
 
 
-def _result(info: registry.VersionInfo, output: Any) -> dict[str, Any]:
+def output_values(info: registry.VersionInfo, output: Any) -> dict[str, Any]:
+    """A program's answer as the version's output fields, in JSON types (what is served and traced)."""
     values = output.toDict() if isinstance(output, dspy.Prediction) else dict(output)
     fields = info.output_fields or [k for k in values if k != "reasoning"]
     return {f: _jsonable(values.get(f)) for f in fields}
@@ -115,7 +116,7 @@ async def apredict(
         message = f"{type(exc).__name__}: {exc}"
         runtime.record_trace(TraceRecord.failed(trace_id, loaded.info, inputs, started_ns, message))
         raise LMFailure(f"the language model call failed: {message}") from None
-    result = _result(loaded.info, output)
+    result = output_values(loaded.info, output)
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
     runtime.record_trace(TraceRecord.ok(trace_id, loaded.info, inputs, result, started_ns, time.time_ns()))
     return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms)

@@ -68,7 +68,7 @@ def connect(settings: Settings | None = None) -> Store:
             check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        with _quiet_db_setup():  # "Creating initial MLflow database tables..." in notebook cells
+        with quiet("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
             experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
         store = Store(uri, experiment_id, settings)
         _connected[key] = store
@@ -76,16 +76,17 @@ def connect(settings: Settings | None = None) -> Store:
 
 
 @contextmanager
-def _quiet_db_setup() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic.runtime.migration")]
-    levels = [log.level for log in loggers]
-    for log in loggers:
-        log.setLevel(logging.WARNING)
+def quiet(*loggers: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise MLflow loggers' threshold for a moment: their INFO lines land in notebook cells."""
+    logs = [logging.getLogger(name) for name in loggers]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(level)
     try:
         yield
     finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
+        for log, old in zip(logs, levels, strict=True):
+            log.setLevel(old)
 
 
 def ensure_experiment(settings: Settings, name: str) -> str:

@@ -33,6 +33,36 @@ def model_key(model: str) -> str:
     return hashlib.sha256(model.encode()).hexdigest()[:24]
 
 
+@dataclass(frozen=True)
+class ServedCall:
+    """What a flywheel trace's tags say about the prediction (read without span bodies)."""
+
+    model: str
+    version: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+
+
+def served_call(info: Any) -> ServedCall | None:
+    """The prediction a TraceInfo records, or None for a trace flywheel did not write."""
+    tags = info.tags or {}
+    if MODEL_TAG not in tags:
+        return None
+    return ServedCall(
+        tags[MODEL_TAG],
+        tags.get(VERSION_TAG, ""),
+        json.loads(tags.get(INPUTS_TAG) or "{}"),
+        json.loads(tags.get(OUTPUTS_TAG) or "{}"),
+    )
+
+
+def model_filter(model: str, version: str | int | None = None) -> str:
+    """An MLflow trace filter for one model's predictions: the name enters as a hash (MLflow's
+    filter syntax cannot escape quotes) and the version as a number."""
+    flt = f"tags.`{MODEL_KEY_TAG}` = '{model_key(model)}'"
+    return flt if version is None else f"{flt} AND tags.`{VERSION_TAG}` = '{int(version)}'"
+
+
 def new_trace_id() -> str:
     return "tr-" + uuid.uuid4().hex
 

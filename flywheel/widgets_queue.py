@@ -10,7 +10,6 @@ rate the same trace, both ratings are kept (nothing is lost).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from flywheel import feedback
 from flywheel.feedback import FEEDBACK_ID, RATING
 from flywheel.runtime import Runtime
-from flywheel.tracing import INPUTS_TAG, MODEL_KEY_TAG, MODEL_TAG, OUTPUTS_TAG, VERSION_TAG, model_key
+from flywheel.tracing import model_filter, served_call
 
 LEASE_SECONDS = 180.0
 DONE_KEEP_SECONDS = 86400.0
@@ -153,9 +152,7 @@ class ReviewQueue:
     # --- reading MLflow --------------------------------------------------------------------
 
     def _filter(self, rated: bool) -> str:
-        flt = f"tags.`{MODEL_KEY_TAG}` = '{model_key(self.model)}' AND trace.status = 'OK'"
-        if self.version is not None:
-            flt += f" AND tags.`{VERSION_TAG}` = '{int(self.version)}'"
+        flt = f"{model_filter(self.model, self.version)} AND trace.status = 'OK'"
         return flt + f" AND feedback.`{RATING}` IS {'NOT ' if rated else ''}NULL"
 
     def _pages(self, rated: bool, cap: int) -> Any:
@@ -272,15 +269,9 @@ class ReviewQueue:
 
 
 def _item(info: Any) -> QueueItem:
-    tags = info.tags or {}
-    return QueueItem(
-        trace_id=info.trace_id,
-        model=tags.get(MODEL_TAG, ""),
-        version=tags.get(VERSION_TAG, ""),
-        inputs=json.loads(tags.get(INPUTS_TAG, "{}")),
-        outputs=json.loads(tags.get(OUTPUTS_TAG, "{}") or "{}"),
-        request_time=info.request_time,
-    )
+    call = served_call(info)
+    assert call is not None  # the search filtered on flywheel's own tags
+    return QueueItem(info.trace_id, call.model, call.version, call.inputs, call.outputs, info.request_time)
 
 
 def retract(runtime: Runtime, trace_id: str, receipt: feedback.Receipt) -> int:
