@@ -143,7 +143,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def setup_store(home: Path) -> None:
     from benchmarks.sleep_lm import SleepLM
     from flywheel import registry
-    from flywheel.demo import joke_program
+    from flywheel.demo.seed import joke_program
     from flywheel.store import connect
 
     store = connect()
@@ -242,7 +242,7 @@ def bench_mlflow_serve(env: dict[str, str], args: argparse.Namespace) -> dict[st
 
 def bench_export(sizes: list[int], rated_share: float) -> list[dict[str, Any]]:
     """Export time at each store size: traces written in bulk, a share of them rated for real."""
-    from flywheel import export, feedback
+    import flywheel
     from flywheel.runtime import get_runtime
     from flywheel.tracing import TraceRecord, new_trace_id, write_traces
 
@@ -272,7 +272,7 @@ def bench_export(sizes: list[int], rated_share: float) -> list[dict[str, Any]]:
         step = max(1, round(1 / rated_share)) if rated_share > 0 else 0
         for n, record in enumerate(records):
             if step and n % step == 0:
-                feedback.submit(
+                flywheel.submit_feedback(
                     record.trace_id,
                     "thumbs_up" if n % 3 else "thumbs_down",
                     runtime=runtime,
@@ -281,7 +281,7 @@ def bench_export(sizes: list[int], rated_share: float) -> list[dict[str, Any]]:
         runtime.outbox.flush(timeout=3600)
         have = size
         began = time.perf_counter()
-        rows = export.export_rows(MODEL, runtime=runtime)
+        rows = flywheel.export_rows(MODEL, runtime=runtime)
         elapsed = time.perf_counter() - began
         results.append({"traces": size, "rated": len(rows), "seconds": elapsed})
         print(f"  export at {size:,} traces ({len(rows):,} rated): {elapsed:.2f}s", flush=True)

@@ -1,77 +1,121 @@
 """flywheel: close the data-flywheel loop for DSPy programs on MLflow.
 
-The public API, re-exported from small modules (one concept each).
+The public API, imported lazily (PEP 562): `import flywheel` loads neither
+MLflow nor DSPy, so the CLI, `--help` and a uvicorn worker's supervisor stay
+fast; a name is imported from its module the first time it is used.
 """
 
-from flywheel.client import AsyncClient, Client
-from flywheel.compile import Cancelled, CompileResult, available_optimizers, compile_program
-from flywheel.config import STAGES, ConfigError, Settings, get_settings, load_settings
-from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.evaluate import GateResult, gate
-from flywheel.export import export_rows, to_examples
-from flywheel.feedback import submit as submit_feedback
-from flywheel.lm import OfflineLM, make_lm, persistable_lm
-from flywheel.loop import (
-    LoopTurn,
-    loop,  # noqa: E402  (the function `flywheel.loop(...)` shadows its module)
-)
-from flywheel.registry import (
-    LoadedProgram,
-    ModelInfo,
-    VersionInfo,
-    get_version,
-    list_models,
-    list_versions,
-    load,
-    promote,
-    register_program,
-    resolve,
-    set_alias,
-)
-from flywheel.server import start_background, stop_background
-from flywheel.serving import Prediction, apredict, predict
-from flywheel.store import Store, connect
+from __future__ import annotations
 
-__all__ = [
-    "STAGES",
-    "AsyncClient",
-    "Cancelled",
-    "Client",
-    "CompileResult",
-    "GateResult",
-    "LoopTurn",
-    "Prediction",
-    "apredict",
-    "available_optimizers",
-    "compile_program",
-    "export_rows",
-    "gate",
-    "loop",
-    "predict",
-    "start_background",
-    "stop_background",
-    "submit_feedback",
-    "to_examples",
-    "ConfigError",
-    "InvalidStage",
-    "LoadedProgram",
-    "ModelInfo",
-    "ModelNotFound",
-    "OfflineLM",
-    "Settings",
-    "Store",
-    "VersionInfo",
-    "connect",
-    "get_settings",
-    "get_version",
-    "list_models",
-    "list_versions",
-    "load",
-    "load_settings",
-    "make_lm",
-    "persistable_lm",
-    "promote",
-    "register_program",
-    "resolve",
-    "set_alias",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> "module:attribute"
+_EXPORTS: dict[str, str] = {
+    "STAGES": "flywheel.errors:STAGES",
+    "AsyncClient": "flywheel.http.client:AsyncClient",
+    "Cancelled": "flywheel.errors:Cancelled",
+    "Client": "flywheel.http.client:Client",
+    "CompileResult": "flywheel.compile:CompileResult",
+    "ConfigError": "flywheel.errors:ConfigError",
+    "FlywheelError": "flywheel.errors:FlywheelError",
+    "GateResult": "flywheel.gate:GateResult",
+    "InvalidStage": "flywheel.errors:InvalidStage",
+    "LoadedProgram": "flywheel.loader:LoadedProgram",
+    "LoopTurn": "flywheel.loop:LoopTurn",
+    "ModelInfo": "flywheel.registry:ModelInfo",
+    "ModelNotFound": "flywheel.errors:ModelNotFound",
+    "OfflineLM": "flywheel.lm:OfflineLM",
+    "Prediction": "flywheel.serving:Prediction",
+    "Runtime": "flywheel.runtime:Runtime",
+    "Settings": "flywheel.config:Settings",
+    "Store": "flywheel.store:Store",
+    "VersionInfo": "flywheel.registry:VersionInfo",
+    "apredict": "flywheel.runtime:apredict",
+    "available_optimizers": "flywheel.compile:available_optimizers",
+    "compile_program": "flywheel.compile:compile_program",
+    "connect": "flywheel.store:connect",
+    "export_rows": "flywheel.runtime:export_rows",
+    "gate": "flywheel.runtime:gate",
+    "get_runtime": "flywheel.runtime:get_runtime",
+    "get_settings": "flywheel.config:get_settings",
+    "get_version": "flywheel.registry:get_version",
+    "list_models": "flywheel.registry:list_models",
+    "list_versions": "flywheel.registry:list_versions",
+    "load": "flywheel.runtime:load",
+    "load_settings": "flywheel.config:load_settings",
+    "loop": "flywheel.runtime:loop",
+    "make_lm": "flywheel.lm:make_lm",
+    "open": "flywheel.runtime:open_runtime",
+    "persistable_lm": "flywheel.lm:persistable_lm",
+    "predict": "flywheel.runtime:predict",
+    "promote": "flywheel.runtime:promote",
+    "register_program": "flywheel.registry:register_program",
+    "resolve": "flywheel.registry:resolve",
+    "set_alias": "flywheel.runtime:set_alias",
+    "start_background": "flywheel.http.server:start_background",
+    "stop_background": "flywheel.http.server:stop_background",
+    "submit_feedback": "flywheel.runtime:submit_feedback",
+    "to_examples": "flywheel.export:to_examples",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'flywheel' has no attribute {name!r}")
+    module, _, attribute = target.partition(":")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from flywheel.compile import CompileResult, available_optimizers, compile_program
+    from flywheel.config import Settings, get_settings, load_settings
+    from flywheel.errors import (
+        STAGES,
+        Cancelled,
+        ConfigError,
+        FlywheelError,
+        InvalidStage,
+        ModelNotFound,
+    )
+    from flywheel.export import to_examples
+    from flywheel.gate import GateResult
+    from flywheel.http.client import AsyncClient, Client
+    from flywheel.http.server import start_background, stop_background
+    from flywheel.lm import OfflineLM, make_lm, persistable_lm
+    from flywheel.loader import LoadedProgram
+    from flywheel.loop import LoopTurn
+    from flywheel.registry import (
+        ModelInfo,
+        VersionInfo,
+        get_version,
+        list_models,
+        list_versions,
+        register_program,
+        resolve,
+    )
+    from flywheel.runtime import (
+        Runtime,
+        apredict,
+        export_rows,
+        gate,
+        get_runtime,
+        load,
+        loop,
+        predict,
+        promote,
+        set_alias,
+        submit_feedback,
+    )
+    from flywheel.runtime import open_runtime as open
+    from flywheel.serving import Prediction
+    from flywheel.store import Store, connect

@@ -14,7 +14,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from flywheel.demo import seed_demo
+    from flywheel.demo.seed import seed_demo
     from flywheel.store import connect
 
     store = connect()
@@ -69,7 +69,7 @@ def _alias(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flywheel.server import serve_foreground
+    from flywheel.http.server import serve_foreground
     from flywheel.store import connect
 
     connect()  # a bad store is one clear line now, not a traceback in every worker
@@ -78,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dashboards(args: argparse.Namespace) -> int:
-    from flywheel.dashboards import launch
+    from flywheel.ui.dashboards import launch
 
     launch(port=args.port, open_api=not args.no_api, host=args.host, api_port=args.api_port)
     return 0
@@ -95,20 +95,21 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def _loop(args: argparse.Namespace) -> int:
-    from flywheel.compile import Cancelled, CompileError
-    from flywheel.loop import LoopError, loop
+    from flywheel.errors import Cancelled, CompileError, LoopError
+    from flywheel.runtime import Runtime
 
     try:
-        turn = loop(
-            args.name,
-            optimizer=args.optimizer,
-            optimizer_params=dict(args.param),
-            metric=args.metric,
-            target_stage=args.stage,
-            margin=args.margin,
-            seed=args.seed,
-            progress=lambda line: print(line, file=sys.stderr),
-        )
+        with Runtime() as runtime:
+            turn = runtime.loop(
+                args.name,
+                optimizer=args.optimizer,
+                optimizer_params=dict(args.param),
+                metric=args.metric,
+                target_stage=args.stage,
+                margin=args.margin,
+                seed=args.seed,
+                progress=lambda line: print(line, file=sys.stderr),
+            )
     except (LoopError, CompileError) as exc:
         print(f"flywheel: {exc}", file=sys.stderr)
         return 1

@@ -21,8 +21,10 @@ import mlflow
 
 from flywheel import registry
 from flywheel.dataset import TrainingData, TrainingSet, prepare
-from flywheel.evaluate import Metric, feedback_metric, make_metric, score
+from flywheel.errors import Cancelled, CompileError
 from flywheel.lm import make_lm
+from flywheel.programs import program_fields
+from flywheel.scoring import Metric, feedback_metric, make_metric, score
 from flywheel.store import Store, connect
 
 OPTIMIZERS = ("LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2", "GEPA")
@@ -32,18 +34,6 @@ _BUDGETED = ("MIPROv2", "GEPA")  # refuse to run without a budget; "light" is th
 STEPS = ("split", "score before", "optimize", "score after", "log run", "register")
 
 CancelToken = threading.Event | Callable[[], bool] | None
-
-
-class CompileError(ValueError):
-    """The inputs of a compile cannot work (no data, unknown optimizer or parameter)."""
-
-
-class Cancelled(RuntimeError):
-    """The caller asked to stop; nothing was registered."""
-
-    def __init__(self, step: str) -> None:
-        self.step = step
-        super().__init__(f"compile cancelled during step {step!r}; nothing was registered")
 
 
 def available_optimizers() -> list[str]:
@@ -233,7 +223,7 @@ def compile_program(
     store = store or connect()
     lm = lm or make_lm(store.settings.flywheel_lm)
     student = build_program(program, module)
-    inputs, outputs = registry.program_fields(student)
+    inputs, outputs = program_fields(student)
     params = dict(optimizer_params or {})
     steps = Progress(f"compile {name} ({optimizer})", progress, cancel)
     try:

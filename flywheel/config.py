@@ -16,13 +16,10 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-STAGES: tuple[str, ...] = ("None", "Staging", "Production", "Archived")
+from flywheel.errors import STAGES, ConfigError
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-class ConfigError(ValueError):
-    """A setting has a value flywheel cannot use; the message is one line for a person."""
 
 
 def canonical_stage(value: str) -> str:
@@ -38,6 +35,7 @@ class Settings:
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     api_workers: int = 4
+    worker_healthcheck_timeout: int = 60
     default_model_stage: str = "Production"
     model_cache_enabled: bool = True
     feedback_enabled: bool = True
@@ -87,6 +85,7 @@ def _parse_number(name: str, raw: str, kind: type, low: float, high: float) -> A
 _NUMBERS: dict[str, tuple[type, float, float]] = {
     "api_port": (int, 0, 65535),
     "api_workers": (int, 1, 64),
+    "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
     "request_timeout": (float, 0.001, 86400),
 }

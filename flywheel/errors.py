@@ -1,14 +1,49 @@
-"""Errors a person acts on; kept free of heavy imports so the CLI can report them fast."""
+"""Every exception flywheel raises on purpose, under one base that carries its HTTP status.
+
+The API maps errors by class (`FlywheelError.status`), the widgets and the CLI
+show `str(error)`, so a message is written once, for a person, here. Kept free
+of heavy imports: the CLI reports these without loading MLflow or DSPy.
+"""
 
 from __future__ import annotations
 
-from flywheel.config import STAGES, ConfigError
+STAGES: tuple[str, ...] = ("None", "Staging", "Production", "Archived")
 
-__all__ = ["ConfigError", "InvalidStage", "ModelNotFound"]
+__all__ = [
+    "STAGES",
+    "Cancelled",
+    "CompileError",
+    "ConfigError",
+    "ExportError",
+    "FeedbackError",
+    "FlywheelError",
+    "InputError",
+    "InvalidStage",
+    "LMFailure",
+    "LoopError",
+    "ModelNotFound",
+    "PredictTimeout",
+    "ReviewError",
+    "TraceNotFound",
+]
 
 
-class ModelNotFound(LookupError):
+class FlywheelError(Exception):
+    """Base of flywheel's errors. `status` is the HTTP status the API answers with."""
+
+    status: int = 500
+
+
+class ConfigError(FlywheelError, ValueError):
+    """A setting has a value flywheel cannot use; the message is one line for a person."""
+
+    status = 500
+
+
+class ModelNotFound(FlywheelError, LookupError):
     """No registered model, version, stage or alias matches a reference."""
+
+    status = 404
 
     def __init__(self, name: str, ref: str | None = None) -> None:
         self.name, self.ref = name, ref
@@ -16,7 +51,75 @@ class ModelNotFound(LookupError):
         super().__init__(f"Model not found: {where}")
 
 
-class InvalidStage(ValueError):
+class InvalidStage(FlywheelError, ValueError):
+    status = 422
+
     def __init__(self, stage: str) -> None:
         self.stage = stage
         super().__init__(f"Invalid stage {stage!r}; valid stages are: {', '.join(STAGES)}")
+
+
+class InputError(FlywheelError, ValueError):
+    """The request's inputs do not match the program's input fields."""
+
+    status = 422
+
+
+class PredictTimeout(FlywheelError, TimeoutError):
+    """The prediction took longer than REQUEST_TIMEOUT."""
+
+    status = 504
+
+
+class LMFailure(FlywheelError, RuntimeError):
+    """The language model (or the program around it) failed; the message is the provider's."""
+
+    status = 502
+
+
+class FeedbackError(FlywheelError, ValueError):
+    """The feedback itself is malformed."""
+
+    status = 422
+
+
+class TraceNotFound(FlywheelError, LookupError):
+    status = 404
+
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        super().__init__(f"Trace not found: {trace_id!r}")
+
+
+class ExportError(FlywheelError, ValueError):
+    """An export request that cannot be answered (unknown format, bad dates)."""
+
+    status = 422
+
+
+class ReviewError(FlywheelError, RuntimeError):
+    """A queue action that cannot be done now; the message is for the reviewer."""
+
+    status = 409
+
+
+class CompileError(FlywheelError, ValueError):
+    """The inputs of a compile cannot work (no data, unknown optimizer or parameter)."""
+
+    status = 422
+
+
+class Cancelled(FlywheelError, RuntimeError):
+    """The caller asked to stop; nothing was registered."""
+
+    status = 409
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        super().__init__(f"compile cancelled during step {step!r}; nothing was registered")
+
+
+class LoopError(FlywheelError, RuntimeError):
+    """A turn cannot run yet (e.g. no rated feedback); the message says what is missing."""
+
+    status = 409

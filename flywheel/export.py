@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from flywheel import registry
+from flywheel.errors import ExportError
 from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
 from flywheel.tracing import model_filter, served_call
 
@@ -33,10 +34,6 @@ PAGE = 5000  # local SQL stores; a tracking server accepts at most REST_PAGE per
 REST_PAGE = 500
 META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
 CORRECTED = "corrected"
-
-
-class ExportError(ValueError):
-    pass
 
 
 def _bounds(start: date | None, end: date | None) -> tuple[int | None, int | None]:
@@ -107,6 +104,7 @@ def row_from_trace(info: Any) -> dict[str, Any] | None:
 
 
 def export_rows(
+    runtime: Runtime,
     model: str,
     *,
     rating: str = "any",
@@ -114,16 +112,12 @@ def export_rows(
     end_date: date | None = None,
     limit: int | None = None,
     with_corrected: bool = False,
-    runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches.
 
     `with_corrected` adds a last column saying whether a reviewer's correction replaced
     the served output (the loop learns from a thumbs down only when one did).
     """
-    from flywheel.runtime import get_runtime
-
-    runtime = runtime or get_runtime()
     if rating not in RATING_FILTERS:
         raise ExportError(f"rating must be one of {', '.join(RATING_FILTERS)}")
     if limit is not None and limit < 1:

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flywheel import registry
+from flywheel.errors import FeedbackError, TraceNotFound
 from flywheel.outbox import Item
 from flywheel.store import Store
 from flywheel.tracing import served_call
@@ -29,15 +29,6 @@ RATINGS = ("thumbs_up", "thumbs_down")
 RATING, CORRECTION, COMMENT = "user_rating", "corrected_output", "comment"
 FEEDBACK_ID = "flywheel.feedback_id"
 ANONYMOUS = "anonymous"
-
-
-class FeedbackError(ValueError):
-    """The feedback itself is malformed (422)."""
-
-
-class TraceNotFound(LookupError):
-    def __init__(self, trace_id: str) -> None:
-        super().__init__(f"Trace not found: {trace_id!r}")
 
 
 @dataclass(frozen=True)
@@ -100,24 +91,21 @@ def normalize_correction(corrected: dict[str, Any] | str | None, outputs: list[s
 
 
 def submit(
+    runtime: Runtime,
     trace_id: str,
     rating: str,
     *,
     corrected_output: dict[str, Any] | str | None = None,
     comment: str | None = None,
     user_id: str | None = None,
-    runtime: Runtime | None = None,
 ) -> Receipt:
     """Validate and durably queue feedback; returns once it cannot be lost."""
-    from flywheel.runtime import get_runtime
-
-    runtime = runtime or get_runtime()
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
     if not trace_id or not trace_id.strip():
         raise FeedbackError("trace_id is empty")
     model, version = trace_model(runtime, trace_id.strip())
-    outputs = registry.output_fields(model, version, runtime.store)
+    outputs = runtime.programs.output_fields(model, version)
     correction = normalize_correction(corrected_output, outputs)
     comment = (comment or "").strip() or None
     user = (user_id or "").strip() or ANONYMOUS

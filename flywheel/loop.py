@@ -11,19 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
 from flywheel import registry
 from flywheel.compile import Cancelled, CancelToken, CompileResult, compile_program, is_cancelled
-from flywheel.evaluate import GateResult, gate
+from flywheel.errors import LoopError
 from flywheel.export import CORRECTED, export_rows
-from flywheel.runtime import Runtime, get_runtime
+from flywheel.gate import GateResult, gate
 
-
-class LoopError(RuntimeError):
-    """A turn cannot run yet (e.g. no rated feedback); the message says what is missing."""
+if TYPE_CHECKING:
+    from flywheel.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -55,25 +54,24 @@ class LoopTurn:
 
 
 def training_rows(
+    runtime: Runtime,
     model: str,
     *,
     rating: str = "any",
     start_date: date | None = None,
     end_date: date | None = None,
     limit: int | None = None,
-    runtime: Runtime | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """(rows worth learning from, rows exported): a thumbs down without a correction is dropped,
     because its output is known to be wrong and the right one is unknown."""
-    runtime = runtime or get_runtime()
     rows = export_rows(
+        runtime,
         model,
         rating=rating,
         start_date=start_date,
         end_date=end_date,
         limit=limit,
         with_corrected=True,
-        runtime=runtime,
     )
     usable = [r for r in rows if r["rating"] != "thumbs_down" or r[CORRECTED]]
     for row in rows:
@@ -82,6 +80,7 @@ def training_rows(
 
 
 def loop(
+    runtime: Runtime,
     model: str,
     *,
     optimizer: str = "LabeledFewShot",
@@ -100,14 +99,12 @@ def loop(
     lm: dspy.BaseLM | None = None,
     progress: bool | Callable[[str], None] | None = None,
     cancel: CancelToken = None,
-    runtime: Runtime | None = None,
 ) -> LoopTurn:
     """Run one turn and return what happened; the candidate stays registered (stage None) when refused."""
-    runtime = runtime or get_runtime()
     store = runtime.store
     lm = lm or runtime.lm
     rows, exported = training_rows(
-        model, rating=rating, start_date=start_date, end_date=end_date, limit=limit, runtime=runtime
+        runtime, model, rating=rating, start_date=start_date, end_date=end_date, limit=limit
     )
     if len(rows) < 2:
         raise LoopError(
@@ -118,7 +115,7 @@ def loop(
         base = registry.resolve(model, baseline_ref, store)
     except registry.ModelNotFound:
         base = registry.resolve(model, "latest", store)  # nothing serving yet: start from the newest
-    program = registry.load(model, base.version, store).program
+    program = runtime.programs.load(model, base.version).program
     compiled = compile_program(
         rows,
         program,

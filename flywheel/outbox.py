@@ -56,6 +56,7 @@ class Item:
 
 
 Deliver = Callable[[list[Item]], list[int]]
+"""Writes a batch of one kind to its destination; returns the ids now stored (idempotently)."""
 
 
 def _alive(pid: int) -> bool:
@@ -69,11 +70,11 @@ def _alive(pid: int) -> bool:
 
 
 class Outbox:
-    """Group-committed durable queue; `deliver(items) -> ids delivered` is called off-thread."""
+    """Group-committed durable queue; each kind's registered deliverer is called off-thread."""
 
-    def __init__(self, path: Path, deliver: Deliver, interval: float = 0.25) -> None:
+    def __init__(self, path: Path, interval: float = 0.25) -> None:
         self.path = path
-        self.deliver = deliver
+        self._deliverers: dict[str, Deliver] = {}
         self.interval = interval
         self.owner = f"{os.getpid()}-{id(self):x}"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,19 @@ class Outbox:
             db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
             self._local.db = db
         return db
+
+    def register(self, kind: str, deliver: Deliver) -> None:
+        """Deliver items of `kind` with `deliver`. Kinds are delivered in the order registered
+        (traces before the feedback that needs them)."""
+        self._deliverers[kind] = deliver
+
+    def deliver(self, items: list[Item]) -> list[int]:
+        done: list[int] = []
+        for kind, deliver in self._deliverers.items():
+            batch = [i for i in items if i.kind == kind]
+            if batch:
+                done += deliver(batch)
+        return done
 
     # --- producers ---------------------------------------------------------------------
 

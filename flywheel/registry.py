@@ -1,4 +1,4 @@
-"""The MLflow Model Registry for DSPy programs: register, list, resolve, promote, load.
+"""The MLflow Model Registry for DSPy programs: register, list, resolve, promote.
 
 Stages and aliases are kept true at once: a version in stage Production also
 carries the alias `Production`, so `models:/name/Production` and
@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import threading
-import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from mlflow.types.schema import ColSpec, Schema
 
 from flywheel.config import STAGES, ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
+from flywheel.programs import program_fields
 from flywheel.store import Store, connect, quiet
 
 INPUTS_TAG = "flywheel.inputs"
@@ -102,20 +102,6 @@ class ModelInfo:
         }
 
 
-@dataclass(frozen=True)
-class LoadedProgram:
-    info: VersionInfo
-    program: dspy.Module
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def version(self) -> str:
-        return self.info.version
-
-
 def _ts(millis: int | None) -> datetime:
     return datetime.fromtimestamp((millis or 0) / 1000, tz=UTC)
 
@@ -145,16 +131,6 @@ def _raise_unless_missing(exc: MlflowException) -> None:
     """Only "does not exist" means not found; an unreachable registry must not look like a 404."""
     if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
         raise exc
-
-
-def program_fields(program: dspy.Module) -> tuple[list[str], list[str]]:
-    """Input fields of the first predictor, output fields of the last (minus reasoning)."""
-    predictors = program.predictors()
-    if not predictors:
-        raise ValueError("the program has no dspy.Predict inside; cannot tell its fields")
-    inputs = list(predictors[0].signature.input_fields)
-    outputs = [f for f in predictors[-1].signature.output_fields if f != "reasoning"]
-    return inputs, outputs
 
 
 def _pip_requirements() -> list[str]:
@@ -223,7 +199,7 @@ def register_program(
             description=description,
             model_id=model_info.model_id,
         )
-    _forget(name)
+    _forget(name, store)
     return _version_info(client.get_model_version(name, mv.version))
 
 
@@ -345,7 +321,7 @@ def promote(name: str, version: str | int, stage: str, store: Store | None = Non
             for held in ("Staging", "Production"):
                 if held in target.aliases:
                     client.delete_registered_model_alias(name, held)
-    _forget(name)
+    _forget(name, store)
     return get_version(name, target.version, store)
 
 
@@ -356,143 +332,30 @@ def set_alias(name: str, alias: str, version: str | int, store: Store | None = N
     store = store or connect()
     target = get_version(name, version, store)
     store.client.set_registered_model_alias(name, alias, target.version)
-    _forget(name)
+    _forget(name, store)
     return get_version(name, target.version, store)
 
 
-# --- loading, with a cache keyed by resolved version --------------------------------------
+# --- change notices: a loader in this process drops a resolution the moment it moves --------
 
-_cache_lock = threading.Lock()
-_programs: dict[tuple[str, str], LoadedProgram] = {}
-_resolved: dict[tuple[str, str], tuple[float, VersionInfo]] = {}
-_loading: dict[tuple[str, str], threading.Lock] = {}
-_cache_uri: list[str] = [""]  # the store the caches describe; another store empties them
+_generation_lock = threading.Lock()
+_generations: dict[tuple[str, str], int] = {}
 
 
-def _same_store(store: Store) -> None:
-    with _cache_lock:
-        if _cache_uri[0] != store.tracking_uri:
-            _programs.clear()
-            _resolved.clear()
-            _loading.clear()
-            _cache_uri[0] = store.tracking_uri
+def generation(store: Store, name: str) -> int:
+    """How many times `name` changed here (register, promote, alias) since this process started.
 
-
-def _forget(name: str) -> None:
-    with _cache_lock:
-        for key in [k for k in _resolved if k[0] == name]:
-            del _resolved[key]
-
-
-def resolve_cached(name: str, ref: str | int | None = None, store: Store | None = None) -> VersionInfo:
-    """resolve() remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on how long another
-    process's promotion takes to be seen here (this process's own promotions are seen at once)."""
-    store = store or connect()
-    _same_store(store)
-    ref_key = str(ref if ref is not None else store.settings.default_model_stage)
-    ttl = store.settings.flywheel_resolve_ttl
-    now = time.monotonic()
-    with _cache_lock:
-        hit = _resolved.get((name, ref_key))
-    if hit is not None and now - hit[0] < ttl:
-        return hit[1]
-    try:
-        info = resolve(name, ref, store)
-    except ModelNotFound:
-        raise
-    except Exception:
-        if hit is None:
-            raise
-        with _cache_lock:  # the registry is unreachable: keep serving what was resolved last,
-            _resolved[(name, ref_key)] = (now, hit[1])  # and ask again only after another TTL
-        return hit[1]
-    with _cache_lock:
-        _resolved[(name, ref_key)] = (now, info)
-    return info
-
-
-def peek(name: str, ref: str | int | None, store: Store) -> LoadedProgram | None:
-    """The loaded program when both its resolution and the program are cached, else None.
-
-    Pure memory: the serving hot path calls this on the event loop and only
-    falls back to a thread for `load` on a miss.
+    Loaders compare it with what they saw when they resolved, so a promotion made in
+    this process is served at once; other processes see it within FLYWHEEL_RESOLVE_TTL.
     """
-    if not store.settings.model_cache_enabled or _cache_uri[0] != store.tracking_uri:
-        return None
-    ref_key = str(ref if ref is not None else store.settings.default_model_stage)
-    with _cache_lock:
-        hit = _resolved.get((name, ref_key))
-        if hit is None or time.monotonic() - hit[0] >= store.settings.flywheel_resolve_ttl:
-            return None
-        return _programs.get((hit[1].name, hit[1].version))
+    with _generation_lock:
+        return _generations.get((store.tracking_uri, name), 0)
 
 
-def load(name: str, ref: str | int | None = None, store: Store | None = None) -> LoadedProgram:
-    """The program a reference names, loaded once per version and shared between threads.
-
-    Loads through pyfunc's loader, which (unlike `mlflow.dspy.load_model`) leaves
-    the global dspy.settings and tracing callbacks alone and works off the main thread.
-    """
-    store = store or connect()
-    info = resolve_cached(name, ref, store)
-    key = (info.name, info.version)
-    if not store.settings.model_cache_enabled:
-        return LoadedProgram(info, _load_program(info))
-    with _cache_lock:
-        if key in _programs:
-            return _programs[key]
-        key_lock = _loading.setdefault(key, threading.Lock())
-    with key_lock:
-        with _cache_lock:
-            if key in _programs:
-                return _programs[key]
-        loaded = LoadedProgram(info, _load_program(info))
-        with _cache_lock:
-            _programs[key] = loaded
-        return loaded
-
-
-def _load_program(info: VersionInfo) -> dspy.Module:
-    from mlflow.tracking import fluent
-
-    # pyfunc's loader makes the loaded model this thread's "active model", which would
-    # silently attach later runs and metrics to it: put the caller's context back.
-    previous = fluent._ACTIVE_MODEL_CONTEXT.get()
-    try:
-        with quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pyfunc = mlflow.pyfunc.load_model(info.uri)
-    finally:
-        fluent._ACTIVE_MODEL_CONTEXT.set(previous)
-    wrapper = getattr(pyfunc, "_model_impl", None)  # the flavor's DspyModelWrapper
-    program = getattr(wrapper, "model", None)
-    if not isinstance(program, dspy.Module):
-        raise TypeError(f"{info.uri} is not a DSPy program logged with the mlflow.dspy flavor")
-    return program
-
-
-def output_fields(name: str, version: str, store: Store) -> list[str]:
-    """A version's output fields: from the cache when loaded, so it works while MLflow is down."""
-    with _cache_lock:
-        loaded = _programs.get((name, str(version)))
-    if loaded is not None:
-        return loaded.info.output_fields
-    try:
-        return get_version(name, version, store).output_fields
-    except Exception:
-        return []  # unknown or unreachable: corrections are then not checked field by field
-
-
-def cached_versions() -> list[tuple[str, str]]:
-    with _cache_lock:
-        return sorted(_programs)
-
-
-def clear_cache() -> None:
-    with _cache_lock:
-        _programs.clear()
-        _resolved.clear()
-        _loading.clear()
+def _forget(name: str, store: Store) -> None:
+    with _generation_lock:
+        key = (store.tracking_uri, name)
+        _generations[key] = _generations.get(key, 0) + 1
 
 
 def reference_forms(info: VersionInfo) -> Iterable[str]:

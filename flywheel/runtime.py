@@ -1,7 +1,16 @@
-"""The serving state of one process: settings, store, LM, outbox, metrics, uptime.
+"""The composition root: one `Runtime` holds what serving, feedback, export and the loop share.
 
-The API, notebooks and widgets share it, so a notebook that predicts and a
-background server in the same kernel write through the same outbox.
+It builds the settings, the store, the LM, the program loader (caches), the
+durable outbox with its deliverers (traces -> tracing, feedback -> feedback)
+and the request counters, and passes them down as arguments: nothing below
+imports this module. Whoever creates a runtime owns it and is the only one
+who closes it: the API app it builds for itself, a notebook
+(`with flywheel.open() as fw:`), the CLI, a test. A background server or an
+app handed a runtime never stops it, so delivery goes on after they stop.
+
+`get_runtime()` is the default runtime of a notebook: built on first use,
+closed at interpreter exit, where queued items are delivered within
+EXIT_DELIVERY_SECONDS or left durable in outbox.db with one log line.
 """
 
 from __future__ import annotations
@@ -10,72 +19,167 @@ import atexit
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-import dspy
-
-from flywheel import registry
+from flywheel import feedback, tracing
 from flywheel.config import Settings, get_settings
-from flywheel.lm import make_lm
-from flywheel.metrics import Metrics
-from flywheel.outbox import Item, Outbox
-from flywheel.store import Store, connect
-from flywheel.tracing import TraceRecord, write_traces
+from flywheel.counters import RequestCounters
+from flywheel.loader import Loader
+from flywheel.outbox import Outbox
 
-log = logging.getLogger("flywheel.server")
+if TYPE_CHECKING:
+    import dspy
+
+    from flywheel.gate import GateResult
+    from flywheel.loader import LoadedProgram
+    from flywheel.loop import LoopTurn
+    from flywheel.registry import VersionInfo
+    from flywheel.serving import Prediction
+    from flywheel.store import Store
+
+log = logging.getLogger("flywheel.runtime")
+
+EXIT_DELIVERY_SECONDS = 10.0
 
 
-@dataclass
 class Runtime:
-    settings: Settings
-    store: Store
-    lm: dspy.BaseLM
-    outbox: Outbox = field(init=False)
-    metrics: Metrics = field(init=False)
-    started_at: float = field(default_factory=time.monotonic)
-    log: logging.Logger = log
+    """Settings, store, LM, program loader, outbox and counters of one owner."""
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        store: Store | None = None,
+        lm: dspy.BaseLM | None = None,
+    ) -> None:
+        from flywheel.lm import make_lm
+        from flywheel.store import connect
+
+        self.settings = settings or (store.settings if store is not None else get_settings())
+        self.store: Store = store or connect(self.settings)
+        self.lm: dspy.BaseLM = lm or make_lm(self.settings.flywheel_lm)
+        self.programs = Loader(self.store)
         home = self.settings.flywheel_home
-        self.outbox = Outbox(home / "outbox.db", self._deliver)
-        self.metrics = Metrics(home / "metrics")
+        self.outbox = Outbox(home / "outbox.db")
+        self.outbox.register("trace", partial(tracing.deliver, self.store))
+        self.outbox.register("feedback", partial(feedback.deliver, self.store))
+        self.counters = RequestCounters(home / "metrics")
+        self.started_at = time.monotonic()
+        self.log = logging.getLogger("flywheel.server")
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
 
-    def start(self) -> None:
-        self.outbox.start()
-        self.metrics.start()
+    # --- life cycle ------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        self.outbox.stop()
-        self.metrics.stop()
+    def start(self) -> Runtime:
+        """Start the delivery and counter threads (idempotent)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this runtime is closed")
+            if not self._started:
+                self.outbox.start()
+                self.counters.start()
+                self._started = True
+        return self
 
-    def record_trace(self, record: TraceRecord) -> None:
+    def close(self, timeout: float = EXIT_DELIVERY_SECONDS) -> int:
+        """Stop the threads, deliver what MLflow takes within `timeout`; returns how many items wait.
+
+        What is left stays durable in outbox.db: the next runtime on this FLYWHEEL_HOME
+        (any process) delivers it.
+        """
+        with self._lock:
+            if self._closed:
+                return 0
+            self._closed = True
+            self.outbox.stop()
+            self.counters.stop()
+        if self.settings.mlflow_enabled:
+            self.outbox.flush(timeout=timeout)
+        waiting = self.outbox.backlog()
+        if waiting:
+            log.warning(
+                "flywheel: %d item(s) wait in %s; the next flywheel process on this FLYWHEEL_HOME "
+                "delivers them",
+                waiting,
+                self.outbox.path,
+            )
+        return waiting
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- what the API and notebooks call --------------------------------------------------
+
+    def record_trace(self, record: tracing.TraceRecord) -> None:
         if self.settings.mlflow_enabled:
             self.outbox.put("trace", record.trace_id, record.to_dict())
 
-    def _deliver(self, items: list[Item]) -> list[int]:
-        from flywheel import feedback
+    async def apredict(
+        self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None
+    ) -> Prediction:
+        from flywheel import serving
 
-        traces = [i for i in items if i.kind == "trace"]
-        done: list[int] = []
-        if traces:
-            records = [TraceRecord(**i.payload) for i in traces]
-            write_traces(self.store.tracking, self.store.experiment_id, records)
-            done += [i.id for i in traces]
-        rest = [i for i in items if i.kind == "feedback"]
-        if rest:
-            done += feedback.deliver(self.store, rest)
-        return done
+        return await serving.apredict(self, model, inputs, ref, timeout=timeout)
+
+    def predict(
+        self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None
+    ) -> Prediction:
+        from flywheel import serving
+
+        return serving.predict(self, model, inputs, ref, timeout=timeout)
+
+    def submit_feedback(self, trace_id: str, rating: str, **kwargs: Any) -> feedback.Receipt:
+        return feedback.submit(self, trace_id, rating, **kwargs)
+
+    def export_rows(self, model: str, **kwargs: Any) -> list[dict[str, Any]]:
+        from flywheel import export
+
+        return export.export_rows(self, model, **kwargs)
+
+    def load(self, model: str, ref: str | int | None = None) -> LoadedProgram:
+        return self.programs.load(model, ref)
+
+    def promote(self, model: str, version: str | int, stage: str) -> VersionInfo:
+        from flywheel import registry
+
+        return registry.promote(model, version, stage, self.store)
+
+    def set_alias(self, model: str, alias: str, version: str | int) -> VersionInfo:
+        from flywheel import registry
+
+        return registry.set_alias(model, alias, version, self.store)
+
+    def loop(self, model: str, **kwargs: Any) -> LoopTurn:
+        from flywheel import loop
+
+        return loop.loop(self, model, **kwargs)
+
+    def gate(self, model: str, candidate: str | int, rows: Any, **kwargs: Any) -> GateResult:
+        from flywheel import gate
+
+        return gate.gate(model, candidate, rows, store=self.store, lm=kwargs.pop("lm", self.lm), **kwargs)
 
     def health(self) -> dict[str, Any]:
         connected = self.outbox.connected and self._mlflow_answers()
-        backlog = self.outbox.backlog()
         return {
             "status": "healthy" if connected else "degraded",
             "mlflow_connected": connected,
-            "loaded_models_count": len(registry.cached_versions()),
+            "loaded_models_count": len(self.programs.cached_versions()),
             "uptime_seconds": round(time.monotonic() - self.started_at, 1),
-            "outbox_backlog": backlog,
+            "outbox_backlog": self.outbox.backlog(),
             "detail": None if connected else (self.outbox.last_error or "MLflow does not answer"),
         }
 
@@ -89,36 +193,91 @@ class Runtime:
         return True
 
 
-_lock = threading.Lock()
-_runtime: Runtime | None = None
-_built_from: Settings | None = None
+def open_runtime(settings: Settings | None = None, **kwargs: Any) -> Runtime:
+    """`with flywheel.open() as fw:` a runtime you own: started now, closed (and drained) on exit."""
+    return Runtime(settings, **kwargs).start()
+
+
+# --- the default runtime of a notebook or script -------------------------------------------
+
+_default_lock = threading.Lock()
+_default: Runtime | None = None
+_default_settings: Settings | None = None
 
 
 def get_runtime() -> Runtime:
-    """This process's runtime, built and started on first use from the current settings.
+    """This process's default runtime, built and started on first use from the current settings.
 
-    Started here, not only by the API's lifespan: a notebook that predicts without a
-    server still gets its traces and feedback delivered in the background.
+    A notebook that predicts without a server still gets its traces and feedback
+    delivered in the background; at exit they are delivered within a bound.
+    When the settings change (a test points flywheel at another store), the old
+    default is closed (drained) and a new one is built.
     """
-    global _runtime, _built_from
-    with _lock:
+    global _default, _default_settings
+    with _default_lock:
         settings = get_settings()
-        if _runtime is None or _built_from != settings:
-            if _runtime is not None:
-                _runtime.stop()
-            _runtime = Runtime(settings, connect(settings), make_lm(settings.flywheel_lm))
-            _runtime.start()
-            _built_from = settings
-        return _runtime
+        if _default is None or _default.closed or _default_settings != settings:
+            old = _default
+            _default, _default_settings = Runtime(settings).start(), settings
+        else:
+            old = None
+    if old is not None:
+        old.close()
+    return _default
 
 
 def reset_runtime() -> None:
-    global _runtime, _built_from
-    with _lock:
-        _built_from = None
-        if _runtime is not None:
-            _runtime.stop()
-        _runtime = None
+    """Close the default runtime (delivering what MLflow takes); the next use builds a new one."""
+    global _default, _default_settings
+    with _default_lock:
+        old, _default, _default_settings = _default, None, None
+    if old is not None:
+        old.close()
 
 
-atexit.register(reset_runtime)  # at exit: commit what is queued and deliver what MLflow takes
+atexit.register(reset_runtime)
+
+
+# --- module-level conveniences on the default runtime (flywheel.predict, ...) ----------------
+
+
+def predict(model: str, inputs: Any, ref: str | int | None = None, **kwargs: Any) -> Prediction:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return runtime.predict(model, inputs, ref, **kwargs)
+
+
+async def apredict(model: str, inputs: Any, ref: str | int | None = None, **kwargs: Any) -> Prediction:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return await runtime.apredict(model, inputs, ref, **kwargs)
+
+
+def submit_feedback(trace_id: str, rating: str, **kwargs: Any) -> feedback.Receipt:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return runtime.submit_feedback(trace_id, rating, **kwargs)
+
+
+def export_rows(model: str, **kwargs: Any) -> list[dict[str, Any]]:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return runtime.export_rows(model, **kwargs)
+
+
+def load(model: str, ref: str | int | None = None, *, runtime: Runtime | None = None) -> LoadedProgram:
+    return (runtime or get_runtime()).load(model, ref)
+
+
+def promote(model: str, version: str | int, stage: str, *, runtime: Runtime | None = None) -> VersionInfo:
+    return (runtime or get_runtime()).promote(model, version, stage)
+
+
+def set_alias(model: str, alias: str, version: str | int, *, runtime: Runtime | None = None) -> VersionInfo:
+    return (runtime or get_runtime()).set_alias(model, alias, version)
+
+
+def loop(model: str, **kwargs: Any) -> LoopTurn:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return runtime.loop(model, **kwargs)
+
+
+def gate(model: str, candidate: str | int, rows: Any, **kwargs: Any) -> GateResult:
+    runtime = kwargs.pop("runtime", None) or get_runtime()
+    return runtime.gate(model, candidate, rows, **kwargs)

@@ -11,25 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 
-from flywheel import registry
-from flywheel.runtime import Runtime, get_runtime
+from flywheel.errors import LMFailure, PredictTimeout
+from flywheel.programs import check_inputs, output_values
 from flywheel.tracing import TraceRecord, new_trace_id
 
-
-class InputError(ValueError):
-    """The request's inputs do not match the program's input fields."""
-
-
-class PredictTimeout(TimeoutError):
-    pass
-
-
-class LMFailure(RuntimeError):
-    """The language model (or the program around it) failed; the message is the provider's."""
+if TYPE_CHECKING:
+    from flywheel.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -49,56 +40,16 @@ class Prediction:
         }
 
 
-def check_inputs(info: registry.VersionInfo, inputs: Any) -> dict[str, Any]:
-    if not isinstance(inputs, dict):
-        raise InputError("inputs must be an object of input fields")
-    expected = info.input_fields
-    missing = [f for f in expected if f not in inputs]
-    extra = [f for f in inputs if f not in expected]
-    if missing:
-        raise InputError(
-            f"missing input field {', '.join(map(repr, missing))} for {info.name} "
-            f"(expects {', '.join(expected)})"
-        )
-    if extra:
-        raise InputError(
-            f"unknown input field {', '.join(map(repr, extra))} for {info.name} "
-            f"(expects {', '.join(expected)})"
-        )
-    for name, value in inputs.items():
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise InputError(f"input field {name!r} is empty")
-    return inputs
-
-
-def output_values(info: registry.VersionInfo, output: Any) -> dict[str, Any]:
-    """A program's answer as the version's output fields, in JSON types (what is served and traced)."""
-    values = output.toDict() if isinstance(output, dspy.Prediction) else dict(output)
-    fields = info.output_fields or [k for k in values if k != "reasoning"]
-    return {f: _jsonable(values.get(f)) for f in fields}
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "model_dump"):
-        return value.model_dump()
-    if isinstance(value, (str, int, float, bool, type(None), list, dict)):
-        return value
-    return str(value)
-
-
 async def apredict(
+    runtime: Runtime,
     model: str,
     inputs: Any,
     ref: str | int | None = None,
     *,
     timeout: float | None = None,
-    runtime: Runtime | None = None,
 ) -> Prediction:
     """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE)."""
-    runtime = runtime or get_runtime()
-    loaded = registry.peek(model, ref, runtime.store) or await asyncio.to_thread(
-        registry.load, model, ref, runtime.store
-    )
+    loaded = runtime.programs.peek(model, ref) or await asyncio.to_thread(runtime.programs.load, model, ref)
     check_inputs(loaded.info, inputs)
     trace_id = new_trace_id()
     started_ns = time.time_ns()
@@ -123,15 +74,15 @@ async def apredict(
 
 
 def predict(
+    runtime: Runtime,
     model: str,
     inputs: Any,
     ref: str | int | None = None,
     *,
     timeout: float | None = None,
-    runtime: Runtime | None = None,
 ) -> Prediction:
     """Synchronous predict for notebooks and widgets (runs the same async path)."""
-    call = apredict(model, inputs, ref, timeout=timeout, runtime=runtime)
+    call = apredict(runtime, model, inputs, ref, timeout=timeout)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -41,6 +41,24 @@ class Store:
         (`get_trace_info`, `start_trace`, `log_spans`, `create_assessment`)."""
         return self.client._tracking_client.store
 
+    @contextmanager
+    def active_model_preserved(self) -> Iterator[None]:
+        """pyfunc's loader makes the loaded model this thread's "active model", which would
+        silently attach later runs and metrics to it: put the caller's context back."""
+        from mlflow.tracking import fluent
+
+        previous = fluent._ACTIVE_MODEL_CONTEXT.get()
+        try:
+            yield
+        finally:
+            fluent._ACTIVE_MODEL_CONTEXT.set(previous)
+
+    @staticmethod
+    def unwrap_pyfunc(pyfunc: Any) -> Any:
+        """The DSPy program inside a pyfunc model logged with the mlflow.dspy flavor (or None)."""
+        wrapper = getattr(pyfunc, "_model_impl", None)  # the flavor's DspyModelWrapper
+        return getattr(wrapper, "model", None)
+
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
     """Raise ConfigError in one line when a tracking server does not answer."""

@@ -17,7 +17,11 @@ import json
 import logging
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.outbox import Item
+    from flywheel.store import Store
 
 MODEL_TAG = "flywheel.model"
 MODEL_KEY_TAG = "flywheel.model_key"  # a hash of the name: user text never enters a filter string
@@ -213,3 +217,10 @@ def _write_public(store: Any, experiment_id: str, records: list[TraceRecord]) ->
             )._get_server_version.cache_clear()
             store.log_spans(experiment_id, spans)
     return [r.trace_id for r in records]
+
+
+def deliver(store: Store, items: list[Item]) -> list[int]:
+    """The outbox's deliverer for kind "trace": write the batch, return the outbox ids now stored."""
+    records = [TraceRecord(**item.payload) for item in items]
+    write_traces(store.tracking, store.experiment_id, records)
+    return [item.id for item in items]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel import registry, store
+from flywheel import store
 from flywheel.config import get_settings
 
 _ENV_NAMES = [
@@ -60,14 +60,13 @@ def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **env: str) -> store.S
 
 def _reset() -> None:
     """Stop servers and forget every cached setting, connection, program and runtime."""
+    from flywheel.http.server import stop_background
     from flywheel.runtime import reset_runtime
-    from flywheel.server import stop_background
 
     stop_background()
     reset_runtime()
     get_settings.cache_clear()
     store.reset()
-    registry.clear_cache()
 
 
 @pytest.fixture
@@ -79,7 +78,7 @@ def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[sto
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
     """A store seeded with the demo, shared by a module's read-only tests."""
-    from flywheel.demo import seed_demo
+    from flywheel.demo.seed import seed_demo
 
     with pytest.MonkeyPatch.context() as mp:
         s = use_home(mp, tmp_path_factory.mktemp("demo") / "home")

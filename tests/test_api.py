@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from flywheel import registry
-from flywheel.client import APIError, AsyncClient, Client
+from flywheel.http.client import APIError, AsyncClient, Client
+from flywheel.http.server import start_background, stop_background
 from flywheel.runtime import get_runtime
-from flywheel.server import start_background, stop_background
 from flywheel.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -343,7 +343,7 @@ def test_python_client_sync(url: str) -> None:
 def test_api_keys_protect_predict_feedback_and_admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import _reset, use_home
 
-    from flywheel.demo import seed_demo
+    from flywheel.demo.seed import seed_demo
 
     store = use_home(
         monkeypatch,

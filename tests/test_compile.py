@@ -21,13 +21,13 @@ from flywheel.compile import (
     make_optimizer,
 )
 from flywheel.dataset import example_key, split_examples
-from flywheel.demo import ROUTER_MODEL, router_program
-from flywheel.demo_data import JOKES, ticket_splits
-from flywheel.evaluate import make_metric
-from flywheel.export import export_rows, to_csv
+from flywheel.demo.data import JOKES, ticket_splits
+from flywheel.demo.seed import ROUTER_MODEL, router_program
+from flywheel.demo.simulate import simulate_reviews
+from flywheel.export import to_csv
 from flywheel.lm import make_lm
-from flywheel.runtime import reset_runtime
-from flywheel.simulate import simulate_reviews
+from flywheel.runtime import export_rows, get_runtime, reset_runtime
+from flywheel.scoring import make_metric
 from flywheel.store import Store
 
 
@@ -105,7 +105,7 @@ def test_compile_from_an_export_registers_a_version_with_its_dataset_and_scores(
     lines: list[str] = []
     result = compile_program(
         rows,
-        registry.load(ROUTER_MODEL, "Production", store).program,
+        get_runtime().load(ROUTER_MODEL, "Production").program,
         ROUTER_MODEL,
         optimizer="LabeledFewShot",
         optimizer_params={"k": 16},
@@ -141,7 +141,7 @@ def test_compile_from_an_export_registers_a_version_with_its_dataset_and_scores(
     assert set(lineage["train"]) | set(lineage["dev"]) <= exported
     assert len(lineage["train"]) == result.train_size and not set(lineage["train"]) & set(lineage["dev"])
     # the registered program is the compiled one: it carries the training rows as demos
-    loaded = registry.load(ROUTER_MODEL, version.version, store).program
+    loaded = get_runtime().load(ROUTER_MODEL, version.version).program
     assert len(loaded.predictors()[0].demos) == result.train_size
 
 
@@ -169,7 +169,7 @@ def test_compile_from_a_csv_with_a_signature_string(store: Store, tmp_path: Path
     )  # fmt: skip
     assert info.tags["dataset"] == "jokes-export" and info.tags["metric"] == "f1"
     assert result.score_after is not None and result.score_after >= result.score_before
-    assert isinstance(registry.load("csv-jokes", "1", store).program, dspy.ChainOfThought)
+    assert isinstance(get_runtime().load("csv-jokes", "1").program, dspy.ChainOfThought)
 
 
 def test_compile_refuses_data_it_cannot_learn_from(store: Store) -> None:

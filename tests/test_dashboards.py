@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from flywheel import registry, serving, store
+import flywheel
+from flywheel import registry, store
 from flywheel.config import get_settings, load_settings
-from flywheel.dashboards import Launched, free_port, kernel_env, launch, voila_command
-from flywheel.demo import seed_demo
-from flywheel.feedback import submit
+from flywheel.demo.seed import seed_demo
+from flywheel.http.server import stop_background
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
-from flywheel.server import stop_background
+from flywheel.runtime import submit_feedback as submit
+from flywheel.ui.dashboards import Launched, free_port, kernel_env, launch, voila_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -48,7 +49,6 @@ def reset() -> None:
     reset_runtime()
     get_settings.cache_clear()
     store.reset()
-    registry.clear_cache()
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,10 @@ def review_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Run
         s = use_home(mp, tmp_path_factory.mktemp("voila") / "home")
         seed_demo(s, progress=lambda line: None)
         rt = get_runtime()
-        rated = [serving.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
+        rated = [flywheel.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
         submit(rated[0], "thumbs_up", user_id="seed", runtime=rt)
         submit(rated[1], "thumbs_down", user_id="seed", runtime=rt)
-        waiting = [serving.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
+        waiting = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
         assert rt.outbox.flush(timeout=30)
         yield rt, waiting
         reset()
@@ -232,7 +232,6 @@ def test_promote_on_the_models_dashboard(voila: Launched, browser: Any, review_s
     page.screenshot(path=str(SCREENSHOTS / "models.png"), full_page=True)
     page.click("button.fw-confirm-yes")
     page.wait_for_selector(".fw-status:has-text('v1 is now Production')")
-    registry.clear_cache()
     assert registry.resolve(JOKES, "Production", rt.store).version == "1"
     assert registry.get_version(JOKES, "2", rt.store).stage == "Archived"
     assert "v1 · Production" in page.inner_text(".fw-promote-version").replace("\xa0", " ")

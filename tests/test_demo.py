@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from flywheel import registry
-from flywheel.demo import JOKE_MODEL, ROUTER_MODEL, accuracy, router_program, seed_demo
-from flywheel.demo_data import CATEGORIES, JOKES, ticket_splits, tickets
+from flywheel.demo.data import CATEGORIES, JOKES, ticket_splits, tickets
+from flywheel.demo.seed import JOKE_MODEL, ROUTER_MODEL, accuracy, router_program, seed_demo
 from flywheel.store import Store
 
 

@@ -8,16 +8,17 @@ import json
 
 import dspy
 
-from flywheel import export, feedback, serving
+from flywheel import export
+from flywheel.runtime import export_rows, predict, submit_feedback
 from flywheel.store import Store
 
 
 def test_rows_formats_dataframe_and_examples(demo_store: Store) -> None:
-    answer = serving.predict("support-router", {"ticket": "My parcel, with a comma, is late"})
-    feedback.submit(
+    answer = predict("support-router", {"ticket": "My parcel, with a comma, is late"})
+    submit_feedback(
         answer.trace_id, "thumbs_down", corrected_output={"category": "shipping"}, comment='say "hi"'
     )
-    rows = export.export_rows("support-router")
+    rows = export_rows("support-router")
     row = next(r for r in rows if r["trace_id"] == answer.trace_id)
     assert list(row) == ["ticket", "category", "trace_id", "model_version", "rating", "comment"]
     assert row["category"] == "shipping"
@@ -29,7 +30,7 @@ def test_rows_formats_dataframe_and_examples(demo_store: Store) -> None:
     assert isinstance(example, dspy.Example)
     assert example.inputs().toDict() == {"ticket": row["ticket"]} and example.category == "shipping"
     assert "trace_id" not in example.toDict()
-    assert export.export_rows("support-router", rating="thumbs_up") == [
+    assert export_rows("support-router", rating="thumbs_up") == [
         r for r in rows if r["rating"] == "thumbs_up"
     ]
     assert export.safe_filename("a b/c's") == "a_b_c_s"

@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel import feedback, serving
-from flywheel.runtime import get_runtime
+from flywheel import errors, feedback
+from flywheel.runtime import get_runtime, predict, submit_feedback
 from flywheel.store import Store
 
 
 def test_submit_validates(demo_store: Store) -> None:
-    trace_id = serving.predict("support-router", {"ticket": "Parcel lost"}).trace_id
-    with pytest.raises(feedback.FeedbackError, match="rating must be one of"):
-        feedback.submit(trace_id, "five stars")
-    with pytest.raises(feedback.FeedbackError, match="'team', which the program does not output"):
-        feedback.submit(trace_id, "thumbs_down", corrected_output={"team": "x"})
-    with pytest.raises(feedback.TraceNotFound, match="Trace not found"):
-        feedback.submit("tr-unknown", "thumbs_up")
-    receipt = feedback.submit(trace_id, "thumbs_down", corrected_output="shipping", comment="  ", user_id=" ")
+    trace_id = predict("support-router", {"ticket": "Parcel lost"}).trace_id
+    with pytest.raises(errors.FeedbackError, match="rating must be one of"):
+        submit_feedback(trace_id, "five stars")
+    with pytest.raises(errors.FeedbackError, match="'team', which the program does not output"):
+        submit_feedback(trace_id, "thumbs_down", corrected_output={"team": "x"})
+    with pytest.raises(errors.TraceNotFound, match="Trace not found"):
+        submit_feedback("tr-unknown", "thumbs_up")
+    receipt = submit_feedback(trace_id, "thumbs_down", corrected_output="shipping", comment="  ", user_id=" ")
     assert receipt.corrected_output == {"category": "shipping"}
     assert receipt.comment is None and receipt.user_id == "anonymous"
 
 
 def test_delivered_assessments_are_human_and_replay_safe(demo_store: Store) -> None:
     runtime = get_runtime()
-    trace_id = serving.predict("support-router", {"ticket": "Refund my card"}).trace_id
-    feedback.submit(trace_id, "thumbs_up", comment="right team", user_id="rev-1")
+    trace_id = predict("support-router", {"ticket": "Refund my card"}).trace_id
+    submit_feedback(trace_id, "thumbs_up", comment="right team", user_id="rev-1")
     assert runtime.outbox.flush()
     tracking = runtime.store.tracking
     info = tracking.get_trace_info(trace_id)

@@ -11,15 +11,15 @@ import pytest
 
 from flywheel import registry
 from flywheel.compile import Cancelled
-from flywheel.demo import ROUTER_MODEL, router_program, seed_demo
-from flywheel.demo_data import ticket_splits
-from flywheel.evaluate import EVAL_EXPERIMENT
-from flywheel.feedback import submit
+from flywheel.demo.data import ticket_splits
+from flywheel.demo.seed import ROUTER_MODEL, router_program, seed_demo
+from flywheel.demo.simulate import heldout_accuracy, plot_scores, run_simulation, simulate_reviews
+from flywheel.errors import LoopError
+from flywheel.gate import EVAL_EXPERIMENT
 from flywheel.lm import make_lm
-from flywheel.loop import LoopError, loop, training_rows
-from flywheel.runtime import get_runtime, reset_runtime
-from flywheel.serving import predict
-from flywheel.simulate import heldout_accuracy, plot_scores, run_simulation, simulate_reviews
+from flywheel.loop import training_rows
+from flywheel.runtime import get_runtime, loop, predict, reset_runtime
+from flywheel.runtime import submit_feedback as submit
 from flywheel.store import Store
 
 
@@ -43,7 +43,7 @@ def test_training_rows_keep_thumbs_down_only_with_a_correction(store: Store) -> 
     submit(served[0].trace_id, "thumbs_up", runtime=runtime)
     submit(served[1].trace_id, "thumbs_down", corrected_output={"category": "shipping"}, runtime=runtime)
     submit(served[2].trace_id, "thumbs_down", comment="wrong, not sure what is right", runtime=runtime)
-    rows, exported = training_rows(ROUTER_MODEL, runtime=runtime)
+    rows, exported = training_rows(runtime, ROUTER_MODEL)
     assert exported == 3
     assert {r["trace_id"] for r in rows} == {served[0].trace_id, served[1].trace_id}
     assert next(r for r in rows if r["trace_id"] == served[1].trace_id)["category"] == "shipping"

@@ -10,6 +10,14 @@ import pytest
 from flywheel.outbox import Item, Outbox
 
 
+def box_for(path: Path, deliver: object, **kwargs: float) -> Outbox:
+    """An outbox delivering both of flywheel's kinds to one sink."""
+    box = Outbox(path, **kwargs)
+    for kind in ("trace", "feedback"):
+        box.register(kind, deliver)  # type: ignore[arg-type]
+    return box
+
+
 class Sink:
     def __init__(self) -> None:
         self.seen: list[str] = []
@@ -26,17 +34,17 @@ class Sink:
 
 def test_put_durable_is_on_disk_before_it_returns(tmp_path: Path) -> None:
     sink = Sink()
-    box = Outbox(tmp_path / "o.db", sink)
+    box = box_for(tmp_path / "o.db", sink)
     box.put_durable("feedback", "tr-1", {"n": "a"})
     # a second outbox on the same file (another process, or this one restarted) sees it
-    other = Outbox(tmp_path / "o.db", sink)
+    other = box_for(tmp_path / "o.db", sink)
     assert other.backlog() == 1
     assert other.flush() and sink.seen == ["a"] and box.backlog() == 0
 
 
 def test_delivery_failure_keeps_items_and_replays_them_once(tmp_path: Path) -> None:
     sink = Sink()
-    box = Outbox(tmp_path / "o.db", sink)
+    box = box_for(tmp_path / "o.db", sink)
     sink.down = True
     for n in "abc":
         box.put("trace", f"tr-{n}", {"n": n})
@@ -59,7 +67,7 @@ def test_partial_delivery_retries_only_the_rest(tmp_path: Path) -> None:
             delivered.append("later-tried")
         return [i.id for i in done]
 
-    box = Outbox(tmp_path / "o.db", half)
+    box = box_for(tmp_path / "o.db", half)
     box.put("feedback", "tr-1", {"n": "now"})
     box.put("feedback", "tr-2", {"n": "later"})
     assert box.flush()
@@ -68,7 +76,7 @@ def test_partial_delivery_retries_only_the_rest(tmp_path: Path) -> None:
 
 def test_background_thread_delivers_and_concurrent_drains_never_double(tmp_path: Path) -> None:
     sink = Sink()
-    box = Outbox(tmp_path / "o.db", sink, interval=0.01)
+    box = box_for(tmp_path / "o.db", sink, interval=0.01)
     box.start()
     try:
         threads = [
@@ -95,7 +103,7 @@ def test_background_thread_delivers_and_concurrent_drains_never_double(tmp_path:
 
 
 def test_queries_see_pending_and_delivered_traces(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.db", Sink())
+    box = box_for(tmp_path / "o.db", Sink())
     box.put("trace", "tr-x", {"n": "x", "model": "m", "version": "2"})
     assert box.pending_trace("tr-x") == {"n": "x", "model": "m", "version": "2"}
     assert box.flush()
@@ -109,10 +117,10 @@ def test_a_stale_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str
     import flywheel.outbox as outbox_module
 
     sink = Sink()
-    dead = Outbox(tmp_path / "o.db", sink)
+    dead = box_for(tmp_path / "o.db", sink)
     dead.put(kind, "tr-1", {"n": "orphan"})
     assert dead._claim()  # claimed, then the process "dies" before delivering
-    alive = Outbox(tmp_path / "o.db", sink)
+    alive = box_for(tmp_path / "o.db", sink)
     assert alive.drain_once() == 0  # a fresh claim is respected
     original = outbox_module.CLAIM_SECONDS
     outbox_module.CLAIM_SECONDS = 0.0

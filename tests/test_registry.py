@@ -15,6 +15,7 @@ from dspy.utils.callback import BaseCallback
 
 from flywheel import registry
 from flywheel.lm import make_lm
+from flywheel.loader import LoadedProgram, Loader
 from flywheel.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def _register(store: Store, joke: str, **tags: str) -> registry.VersionInfo:
     )
 
 
-def _answer(loaded: registry.LoadedProgram) -> str:
+def _answer(loaded: LoadedProgram) -> str:
     with dspy.context(lm=make_lm()):
         return loaded.program(topic="anything").joke
 
@@ -111,14 +112,15 @@ def test_load_caches_by_resolved_version_and_sees_promotion_at_once(fresh_store:
     for joke in ("one", "two"):
         _register(fresh_store, joke)
     registry.promote("jokes", "1", "Production", fresh_store)
-    first = registry.load("jokes", "Production", fresh_store)
-    assert registry.load("jokes", "Production", fresh_store) is first  # cache hit
-    assert registry.load("jokes", "1", fresh_store) is first  # same version, same object
+    loader = Loader(fresh_store)
+    first = loader.load("jokes", "Production")
+    assert loader.load("jokes", "Production") is first  # cache hit
+    assert loader.load("jokes", "1") is first  # same version, same object
     assert _answer(first) == "one"
     registry.promote("jokes", "2", "Production", fresh_store)
-    second = registry.load("jokes", "Production", fresh_store)
+    second = loader.load("jokes", "Production")
     assert second.version == "2" and _answer(second) == "two"
-    assert registry.cached_versions() == [("jokes", "1"), ("jokes", "2")]
+    assert loader.cached_versions() == [("jokes", "1"), ("jokes", "2")]
 
 
 @pytest.mark.slow
@@ -134,15 +136,15 @@ def test_promotion_by_another_process_is_seen_within_the_resolve_ttl(
     monkeypatch.setenv("FLYWHEEL_RESOLVE_TTL", "0.5")
     get_settings.cache_clear()
     reset()
-    store = connect()
-    assert registry.load("jokes", None, store).version == "1"
+    loader = Loader(connect())
+    assert loader.load("jokes", None).version == "1"
     subprocess.run(
         [sys.executable, "-m", "flywheel", "promote", "jokes", "2", "Production"],
         check=True,
         capture_output=True,
     )
     time.sleep(0.6)
-    assert registry.load("jokes", None, store).version == "2"
+    assert loader.load("jokes", None).version == "2"
 
 
 def test_load_leaves_global_dspy_settings_alone_from_a_server_thread(fresh_store: Store) -> None:
@@ -154,12 +156,13 @@ def test_load_leaves_global_dspy_settings_alone_from_a_server_thread(fresh_store
     marker, lm = Marker(), make_lm()
     before = dict(dspy.settings.config)
     with dspy.context(lm=lm, callbacks=[marker]):
-        loaded: list[registry.LoadedProgram] = []
+        loaded: list[LoadedProgram] = []
+        loader = Loader(fresh_store)
         errors: list[BaseException] = []
 
         def work() -> None:
             try:
-                loaded.append(registry.load("jokes", "1", fresh_store))
+                loaded.append(loader.load("jokes", "1"))
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 
@@ -189,7 +192,7 @@ def test_no_api_key_reaches_the_store(fresh_store: Store, monkeypatch: pytest.Mo
         assert env_secret.encode() not in data, path
         assert passed_secret.encode() not in data, path
     # the LM itself survived without its key, so `mlflow models serve` can still use it
-    saved = registry.load("jokes", "1", fresh_store)
+    saved = Loader(fresh_store).load("jokes", "1")
     assert saved.program is not None
 
 

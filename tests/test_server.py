@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from flywheel import registry
-from flywheel.client import AsyncClient
-from flywheel.server import background_url, start_background, stop_background
+from flywheel.http.client import AsyncClient
+from flywheel.http.server import background_url, start_background, stop_background
 from flywheel.store import Store
 
 pytestmark = pytest.mark.slow
@@ -150,7 +150,7 @@ def test_metrics_are_summed_over_worker_processes(served: tuple[str, Store]) -> 
 
 def test_uvicorn_with_workers_serves_the_app(demo_store: Store) -> None:
     port = _port()
-    proc = _spawn([str(BIN / "uvicorn"), "flywheel.api:app", "--port", str(port), "--workers", "2"])
+    proc = _spawn([str(BIN / "uvicorn"), "flywheel.http.api:app", "--port", str(port), "--workers", "2"])
     try:
         _wait(f"http://127.0.0.1:{port}/health")
         r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"model": JOKES, "inputs": {"topic": "dog"}})
@@ -160,7 +160,7 @@ def test_uvicorn_with_workers_serves_the_app(demo_store: Store) -> None:
 
 
 def test_acknowledged_feedback_survives_a_killed_server(fresh_store: Store) -> None:
-    from flywheel.demo import seed_demo
+    from flywheel.demo.seed import seed_demo
     from flywheel.runtime import get_runtime
 
     seed_demo(fresh_store, progress=lambda line: None)
@@ -199,7 +199,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
     """A real `mlflow server` goes away mid-run and comes back; nothing is lost or doubled."""
     from conftest import use_home
 
-    from flywheel.demo import seed_demo
+    from flywheel.demo.seed import seed_demo
     from flywheel.runtime import get_runtime
 
     port = _port()

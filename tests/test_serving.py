@@ -6,17 +6,17 @@ import asyncio
 
 import pytest
 
-from flywheel import serving
+from flywheel import errors, serving
 from flywheel.errors import ModelNotFound
-from flywheel.runtime import get_runtime
+from flywheel.runtime import get_runtime, predict
 from flywheel.store import Store
 
 
 def test_predict_by_every_reference_and_traced(demo_store: Store) -> None:
-    by_stage = serving.predict("joke-generator", {"topic": "coffee"})
+    by_stage = predict("joke-generator", {"topic": "coffee"})
     assert by_stage.model_version == "2" and by_stage.result["joke"].startswith("Decaf")
-    assert serving.predict("joke-generator", {"topic": "coffee"}, "1").model_version == "1"
-    assert serving.predict("joke-generator", {"topic": "coffee"}, "champion").model_version == "2"
+    assert predict("joke-generator", {"topic": "coffee"}, "1").model_version == "1"
+    assert predict("joke-generator", {"topic": "coffee"}, "champion").model_version == "2"
     runtime = get_runtime()
     assert runtime.outbox.flush()
     info = runtime.store.tracking.get_trace_info(by_stage.trace_id)
@@ -25,16 +25,16 @@ def test_predict_by_every_reference_and_traced(demo_store: Store) -> None:
 
 def test_predict_inside_a_running_event_loop(demo_store: Store) -> None:
     async def cell() -> serving.Prediction:  # a kernel cell runs inside a loop
-        return serving.predict("support-router", {"ticket": "I was charged twice"})
+        return predict("support-router", {"ticket": "I was charged twice"})
 
     answer = asyncio.run(cell())
     assert answer.result["category"] in {"billing", "technical", "account", "shipping"}
 
 
 def test_input_errors_name_the_field(demo_store: Store) -> None:
-    with pytest.raises(serving.InputError, match="missing input field 'topic'"):
-        serving.predict("joke-generator", {"subject": "x"})
-    with pytest.raises(serving.InputError, match="inputs must be an object"):
-        serving.predict("joke-generator", ["x"])
+    with pytest.raises(errors.InputError, match="missing input field 'topic'"):
+        predict("joke-generator", {"subject": "x"})
+    with pytest.raises(errors.InputError, match="inputs must be an object"):
+        predict("joke-generator", ["x"])
     with pytest.raises(ModelNotFound):
-        serving.predict("nope", {"topic": "x"})
+        predict("nope", {"topic": "x"})

@@ -11,12 +11,15 @@ from typing import Any
 
 import pytest
 
-from flywheel import export, feedback, registry, serving, store
+import flywheel
+from flywheel import export, feedback, registry, store
 from flywheel.config import get_settings
 from flywheel.outbox import Outbox
+from flywheel.review import Leases, ReviewQueue
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.tracing import model_key
-from flywheel.widgets import (
+from flywheel.ui.review import KEYS, key_listener_html
+from flywheel.ui.widgets import (
     ExportPanel,
     ModelsPanel,
     PredictPanel,
@@ -31,8 +34,6 @@ from flywheel.widgets import (
     rating_stats,
     trend_png,
 )
-from flywheel.widgets_queue import Leases, ReviewQueue
-from flywheel.widgets_review import KEYS, key_listener_html
 
 JOKES, ROUTER = "joke-generator", "support-router"
 
@@ -67,11 +68,11 @@ def unrated(runtime: Runtime, model: str) -> list[str]:
 def fresh_queue(runtime: Runtime, model: str, n: int) -> list[str]:
     """Rate whatever an earlier test left unrated, then make `n` predictions to review (oldest first)."""
     for trace_id in unrated(runtime, model):
-        feedback.submit(trace_id, "thumbs_up", user_id="cleanup", runtime=runtime)
+        flywheel.submit_feedback(trace_id, "thumbs_up", user_id="cleanup", runtime=runtime)
     ids = []
     for i in range(n):
         inputs = {"topic": f"topic {i}"} if model == JOKES else {"ticket": f"my invoice {i} is wrong"}
-        ids.append(serving.predict(model, inputs, runtime=runtime).trace_id)
+        ids.append(flywheel.predict(model, inputs, runtime=runtime).trace_id)
         time.sleep(0.002)  # distinct timestamps: the queue is oldest first
     runtime.outbox.flush(timeout=10)
     return ids
@@ -245,7 +246,9 @@ def test_items_rated_elsewhere_are_skipped_and_a_lapsed_lease_keeps_both_ratings
     ids = fresh_queue(rt, ROUTER, 3)
     a = rating_panel(model=ROUTER, reviewer="ann", lease_seconds=0.05)
     assert shown(a) == ids[0]
-    feedback.submit(ids[1], "thumbs_up", user_id="api-user", runtime=rt)  # rated through the API meanwhile
+    flywheel.submit_feedback(
+        ids[1], "thumbs_up", user_id="api-user", runtime=rt
+    )  # rated through the API meanwhile
     time.sleep(0.1)  # ann's lease lapses: ben may take her item
     b = rating_panel(model=ROUTER, reviewer="ben")
     assert shown(b) == ids[0]
@@ -258,7 +261,7 @@ def test_items_rated_elsewhere_are_skipped_and_a_lapsed_lease_keeps_both_ratings
 
 def test_another_process_holding_outbox_items_never_stalls_a_click(rt: Runtime) -> None:
     ids = fresh_queue(rt, ROUTER, 2)
-    other = Outbox(rt.settings.flywheel_home / "outbox.db", lambda items: [])  # a busy server elsewhere
+    other = Outbox(rt.settings.flywheel_home / "outbox.db")  # a busy server elsewhere
     other.put("feedback", "tr-held", {"note": "claimed by another process"})
     assert [i.trace_id for i in other._claim()] == ["tr-held"]
     try:
@@ -275,9 +278,9 @@ def test_another_process_holding_outbox_items_never_stalls_a_click(rt: Runtime) 
 
 def test_queue_filters_by_version(rt: Runtime) -> None:
     for trace_id in unrated(rt, JOKES):
-        feedback.submit(trace_id, "thumbs_up", user_id="cleanup", runtime=rt)
-    old = serving.predict(JOKES, {"topic": "old"}, "1", runtime=rt).trace_id
-    serving.predict(JOKES, {"topic": "new"}, "2", runtime=rt)
+        flywheel.submit_feedback(trace_id, "thumbs_up", user_id="cleanup", runtime=rt)
+    old = flywheel.predict(JOKES, {"topic": "old"}, "1", runtime=rt).trace_id
+    flywheel.predict(JOKES, {"topic": "new"}, "2", runtime=rt)
     panel = rating_panel(f"model={JOKES}&version=1&reviewer=vic")
     assert panel.version.value == "1" and shown(panel) == old
     panel.up.click()
@@ -333,7 +336,7 @@ def test_models_panel_versions_stats_and_trend(rt: Runtime) -> None:
     assert "<b>v2</b>" in table and "<b>v1</b>" in table and "champion" in table
     assert "fw-badge-Production" in table and "fw-badge-Archived" in table
 
-    rows = export.export_rows(JOKES, runtime=rt)
+    rows = flywheel.export_rows(JOKES, runtime=rt)
     stats = rating_stats(JOKES, rt)
     assert sum(s.ratings for s in stats.values()) == len(rows) > 0
     for version, s in stats.items():
@@ -362,7 +365,7 @@ def test_promote_needs_confirmation_and_moves_the_stage(rt: Runtime) -> None:
         assert registry.resolve(JOKES, "Production", rt.store).version == "1"
         assert registry.get_version(JOKES, "2", rt.store).stage == "Archived"
         assert "v1 is now Production" in status_of(panel)
-        assert serving.predict(JOKES, {"topic": "x"}, runtime=rt).model_version == "1"
+        assert flywheel.predict(JOKES, {"topic": "x"}, runtime=rt).model_version == "1"
         panel.promote_version.value = "2"
         panel.stage_buttons["Staging"].click()
         panel.confirm_yes.click()
@@ -404,11 +407,13 @@ def test_promotion_needs_the_admin_key_when_one_is_set(admin_key: Runtime) -> No
 
 
 def test_export_panel_filters_counts_downloads_and_converts(rt: Runtime) -> None:
-    p = serving.predict(JOKES, {"topic": "export me"}, runtime=rt)
-    feedback.submit(p.trace_id, "thumbs_down", corrected_output={"joke": "fixed"}, comment="c", runtime=rt)
+    p = flywheel.predict(JOKES, {"topic": "export me"}, runtime=rt)
+    flywheel.submit_feedback(
+        p.trace_id, "thumbs_down", corrected_output={"joke": "fixed"}, comment="c", runtime=rt
+    )
     panel = export_panel(JOKES)
     assert isinstance(panel, ExportPanel)
-    everything = export.export_rows(JOKES, runtime=rt)
+    everything = flywheel.export_rows(JOKES, runtime=rt)
     assert len(panel.rows) == len(everything) and f"<b>{len(everything)}</b> rows" in panel.counts.value
     row = next(r for r in panel.rows if r["trace_id"] == p.trace_id)
     assert row["joke"] == "fixed" and row["topic"] == "export me"

@@ -14,7 +14,7 @@ import ipywidgets as widgets
 
 from flywheel import export, registry
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.widgets_base import (
+from flywheel.ui.base import (
     CSS,
     NO_MODELS,
     button,
@@ -97,12 +97,12 @@ class ExportPanel(widgets.VBox):
 
     def refresh(self) -> list[dict[str, Any]]:
         self.rows = export.export_rows(
+            self.runtime,
             self.model.value,
             rating=self.rating.value,
             start_date=self.start.value,
             end_date=self.end.value,
             limit=self.limit.value or None,
-            runtime=self.runtime,
         )
         rows = self.rows
         up = sum(r["rating"] == "thumbs_up" for r in rows)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import dspy
 
 from flywheel import registry
-from flywheel.demo_data import JOKES, Category, ticket_splits
+from flywheel.demo.data import JOKES, Category, ticket_splits
 from flywheel.lm import make_lm
 from flywheel.store import Store, connect
 

@@ -17,8 +17,9 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import registry
+from flywheel.review import LEASE_SECONDS, QueueItem, ReviewQueue
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.widgets_base import (
+from flywheel.ui.base import (
     CSS,
     badge,
     button,
@@ -37,8 +38,7 @@ from flywheel.widgets_base import (
     text_of,
     trace_link,
 )
-from flywheel.widgets_predict import corrections
-from flywheel.widgets_queue import LEASE_SECONDS, QueueItem, ReviewQueue
+from flywheel.ui.predict import corrections
 
 ALL_VERSIONS = "all"
 KEYS = {

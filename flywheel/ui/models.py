@@ -17,7 +17,7 @@ import ipywidgets as widgets
 
 from flywheel import export, registry
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.widgets_base import (
+from flywheel.ui.base import (
     CSS,
     NO_MODELS,
     badge,

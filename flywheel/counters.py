@@ -26,7 +26,7 @@ class Counters:
     models_served: set[str] = field(default_factory=set)
 
 
-class Metrics:
+class RequestCounters:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.path = directory / f"{os.getpid()}.json"
@@ -77,7 +77,9 @@ class Metrics:
             self._flushed = time.monotonic()
             self._dirty = False
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        # a temp name of this thread's own: two flushes at once (a report and the timer) never
+        # rename each other's file away
+        tmp = self.path.with_suffix(f".{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self.path)
 

@@ -5,7 +5,7 @@ normal serving path, and judge them only with the pool's labels (thumbs up when
 the routed category is right, thumbs down with the right category as a
 correction otherwise). Held-out tickets are used for measurement and nothing else.
 
-    python -m flywheel.simulate --turns 4 --traffic 16 --out docs/loop_scores.png
+    python -m flywheel.demo.simulate --turns 4 --traffic 16 --out docs/loop_scores.png
 
 runs on a fresh temporary store unless --home is given.
 """
@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from flywheel import registry
-from flywheel.demo import ROUTER_MODEL, accuracy
-from flywheel.demo_data import ticket_splits
-from flywheel.feedback import submit
-from flywheel.loop import LoopTurn, loop
+from flywheel.demo.data import ticket_splits
+from flywheel.demo.seed import ROUTER_MODEL, accuracy
+from flywheel.loop import LoopTurn
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.serving import predict
 
 HELDOUT_TAG = "demo.heldout_accuracy"
 REVIEWER = "simulated-reviewer"
@@ -47,20 +45,19 @@ def simulate_reviews(
     pool, _ = ticket_splits()
     up = down = 0
     for row in random.Random(seed).sample(pool, min(n, len(pool))):
-        served = predict(model, {"ticket": row["ticket"]}, runtime=runtime)
+        served = runtime.predict(model, {"ticket": row["ticket"]})
         routed, right = served.result.get("category"), row["category"]
         if routed == right:
-            submit(served.trace_id, "thumbs_up", user_id=REVIEWER, runtime=runtime)
+            runtime.submit_feedback(served.trace_id, "thumbs_up", user_id=REVIEWER)
             up += 1
         else:
             comment = f"This is a {right} ticket, not {routed}."
-            submit(
+            runtime.submit_feedback(
                 served.trace_id,
                 "thumbs_down",
                 corrected_output={"category": right},
                 comment=comment,
                 user_id=REVIEWER,
-                runtime=runtime,
             )
             down += 1
     runtime.outbox.flush()
@@ -69,7 +66,7 @@ def simulate_reviews(
 
 def heldout_accuracy(ref: str | int, runtime: Runtime, model: str = ROUTER_MODEL) -> float:
     _, heldout = ticket_splits()
-    return round(accuracy(registry.load(model, ref, runtime.store).program, heldout, runtime.lm), 4)
+    return round(accuracy(runtime.programs.load(model, ref).program, heldout, runtime.lm), 4)
 
 
 @dataclass(frozen=True)
@@ -116,14 +113,13 @@ def run_simulation(
     say(f"turn 0: Production v{production}, held-out accuracy {records[0].heldout:.3f}")
     for turn in range(1, turns + 1):
         seen = simulate_reviews(traffic, seed=seed * 1000 + turn, runtime=runtime)
-        result = loop(
+        result = runtime.loop(
             ROUTER_MODEL,
             optimizer=optimizer,
             optimizer_params=optimizer_params,
             margin=margin,
             seed=seed,
             progress=progress,
-            runtime=runtime,
         )
         candidate = result.candidate_version
         cand_acc = heldout_accuracy(candidate, runtime)
@@ -202,7 +198,9 @@ def plot_scores(records: list[TurnRecord], path: str | Path | None = None) -> An
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flywheel.simulate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flywheel.demo.simulate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--traffic", type=int, default=16, help="rated predictions per turn")
     parser.add_argument("--seed", type=int, default=0)
@@ -215,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flywheel-sim-") as tmp:
         runtime = _runtime(Path(args.home or tmp))
         try:
-            from flywheel.demo import seed_demo
+            from flywheel.demo.seed import seed_demo
 
             seed_demo(runtime.store, progress=lambda line: None)
             records = run_simulation(args.turns, args.traffic, seed=args.seed, runtime=runtime)
             plot_scores(records, args.out)
         finally:
-            runtime.stop()
+            runtime.close()
     print(f"saved {args.out}")
     for r in records:
         print(r.to_dict())
@@ -233,14 +231,12 @@ def _runtime(home: Path) -> Runtime:
     from dataclasses import replace
 
     from flywheel.config import get_settings
-    from flywheel.lm import make_lm
-    from flywheel.store import connect
 
     home = home.expanduser().resolve()
     settings = replace(
         get_settings(), flywheel_home=home, mlflow_tracking_uri=f"sqlite:///{home / 'mlflow.db'}"
     )
-    return Runtime(settings, connect(settings), make_lm(settings.flywheel_lm))
+    return Runtime(settings).start()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class Launched:
         Also stops the background API when this launch started it.
         """
         if self.started_api:
-            from flywheel import server
+            from flywheel.http import server
 
             server.stop_background()
             self.started_api = False
@@ -127,7 +127,7 @@ def launch(
 
     With `block` (the CLI) it serves until Ctrl-C, then stops Voila and the API it started.
     """
-    from flywheel import server
+    from flywheel.http import server
 
     directory = directory or dashboards_dir()
     api_url = None

@@ -16,12 +16,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel import feedback
+from flywheel.errors import ReviewError
 from flywheel.feedback import FEEDBACK_ID, RATING
-from flywheel.runtime import Runtime
 from flywheel.tracing import model_filter, served_call
+
+if TYPE_CHECKING:
+    from flywheel.runtime import Runtime
 
 LEASE_SECONDS = 180.0
 DONE_KEEP_SECONDS = 86400.0
@@ -34,10 +37,6 @@ CREATE TABLE IF NOT EXISTS leases (trace_id TEXT PRIMARY KEY, session TEXT NOT N
 CREATE TABLE IF NOT EXISTS done (trace_id TEXT PRIMARY KEY, session TEXT NOT NULL,
     reviewer TEXT NOT NULL, at REAL NOT NULL);
 """
-
-
-class ReviewError(RuntimeError):
-    """A queue action that cannot be done now; the message is for the reviewer."""
 
 
 @dataclass(frozen=True)
@@ -202,12 +201,12 @@ class ReviewQueue:
         """Submit feedback on the item shown (durable before it returns), then move on."""
         item = self._shown()
         receipt = feedback.submit(
+            self.runtime,
             item.trace_id,
             rating,
             corrected_output=corrected_output,
             comment=comment,
             user_id=self.reviewer,
-            runtime=self.runtime,
         )
         self.leases.mark_done(self.session, self.reviewer, item.trace_id)
         self.history.append(("rate", item, receipt))

@@ -3,13 +3,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flywheel.metrics import Metrics, prometheus
+from flywheel.counters import RequestCounters, prometheus
 
 
 def test_report_sums_every_process_file(tmp_path: Path) -> None:
     other = {"request_count": 10, "error_count": 2, "latency_sum_ms": 80.0, "models_served": ["b"]}
     (tmp_path / "99999.json").write_text(json.dumps(other))
-    metrics = Metrics(tmp_path)
+    metrics = RequestCounters(tmp_path)
     metrics.record("a", 10.0, error=False)
     metrics.record("a", 0.0, error=True)
     report = metrics.report()
@@ -22,7 +22,7 @@ def test_report_sums_every_process_file(tmp_path: Path) -> None:
 
 
 def test_background_flush_writes_idle_counters(tmp_path: Path) -> None:
-    metrics = Metrics(tmp_path)
+    metrics = RequestCounters(tmp_path)
     metrics.start()
     try:
         metrics.record("a", 5.0, error=False)

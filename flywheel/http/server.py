@@ -12,11 +12,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 import uvicorn
 
 from flywheel.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from flywheel.runtime import Runtime
 
 _UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 _lock = threading.Lock()
@@ -61,10 +65,17 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def start_background(
-    port: int | None = None, host: str = "127.0.0.1", settings: Settings | None = None, timeout: float = 60.0
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    settings: Settings | None = None,
+    timeout: float = 60.0,
+    *,
+    runtime: Runtime | None = None,
 ) -> str:
     """Start the API in a daemon thread of this process (once) and return its URL.
 
+    It serves `runtime` (default: the notebook's `get_runtime()`), which it never
+    closes: stopping the server leaves delivery running for the runtime's owner.
     `port=None` takes API_PORT when it is free, else any free port; calling
     again returns the same server's URL.
     """
@@ -72,7 +83,11 @@ def start_background(
     with _lock:
         if _background is not None and _background.running:
             return _background.url
-        settings = settings or get_settings()
+        if runtime is None:
+            from flywheel.runtime import get_runtime
+
+            runtime = get_runtime()
+        settings = settings or runtime.settings
         wanted = settings.api_port if port is None else port
         try:
             sock = _bind(host, wanted)
@@ -81,8 +96,10 @@ def start_background(
                 raise
             sock = _bind(host, 0)
         actual = sock.getsockname()[1]
+        from flywheel.http.api import create_app
+
         config = uvicorn.Config(
-            "flywheel.api:app",
+            create_app(runtime),
             log_config=_quiet_uvicorn_logging(),
             access_log=False,
             lifespan="on",
@@ -114,11 +131,11 @@ def _wait_until_up(url: str, thread: threading.Thread, timeout: float) -> None:
 
 
 def _log_hint() -> str:
-    return "the flywheel.server logger"
+    return "the flywheel.http.server logger"
 
 
 def stop_background() -> bool:
-    """Stop the background server if one runs; True when one was stopped."""
+    """Stop the background server if one runs; True when one was stopped. Its runtime keeps running."""
     global _background
     with _lock:
         if _background is None:
@@ -138,10 +155,12 @@ def serve_foreground(host: str | None = None, port: int | None = None, workers: 
     settings = get_settings()
     logging.basicConfig(level=logging.INFO)
     uvicorn.run(
-        "flywheel.api:app",
+        "flywheel.http.api:app",
         host=host or settings.api_host,
         port=settings.api_port if port is None else port,
         workers=workers or settings.api_workers,
         access_log=False,
         timeout_graceful_shutdown=10,
+        # a worker importing MLflow and DSPy on a busy machine takes longer than uvicorn's 5 s default
+        timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
     )

@@ -8,7 +8,7 @@ import ipywidgets as widgets
 
 from flywheel import feedback, registry, serving
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.widgets_base import (
+from flywheel.ui.base import (
     CSS,
     NO_MODELS,
     button,
@@ -136,7 +136,7 @@ class PredictPanel(widgets.VBox):
 
     def do_predict(self) -> serving.Prediction:
         values = {k: w.value for k, w in self.inputs.items()}
-        self.prediction = p = serving.predict(self.model.value, values, self.ref.value, runtime=self.runtime)
+        self.prediction = p = serving.predict(self.runtime, self.model.value, values, self.ref.value)
         self.receipt, self.rating = None, None
         self.result.value = (
             f'<div class="fw-card">{fields_html(p.result)}<div class="fw-muted">{esc(p.model)} '
@@ -174,12 +174,12 @@ class PredictPanel(widgets.VBox):
             say(self.status, "error", "Choose thumbs up or thumbs down first.")
             return None
         self.receipt = feedback.submit(
+            self.runtime,
             self.prediction.trace_id,
             self.rating,
             corrected_output=corrections(self.corrections, self.prediction.result),
             comment=self.comment.value,
             user_id=self.user.value,
-            runtime=self.runtime,
         )
         delivered = self.runtime.outbox.deliver_available(max_batches=20)
         rows = stored_feedback(self.prediction.trace_id, self.runtime) if delivered else []

@@ -1,4 +1,11 @@
-"""The FastAPI app: thin routes over serving, feedback, export and the registry."""
+"""The FastAPI app: thin routes over serving, feedback, export and the registry.
+
+`create_app(runtime)` serves a runtime its caller owns (the background server of
+a notebook, a test) and never closes it; `create_app()` (and the module's `app`,
+what `flywheel serve` and `uvicorn flywheel.http.api:app` run) builds its own
+runtime at startup and closes it at shutdown. Errors are mapped by class: every
+`FlywheelError` carries its HTTP status.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +17,16 @@ from datetime import date
 from functools import partial
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel import export, feedback, registry, serving
-from flywheel.config import get_settings
-from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.metrics import prometheus
-from flywheel.runtime import Runtime, get_runtime
+from flywheel.counters import prometheus
+from flywheel.errors import FlywheelError
+from flywheel.runtime import Runtime
 
 
 class PredictRequest(BaseModel):
@@ -65,27 +71,16 @@ class StageRequest(BaseModel):
     stage: str = Field(min_length=1)
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    runtime = get_runtime()
-    runtime.start()
-    try:
-        yield
-    finally:
-        runtime.stop()
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-app = FastAPI(
-    title="flywheel",
-    summary="Serve registered DSPy programs, collect feedback, export training data.",
-    version="0.1.0",
-    lifespan=lifespan,
-)
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
 def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
-    def check(x_api_key: Annotated[str | None, Header()] = None) -> None:
-        settings = get_settings()
+    def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+        settings = runtime.settings
         wanted = {
             "predict": settings.flywheel_predict_key,
             "feedback": settings.flywheel_feedback_key,
@@ -101,8 +96,8 @@ def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
     return Depends(check)
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
@@ -110,72 +105,84 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
 
 
-@app.exception_handler(ModelNotFound)
-async def _model_not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=404)
+async def _flywheel_error(request: Request, exc: Exception) -> JSONResponse:
+    status = exc.status if isinstance(exc, FlywheelError) else 500
+    return JSONResponse({"detail": str(exc)}, status_code=status)
 
 
-@app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # never a bare traceback; the details go to the server log
-    get_runtime().log.exception("unexpected error on %s", request.url.path)
+    _runtime(request).log.exception("unexpected error on %s", request.url.path)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
-_PREDICT_ERRORS: dict[type[Exception], int] = {
-    serving.InputError: 422,
-    ModelNotFound: 404,
-    serving.PredictTimeout: 504,
-    serving.LMFailure: 502,
-}
+def create_app(runtime: Runtime | None = None) -> FastAPI:
+    """The API over `runtime` (left running when the app stops), or over one it builds and owns."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if runtime is not None:
+            app.state.runtime = runtime.start()  # idempotent; its owner closes it
+            yield
+            return
+        own = Runtime().start()
+        app.state.runtime = own
+        try:
+            yield
+        finally:
+            await run_in_threadpool(own.close)
+
+    app = FastAPI(
+        title="flywheel",
+        summary="Serve registered DSPy programs, collect feedback, export training data.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(FlywheelError, _flywheel_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(router)
+    return app
 
 
-@app.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
-async def predict(body: PredictRequest) -> PredictResponse:
+router = APIRouter()
+
+
+@router.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
+async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
     if len(refs) > 1:
         raise HTTPException(422, "give at most one of version, stage or alias")
-    runtime = get_runtime()
     started = time.perf_counter()
     try:
-        prediction = await serving.apredict(
-            body.model, body.inputs, refs[0] if refs else None, runtime=runtime
-        )
-    except Exception as exc:
-        runtime.metrics.record(body.model, 0, error=True)
-        status = next((code for kind, code in _PREDICT_ERRORS.items() if isinstance(exc, kind)), None)
-        if status is None:
-            raise
-        raise HTTPException(status, str(exc)) from None
-    runtime.metrics.record(body.model, (time.perf_counter() - started) * 1000, error=False)
+        prediction = await serving.apredict(runtime, body.model, body.inputs, refs[0] if refs else None)
+    except Exception:
+        runtime.counters.record(body.model, 0, error=True)
+        raise
+    runtime.counters.record(body.model, (time.perf_counter() - started) * 1000, error=False)
     # already the PredictResponse shape: skip a second validation pass on the hot path
     return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
 
 
-@app.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])
-async def post_feedback(body: FeedbackRequest) -> FeedbackResponse:
-    if not get_settings().feedback_enabled:
+@router.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])
+async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackResponse:
+    if not runtime.settings.feedback_enabled:
         raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
-    runtime = get_runtime()
-    try:
-        receipt = await run_in_threadpool(
-            feedback.submit,
-            body.trace_id,
-            body.rating,
-            corrected_output=body.corrected_output,
-            comment=body.comment,
-            user_id=body.user_id,
-            runtime=runtime,
-        )
-    except feedback.TraceNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
-    except feedback.FeedbackError as exc:
-        raise HTTPException(422, str(exc)) from None
+    receipt = await run_in_threadpool(
+        feedback.submit,
+        runtime,
+        body.trace_id,
+        body.rating,
+        corrected_output=body.corrected_output,
+        comment=body.comment,
+        user_id=body.user_id,
+    )
     return FeedbackResponse(status="success", **receipt.to_dict())
 
 
-@app.get("/export", dependencies=[_key_check("admin")])
+@router.get("/export", dependencies=[_key_check("admin")])
 async def get_export(
+    runtime: RuntimeDep,
     model: Annotated[str, Query(min_length=1)],
     rating: Literal["thumbs_up", "thumbs_down", "any"] = "any",
     format: Literal["csv", "json", "jsonl"] = "json",
@@ -183,21 +190,17 @@ async def get_export(
     end_date: date | None = None,
     limit: Annotated[int | None, Query(ge=1)] = None,
 ) -> Response:
-    runtime = get_runtime()
-    try:
-        rows = await run_in_threadpool(
-            partial(
-                export.export_rows,
-                model,
-                rating=rating,
-                start_date=start_date,
-                end_date=end_date,
-                limit=limit,
-                runtime=runtime,
-            )
+    rows = await run_in_threadpool(
+        partial(
+            export.export_rows,
+            runtime,
+            model,
+            rating=rating,
+            start_date=start_date,
+            end_date=end_date,
+            limit=limit,
         )
-    except export.ExportError as exc:
-        raise HTTPException(422, str(exc)) from None
+    )
     if format == "csv":
         filename = f"{export.safe_filename(model)}-{rating}.csv"
         return Response(
@@ -210,42 +213,44 @@ async def get_export(
     return JSONResponse({"model": model, "count": len(rows), "rows": rows})
 
 
-@app.get("/models")
-async def get_models() -> dict[str, Any]:
-    models = await run_in_threadpool(registry.list_models)
+@router.get("/models")
+async def get_models(runtime: RuntimeDep) -> dict[str, Any]:
+    models = await run_in_threadpool(registry.list_models, runtime.store)
     return {"models": [m.to_dict() for m in models]}
 
 
-@app.get("/models/{name}/versions")
-async def get_versions(name: str) -> dict[str, Any]:
-    versions = await run_in_threadpool(registry.list_versions, name)
+@router.get("/models/{name}/versions")
+async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    versions = await run_in_threadpool(registry.list_versions, name, runtime.store)
     return {"model": name, "versions": [v.to_dict() for v in versions]}
 
 
-@app.post("/models/{name}/stage", dependencies=[_key_check("admin")])
-async def set_stage(name: str, body: StageRequest) -> dict[str, Any]:
-    try:
-        info = await run_in_threadpool(registry.promote, name, body.version, body.stage)
-    except InvalidStage as exc:
-        raise HTTPException(422, str(exc)) from None
+@router.post("/models/{name}/stage", dependencies=[_key_check("admin")])
+async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
+    info = await run_in_threadpool(runtime.promote, name, body.version, body.stage)
     return {"status": "success", "model": name, "version": info.to_dict()}
 
 
-@app.get("/health")
-async def health() -> dict[str, Any]:
-    return get_runtime().health()
+@router.get("/health")
+async def health(runtime: RuntimeDep) -> dict[str, Any]:
+    return runtime.health()
 
 
-@app.get("/metrics", response_model=None)
+@router.get("/metrics", response_model=None)
 async def metrics(
-    request: Request, format: Literal["json", "prometheus"] | None = None
+    request: Request, runtime: RuntimeDep, format: Literal["json", "prometheus"] | None = None
 ) -> dict[str, Any] | PlainTextResponse:
-    runtime: Runtime = get_runtime()
-    report = await run_in_threadpool(runtime.metrics.report)
+    report = await run_in_threadpool(runtime.counters.report)
     wants_text = format == "prometheus" or (
         format is None and "text/plain" in request.headers.get("accept", "")
     )
     if wants_text:
-        extra = {"outbox_backlog": runtime.outbox.backlog(), "loaded_models": len(registry.cached_versions())}
+        extra = {
+            "outbox_backlog": runtime.outbox.backlog(),
+            "loaded_models": len(runtime.programs.cached_versions()),
+        }
         return PlainTextResponse(prometheus(report, extra), media_type="text/plain; version=0.0.4")
     return report
+
+
+app = create_app()

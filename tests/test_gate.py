@@ -10,21 +10,12 @@ import pytest
 from dspy.utils.dummies import DummyLM
 
 from flywheel import registry
-from flywheel.demo import ROUTER_MODEL, accuracy, router_program
-from flywheel.demo_data import ticket_splits
-from flywheel.evaluate import (
-    EVAL_EXPERIMENT,
-    eval_records,
-    feedback_metric,
-    field_exact,
-    gate,
-    make_metric,
-    passes,
-    token_f1,
-)
+from flywheel.demo.data import ticket_splits
+from flywheel.demo.seed import ROUTER_MODEL, accuracy, router_program
+from flywheel.gate import EVAL_EXPERIMENT, eval_records, gate, passes
 from flywheel.lm import make_lm
-from flywheel.runtime import get_runtime, reset_runtime
-from flywheel.serving import predict
+from flywheel.runtime import get_runtime, predict, reset_runtime
+from flywheel.scoring import feedback_metric, field_exact, make_metric, token_f1
 from flywheel.store import Store
 
 

@@ -22,7 +22,7 @@ from flywheel import registry
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
 
-log = logging.getLogger("flywheel.widgets")
+log = logging.getLogger("flywheel.ui.widgets")
 F = TypeVar("F", bound=Callable[..., Any])
 
 CSS = """<style>

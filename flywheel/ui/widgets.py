@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import ipywidgets as widgets
 
+from flywheel.review import ReviewQueue
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.widgets_base import (
+from flywheel.ui.base import (
     CSS,
     button,
     esc,
@@ -31,11 +32,10 @@ from flywheel.widgets_base import (
     trace_link,
     trace_url,
 )
-from flywheel.widgets_export import ExportPanel, export_panel
-from flywheel.widgets_models import ModelsPanel, models_panel, rating_stats, trend_png
-from flywheel.widgets_predict import PredictPanel, predict_panel
-from flywheel.widgets_queue import ReviewQueue
-from flywheel.widgets_review import RatingPanel, rating_panel
+from flywheel.ui.export import ExportPanel, export_panel
+from flywheel.ui.models import ModelsPanel, models_panel, rating_stats, trend_png
+from flywheel.ui.predict import PredictPanel, predict_panel
+from flywheel.ui.review import RatingPanel, rating_panel
 
 __all__ = [
     "ExportPanel",
