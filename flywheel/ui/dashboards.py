@@ -28,7 +28,7 @@ DEFAULT_PORT = 8866
 
 def dashboards_dir() -> Path:
     """dashboards/ of the source tree (flywheel is installed in editable mode from it)."""
-    return Path(__file__).resolve().parent.parent / "dashboards"
+    return Path(__file__).resolve().parents[2] / "dashboards"
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
