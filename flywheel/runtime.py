@@ -85,7 +85,7 @@ class Runtime:
                 self._started = True
         return self
 
-    def close(self, timeout: float = EXIT_DELIVERY_SECONDS) -> int:
+    def close(self, timeout: float | None = None) -> int:
         """Stop the threads, deliver what MLflow takes within `timeout`; returns how many items wait.
 
         What is left stays durable in outbox.db: the next runtime on this FLYWHEEL_HOME
@@ -98,7 +98,7 @@ class Runtime:
             self.outbox.stop()
             self.counters.stop()
         if self.settings.mlflow_enabled:
-            self.outbox.flush(timeout=timeout)
+            self.outbox.flush(timeout=EXIT_DELIVERY_SECONDS if timeout is None else timeout)
         waiting = self.outbox.backlog()
         if waiting:
             log.warning(
