@@ -8,6 +8,8 @@ fast; a name is imported from its module the first time it is used.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 # public name -> "module:attribute"
@@ -74,6 +76,24 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """Keeps `flywheel.loop` and `flywheel.gate` the public functions.
+
+    Importing a submodule sets it as an attribute of its package, so the first
+    `import flywheel.loop` anywhere would replace the function `flywheel.loop`
+    with the module. Inside the package, import such a module by its full name
+    (`from flywheel.loop import loop`), never as `from flywheel import loop`.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and getattr(value, "__name__", None) == f"{__name__}.{name}":
+            return  # the submodule stays reachable as sys.modules["flywheel.<name>"]
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed

@@ -7,8 +7,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from flywheel.config import ConfigError, get_settings
-from flywheel.errors import InvalidStage, ModelNotFound
+from flywheel.config import get_settings
+from flywheel.errors import Cancelled, ConfigError, FlywheelError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -95,7 +95,6 @@ def _param(text: str) -> tuple[str, object]:
 
 
 def _loop(args: argparse.Namespace) -> int:
-    from flywheel.errors import Cancelled, CompileError, LoopError
     from flywheel.runtime import Runtime
 
     try:
@@ -110,9 +109,6 @@ def _loop(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 progress=lambda line: print(line, file=sys.stderr),
             )
-    except (LoopError, CompileError) as exc:
-        print(f"flywheel: {exc}", file=sys.stderr)
-        return 1
     except (Cancelled, KeyboardInterrupt):
         print("flywheel: loop cancelled; nothing was registered", file=sys.stderr)
         return 130
@@ -182,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flywheel: configuration error: {exc}", file=sys.stderr)
         return 2
-    except (ModelNotFound, InvalidStage) as exc:
+    except FlywheelError as exc:  # raised on purpose: its message is one line for a person
         print(f"flywheel: {exc}", file=sys.stderr)
         return 1
 

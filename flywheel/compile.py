@@ -290,7 +290,8 @@ def _log_and_register(
     the lineage as an artifact; the new version is registered inside it."""
     data = result.data
     sizes = {"train_size": result.train_size, "dev_size": result.dev_size}
-    with mlflow.start_run(experiment_id=store.experiment_id, run_name=f"compile-{name}"):
+    # fluent MLflow (the run, its inputs and artifacts) pointed at this store; the optimisation is over
+    with store.fluent(), mlflow.start_run(experiment_id=store.experiment_id, run_name=f"compile-{name}"):
         mlflow.log_params(
             {
                 "optimizer": result.optimizer,

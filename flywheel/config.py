@@ -180,3 +180,21 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
 def get_settings() -> Settings:
     """The process-wide settings, read once; tests call `get_settings.cache_clear()`."""
     return load_settings()
+
+
+def environment_snapshot(names: tuple[str, ...] | list[str]) -> dict[str, str | None]:
+    """The current values of `names` (None: unset), for `restore_environment`.
+
+    MLflow's `set_tracking_uri` writes MLFLOW_TRACKING_URI into the environment;
+    the store takes a snapshot before pointing MLflow at itself and puts it back after.
+    """
+    return {name: os.environ.get(name) for name in names}
+
+
+def restore_environment(snapshot: Mapping[str, str | None]) -> None:
+    """Put variables back exactly as `environment_snapshot` saw them (unset ones are removed)."""
+    for name, value in snapshot.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

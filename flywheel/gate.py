@@ -112,8 +112,9 @@ def evaluate_version(
         return output_values(info, output)
 
     experiment_id = ensure_experiment(store.settings, EVAL_EXPERIMENT)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"eval-{name}-v{info.version}", nested=nested
+    with (
+        store.fluent(),  # the run, the traces of the predictions and the assessments go to this store
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"eval-{name}-v{info.version}", nested=nested),
     ):
         mlflow.set_tags({"flywheel.model": name, "flywheel.model_version": info.version})
         with quiet(*_CHATTY), contextlib.redirect_stdout(io.StringIO()):
@@ -195,7 +196,7 @@ def gate(
         baseline = None
     experiment_id = ensure_experiment(store.settings, EVAL_EXPERIMENT)
     label = f"gate-{name}-v{info.version}-vs-" + (f"v{baseline.version}" if baseline else "none")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=label) as run:
+    with store.fluent(), mlflow.start_run(experiment_id=experiment_id, run_name=label) as run:
         cand = evaluate_version(name, info.version, records, lm=lm, store=store, nested=True)
         base = (
             evaluate_version(name, baseline.version, records, lm=lm, store=store, nested=True)

@@ -150,7 +150,12 @@ class Loader:
 
 def load_program(store: Store, info: VersionInfo) -> dspy.Module:
     """Load one version's DSPy program through pyfunc, leaving global and per-thread MLflow state alone."""
-    with store.active_model_preserved(), quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
+    with (
+        store.fluent(),  # a models:/ URI resolves in the fluent registry: this store's
+        store.active_model_preserved(),
+        quiet("mlflow.tracking.fluent"),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         pyfunc = mlflow.pyfunc.load_model(info.uri)
     program = store.unwrap_pyfunc(pyfunc)

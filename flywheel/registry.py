@@ -171,34 +171,35 @@ def register_program(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=model_description)
-    active = mlflow.active_run()
-    run_ctx = (
-        mlflow.start_run(experiment_id=store.experiment_id, run_name=f"register-{name}")
-        if active is None
-        else _nullcontext(active)
-    )
-    with (
-        run_ctx as run,
-        dspy.context(lm=saved_lm, callbacks=[]),
-        warnings.catch_warnings(),
-        quiet("mlflow.dspy.save", level=logging.ERROR),  # the pickle caution, on every single save
-    ):
-        warnings.simplefilter("ignore")
-        model_info = mlflow.dspy.log_model(
-            program,
-            name="program",
-            signature=signature,
-            pip_requirements=_pip_requirements(),
-            metadata={"flywheel_inputs": inputs, "flywheel_outputs": outputs},
+    with store.fluent():  # log_model is fluent: its run and artifacts go to this store
+        active = mlflow.active_run()  # inside compile's run: log the model there
+        run_ctx = (
+            mlflow.start_run(experiment_id=store.experiment_id, run_name=f"register-{name}")
+            if active is None
+            else _nullcontext(active)
         )
-        mv = client.create_model_version(
-            name,
-            source=model_info.model_uri,
-            run_id=run.info.run_id,
-            tags=all_tags,
-            description=description,
-            model_id=model_info.model_id,
-        )
+        with (
+            run_ctx as run,
+            dspy.context(lm=saved_lm, callbacks=[]),
+            warnings.catch_warnings(),
+            quiet("mlflow.dspy.save", level=logging.ERROR),  # the pickle caution, on every single save
+        ):
+            warnings.simplefilter("ignore")
+            model_info = mlflow.dspy.log_model(
+                program,
+                name="program",
+                signature=signature,
+                pip_requirements=_pip_requirements(),
+                metadata={"flywheel_inputs": inputs, "flywheel_outputs": outputs},
+            )
+            mv = client.create_model_version(
+                name,
+                source=model_info.model_uri,
+                run_id=run.info.run_id,
+                tags=all_tags,
+                description=description,
+                model_id=model_info.model_id,
+            )
     _forget(name, store)
     return _version_info(client.get_model_version(name, mv.version))
 

@@ -163,14 +163,14 @@ class Runtime:
         return registry.set_alias(model, alias, version, self.store)
 
     def loop(self, model: str, **kwargs: Any) -> LoopTurn:
-        from flywheel import loop
+        from flywheel.loop import loop as run_loop  # not `from flywheel import loop`: that is this function
 
-        return loop.loop(self, model, **kwargs)
+        return run_loop(self, model, **kwargs)
 
     def gate(self, model: str, candidate: str | int, rows: Any, **kwargs: Any) -> GateResult:
-        from flywheel import gate
+        from flywheel.gate import gate as run_gate  # not `from flywheel import gate`: that is this function
 
-        return gate.gate(model, candidate, rows, store=self.store, lm=kwargs.pop("lm", self.lm), **kwargs)
+        return run_gate(model, candidate, rows, store=self.store, lm=kwargs.pop("lm", self.lm), **kwargs)
 
     def health(self) -> dict[str, Any]:
         connected = self.outbox.connected and self._mlflow_answers()

@@ -1,28 +1,171 @@
-"""The MLflow connection: tracking URI, registry URI and flywheel's experiment.
+"""The MLflow connection: tracking URI, registry URI, flywheel's experiment, and MLflow's internals.
 
 The embedded default keeps the sqlite database and every artifact under
 FLYWHEEL_HOME, so nothing lands in a stray ./mlruns. An http(s) URI points
 everything at a tracking server with no other change.
+
+`connect()` never repoints MLflow's process-wide ("fluent") tracking and
+registry URI: every explicit call goes through `Store.client`, and the few
+fluent calls (runs, `log_model`, `genai.evaluate`, pyfunc loading) run inside
+`Store.fluent()`, which points MLflow at this store under one process-wide lock
+and puts the URIs and their environment variables back on exit. So two stores
+in one process never write into each other.
+
+Every MLflow internal flywheel touches is reached through one named function
+here (see MLFLOW_INTERNALS); tests/test_store.py fails, naming the internal,
+when an MLflow release moves one. docs/dependencies.md says how to move the pin.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import mlflow
 from mlflow import MlflowClient
 
-from flywheel.config import ConfigError, Settings, apply_mlflow_client_settings, get_settings
+from flywheel.config import (
+    ConfigError,
+    Settings,
+    apply_mlflow_client_settings,
+    environment_snapshot,
+    get_settings,
+    restore_environment,
+)
 
 _lock = threading.Lock()
 _connected: dict[tuple[str, str], Store] = {}
+
+# One lock for MLflow's process-wide URIs: held while a fluent call runs against one store.
+# Re-entrant: register_program runs inside compile's run, evaluations inside the gate's run.
+_fluent_lock = threading.RLock()
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+# --- MLflow internals: each one named here, each one checked by tests/test_store.py -------------
+
+
+class MlflowInternalMoved(RuntimeError):
+    """An MLflow internal flywheel relies on is not where this MLflow release keeps it."""
+
+
+MLFLOW_INTERNALS: dict[str, str] = {
+    "mlflow.tracking.client.MlflowClient._tracking_client": "Store.tracking",
+    "mlflow.tracking._tracking_service.client.TrackingServiceClient.store": "Store.tracking",
+    "mlflow.tracking.fluent._ACTIVE_MODEL_CONTEXT": "Store.active_model_preserved",
+    "mlflow.pyfunc.PyFuncModel._model_impl": "Store.unwrap_pyfunc",
+    "mlflow.dspy.wrapper.DspyModelWrapper.model": "Store.unwrap_pyfunc",
+    "mlflow.tracking._tracking_service.utils._tracking_uri": "Store.fluent",
+    "mlflow.tracking._model_registry.utils._registry_uri": "Store.fluent",
+    "mlflow.store.tracking.rest_store.RestStore._get_server_version": "forget_server_version",
+    "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore.ManagedSessionMaker": "supports_sql_traces",
+    "mlflow.store.tracking.dbmodels.models.SqlSpan": "sql_trace_schema",
+    "mlflow.store.tracking.dbmodels.models.SqlTraceInfo": "sql_trace_schema",
+    "mlflow.store.tracking.dbmodels.models.SqlTraceMetadata": "sql_trace_schema",
+    "mlflow.store.tracking.dbmodels.models.SqlTraceTag": "sql_trace_schema",
+    "mlflow.store.tracking.utils.trace_analytics.PROMOTED_TRACE_METADATA_KEYS": "sql_trace_schema",
+    "mlflow.store.tracking.utils.trace_analytics.analytics_columns_from_metadata": "sql_trace_schema",
+    "mlflow.store.tracking.utils.trace_analytics.validate_trace_name": "sql_trace_schema",
+    "mlflow.tracing.constant.SpansLocation": "sql_trace_schema",
+    "mlflow.tracing.constant.TraceMetadataKey": "sql_trace_schema",
+    "mlflow.tracing.constant.TraceTagKey": "sql_trace_schema",
+    "mlflow.tracing.otel.translation.translate_span_when_storing": "sql_trace_schema",
+    "mlflow.tracing.utils.TraceJSONEncoder": "sql_trace_schema",
+    "mlflow.utils.mlflow_tags.MLFLOW_ARTIFACT_LOCATION": "sql_trace_schema",
+}
+"""Every MLflow internal flywheel uses (dotted path) -> the function here that uses it. Those in
+INSTANCE_ATTRIBUTES are set in `__init__`: the tests check them on real objects instead."""
+
+INSTANCE_ATTRIBUTES = frozenset(
+    {
+        "mlflow.tracking.client.MlflowClient._tracking_client",
+        "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore.ManagedSessionMaker",
+        "mlflow.dspy.wrapper.DspyModelWrapper.model",
+    }
+)
+
+
+def _moved(path: str, detail: object = "") -> MlflowInternalMoved:
+    user = f" (used by flywheel.store.{MLFLOW_INTERNALS[path]})" if path in MLFLOW_INTERNALS else ""
+    return MlflowInternalMoved(
+        f"MLflow internal `{path}`{user} is not in mlflow=={mlflow.__version__}"
+        + (f": {detail}" if detail else "")
+        + ". Adapt flywheel/store.py or keep the pin (docs/dependencies.md, 'Moving a pin')."
+    )
+
+
+def mlflow_internal(path: str) -> Any:
+    """The object at `path` ("package.module.Name.attr") now, or MlflowInternalMoved naming it."""
+    parts = path.split(".")
+    for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+        module_name = ".".join(parts[:split])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for depth in range(split, len(parts)):
+            try:
+                obj = getattr(obj, parts[depth])
+            except AttributeError:
+                raise _moved(path, f"`{'.'.join(parts[:depth])}` has no `{parts[depth]}`") from None
+        return obj
+    raise _moved(path, "no part of it imports")
+
+
+def _attribute(obj: Any, attr: str, path: str) -> Any:
+    try:
+        return getattr(obj, attr)
+    except AttributeError:
+        raise _moved(path) from None
+
+
+def forget_server_version(tracking_store: Any) -> None:
+    """MLflow's REST store caches a failed /version probe (say, made during an outage) for the
+    life of the process; forget it so the next call asks the server again."""
+    from mlflow.store.tracking.rest_store import RestStore
+
+    if isinstance(tracking_store, RestStore):
+        probe = mlflow_internal("mlflow.store.tracking.rest_store.RestStore._get_server_version")
+        _attribute(probe, "cache_clear", "mlflow.store.tracking.rest_store.RestStore._get_server_version")()
+
+
+def supports_sql_traces(tracking_store: Any) -> bool:
+    """Whether `tracking_store` is MLflow's SQL store, whose tables trace_sql writes directly."""
+    return hasattr(tracking_store, "ManagedSessionMaker") and hasattr(tracking_store, "get_experiment")
+
+
+def sql_session(tracking_store: Any) -> Any:
+    """A transaction on a SQL tracking store's database (committed when the block ends)."""
+    return _attribute(
+        tracking_store,
+        "ManagedSessionMaker",
+        "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore.ManagedSessionMaker",
+    )()
+
+
+@cache
+def sql_trace_schema() -> SimpleNamespace:
+    """MLflow's trace tables and the helpers its SQL store uses to fill them (for trace_sql)."""
+    paths = [p for p, user in MLFLOW_INTERNALS.items() if user == "sql_trace_schema"]
+    return SimpleNamespace(**{p.rsplit(".", 1)[1]: mlflow_internal(p) for p in paths})
+
+
+def _fluent_uris() -> tuple[str | None, str | None]:
+    """MLflow's process-wide tracking and registry URIs as set (None: never set, so MLflow falls
+    back to the environment and its defaults). The public getters resolve that fallback, which
+    could then not be put back as it was."""
+    return (
+        mlflow_internal("mlflow.tracking._tracking_service.utils._tracking_uri"),
+        mlflow_internal("mlflow.tracking._model_registry.utils._registry_uri"),
+    )
 
 
 @dataclass(frozen=True)
@@ -39,25 +182,51 @@ class Store:
     def tracking(self) -> Any:
         """MLflow's tracking store: trace and assessment calls `MlflowClient` does not expose
         (`get_trace_info`, `start_trace`, `log_spans`, `create_assessment`)."""
-        return self.client._tracking_client.store
+        service = _attribute(
+            self.client, "_tracking_client", "mlflow.tracking.client.MlflowClient._tracking_client"
+        )
+        return _attribute(
+            service, "store", "mlflow.tracking._tracking_service.client.TrackingServiceClient.store"
+        )
+
+    @contextmanager
+    def fluent(self) -> Iterator[None]:
+        """Point MLflow's process-wide ("fluent") tracking and registry URI at this store for the
+        block, under one process-wide re-entrant lock; on exit put back both URIs and the
+        MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables exactly as they were.
+
+        Wrap only MLflow calls in it (runs, log_model, genai.evaluate, pyfunc loading), never a
+        long optimisation: every other store's fluent calls wait for it.
+        """
+        with _fluent_lock:
+            tracking, registry = _fluent_uris()
+            environ = environment_snapshot(_URI_VARIABLES)
+            try:
+                mlflow.set_tracking_uri(self.tracking_uri)
+                mlflow.set_registry_uri(self.tracking_uri)
+                yield
+            finally:
+                mlflow.set_tracking_uri(tracking)  # type: ignore[arg-type]  # None: back to unset
+                mlflow.set_registry_uri(registry)  # type: ignore[arg-type]
+                restore_environment(environ)
 
     @contextmanager
     def active_model_preserved(self) -> Iterator[None]:
         """pyfunc's loader makes the loaded model this thread's "active model", which would
         silently attach later runs and metrics to it: put the caller's context back."""
-        from mlflow.tracking import fluent
-
-        previous = fluent._ACTIVE_MODEL_CONTEXT.get()
+        context = mlflow_internal("mlflow.tracking.fluent._ACTIVE_MODEL_CONTEXT")
+        previous = context.get()
         try:
             yield
         finally:
-            fluent._ACTIVE_MODEL_CONTEXT.set(previous)
+            context.set(previous)
 
     @staticmethod
     def unwrap_pyfunc(pyfunc: Any) -> Any:
-        """The DSPy program inside a pyfunc model logged with the mlflow.dspy flavor (or None)."""
-        wrapper = getattr(pyfunc, "_model_impl", None)  # the flavor's DspyModelWrapper
-        return getattr(wrapper, "model", None)
+        """The DSPy program inside a pyfunc model logged with the mlflow.dspy flavor (or None
+        for another flavor)."""
+        wrapper = _attribute(pyfunc, "_model_impl", "mlflow.pyfunc.PyFuncModel._model_impl")
+        return getattr(wrapper, "model", None)  # the dspy flavor's DspyModelWrapper.model
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
@@ -71,12 +240,15 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
 
 
 def connect(settings: Settings | None = None) -> Store:
-    """Point MLflow at the configured store and make sure flywheel's experiment exists."""
+    """The configured store, with flywheel's experiment made sure of.
+
+    MLflow's process-wide URI is left alone: use `Store.client`, or `Store.fluent()` for fluent calls.
+    """
     settings = settings or get_settings()
     key = (settings.mlflow_tracking_uri, settings.flywheel_experiment)
     with _lock:
         store = _connected.get(key)
-        if store is not None and mlflow.get_tracking_uri() == store.tracking_uri:
+        if store is not None:
             return store
         uri = settings.mlflow_tracking_uri
         apply_mlflow_client_settings()
@@ -84,8 +256,6 @@ def connect(settings: Settings | None = None) -> Store:
             settings.artifact_root.mkdir(parents=True, exist_ok=True)
         else:
             check_reachable(uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         with quiet("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
             experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
         store = Store(uri, experiment_id, settings)

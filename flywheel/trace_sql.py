@@ -4,8 +4,9 @@ MLflow's public path (`start_trace` + `log_spans`) costs one transaction per
 trace, about 100 traces/s on sqlite here: less than the server produces. This
 writes a whole batch in one transaction with `executemany` on MLflow's own
 tables, the same rows the public path writes (tests/test_tracing.py compares
-the two). It leans on MLflow internals, so any error makes the caller fall
-back to the public path; nothing is lost, only speed.
+the two). It leans on MLflow internals, reached only through flywheel.store
+(`sql_trace_schema`, `sql_session`; tests/test_store.py checks them), so any
+error makes the caller fall back to the public path; nothing is lost, only speed.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from flywheel.store import sql_session, sql_trace_schema, supports_sql_traces
+
 
 def supports(store: Any) -> bool:
-    return hasattr(store, "ManagedSessionMaker") and hasattr(store, "get_experiment")
+    return supports_sql_traces(store)
 
 
 def existing_ids(store: Any, trace_ids: list[str]) -> set[str]:
-    from mlflow.store.tracking.dbmodels.models import SqlTraceInfo
     from sqlalchemy import select
 
+    info = sql_trace_schema().SqlTraceInfo  # MLflow's trace table
     found: set[str] = set()
-    with store.ManagedSessionMaker() as session:
+    with sql_session(store) as session:
         for start in range(0, len(trace_ids), 500):
             chunk = trace_ids[start : start + 500]
-            query = select(SqlTraceInfo.request_id).where(SqlTraceInfo.request_id.in_(chunk))
+            query = select(info.request_id).where(info.request_id.in_(chunk))
             found.update(row[0] for row in session.execute(query))
     return found
 
@@ -44,22 +47,9 @@ def _artifact_root(store: Any, experiment_id: str) -> str:
 
 def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
     """items: (TraceInfo, [Span]) pairs, none already stored -> one transaction."""
-    from mlflow.store.tracking.dbmodels.models import (
-        SqlSpan,
-        SqlTraceInfo,
-        SqlTraceMetadata,
-        SqlTraceTag,
-    )
-    from mlflow.store.tracking.utils.trace_analytics import (
-        PROMOTED_TRACE_METADATA_KEYS,
-        analytics_columns_from_metadata,
-        validate_trace_name,
-    )
-    from mlflow.tracing.constant import SpansLocation, TraceMetadataKey, TraceTagKey
-    from mlflow.tracing.otel.translation import translate_span_when_storing
-    from mlflow.tracing.utils import TraceJSONEncoder
-    from mlflow.utils.mlflow_tags import MLFLOW_ARTIFACT_LOCATION
     from sqlalchemy import insert
+
+    m = sql_trace_schema()  # MLflow's tables and the helpers its SQL store fills them with
 
     infos: list[dict[str, Any]] = []
     tags: list[dict[str, Any]] = []
@@ -70,10 +60,10 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
         root = _artifact_root(store, exp_id)
         tid = info.trace_id
         meta = dict(info.trace_metadata)
-        columns = analytics_columns_from_metadata(meta)
-        for key in PROMOTED_TRACE_METADATA_KEYS:
+        columns = m.analytics_columns_from_metadata(meta)
+        for key in m.PROMOTED_TRACE_METADATA_KEYS:
             meta.pop(key, None)
-        meta[TraceMetadataKey.TRACE_INFO_FINALIZED] = "true"
+        meta[m.TraceMetadataKey.TRACE_INFO_FINALIZED] = "true"
         infos.append(
             {
                 "request_id": tid,
@@ -85,17 +75,19 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                 "request_preview": info.request_preview,
                 "response_preview": info.response_preview,
                 "db_payload_generation": 1,
-                "trace_name": validate_trace_name(info.tags.get(TraceTagKey.TRACE_NAME)),
+                "trace_name": m.validate_trace_name(info.tags.get(m.TraceTagKey.TRACE_NAME)),
                 "session_id": columns.get("session_id"),
             }
         )
-        trace_tags = {k: v for k, v in info.tags.items() if k != TraceTagKey.TRACE_NAME}
-        trace_tags[MLFLOW_ARTIFACT_LOCATION] = f"{root}/traces/{tid}/artifacts"
-        trace_tags[TraceTagKey.SPANS_LOCATION] = SpansLocation.TRACKING_STORE.value
+        trace_tags = {k: v for k, v in info.tags.items() if k != m.TraceTagKey.TRACE_NAME}
+        trace_tags[m.MLFLOW_ARTIFACT_LOCATION] = f"{root}/traces/{tid}/artifacts"
+        trace_tags[m.TraceTagKey.SPANS_LOCATION] = m.SpansLocation.TRACKING_STORE.value
         tags += [{"request_id": tid, "key": k, "value": v} for k, v in trace_tags.items()]
         metadata += [{"request_id": tid, "key": k, "value": v} for k, v in meta.items()]
         for span in trace_spans:
-            content = json.dumps(translate_span_when_storing(span), cls=TraceJSONEncoder, ensure_ascii=False)
+            content = json.dumps(
+                m.translate_span_when_storing(span), cls=m.TraceJSONEncoder, ensure_ascii=False
+            )
             spans.append(
                 {
                     "trace_id": tid,
@@ -110,9 +102,9 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                     "content": content,
                 }
             )
-    with store.ManagedSessionMaker() as session:
-        session.execute(insert(SqlTraceInfo.__table__), infos)
-        session.execute(insert(SqlTraceTag.__table__), tags)
-        session.execute(insert(SqlTraceMetadata.__table__), metadata)
+    with sql_session(store) as session:
+        session.execute(insert(m.SqlTraceInfo.__table__), infos)
+        session.execute(insert(m.SqlTraceTag.__table__), tags)
+        session.execute(insert(m.SqlTraceMetadata.__table__), metadata)
         if spans:
-            session.execute(insert(SqlSpan.__table__), spans)
+            session.execute(insert(m.SqlSpan.__table__), spans)

@@ -212,9 +212,9 @@ def _write_public(store: Any, experiment_id: str, records: list[TraceRecord]) ->
         except NotImplementedError:
             # MLflow's REST store caches a failed /version probe (e.g. made during an outage)
             # for the life of the process; forget it and ask the server again.
-            getattr(type(store), "_get_server_version", None) and type(
-                store
-            )._get_server_version.cache_clear()
+            from flywheel.store import forget_server_version
+
+            forget_server_version(store)
             store.log_spans(experiment_id, spans)
     return [r.trace_id for r in records]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,19 +71,100 @@ def _reset() -> None:
     store.reset()
 
 
+def _fingerprint(s: store.Store) -> dict[str, Any]:
+    """What a test could change in a store: registry versions (stage, aliases, tags), traces with their
+    assessments, and items waiting in the outbox."""
+    versions = sorted(
+        (v.name, v.version, v.current_stage, tuple(sorted(v.aliases)), tuple(sorted(v.tags.items())))
+        for v in s.client.search_model_versions()
+    )
+    traces, token = [], None
+    while True:
+        infos, token = s.tracking.search_traces(
+            locations=[s.experiment_id], max_results=500, page_token=token
+        )
+        traces += [(i.trace_id, len(i.assessments or [])) for i in infos]
+        if not token:
+            break
+    outbox = s.settings.flywheel_home / "outbox.db"
+    waiting = 0
+    if outbox.exists():
+        with sqlite3.connect(outbox) as db:
+            waiting = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+    return {"versions": versions, "traces": sorted(traces), "outbox": waiting}
+
+
+def _seed(mp: pytest.MonkeyPatch, home: Path) -> store.Store:
+    from flywheel.demo.seed import seed_demo
+
+    s = use_home(mp, home)
+    seed_demo(s, progress=lambda line: None)
+    return s
+
+
 @pytest.fixture
 def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[store.Store]:
     yield use_home(monkeypatch, tmp_path / "home")
     _reset()
 
 
+@pytest.fixture
+def make_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., store.Store]]:
+    """`make_store(home, **env)`: point flywheel at a fresh store under `home` with extra settings
+    (`use_home` for one test); every server, cache and runtime is reset after the test."""
+
+    def make(home: Path, **env: str) -> store.Store:
+        return use_home(monkeypatch, home, **env)
+
+    yield make
+    _reset()
+
+
+@pytest.fixture
+def empty_home(tmp_path: Path) -> Callable[[str], Path]:
+    """`empty_home(name)`: tmp_path/name holding an empty, migrated MLflow database (settings untouched)."""
+
+    def make(name: str) -> Path:
+        home = tmp_path / name
+        home.mkdir(parents=True)
+        shutil.copyfile(_empty_database(), home / "mlflow.db")
+        return home
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
+    """A fresh, empty store shared (and written) by a module's tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield use_home(mp, tmp_path_factory.mktemp("module") / "home")
+        _reset()
+
+
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
-    """A store seeded with the demo, shared by a module's read-only tests."""
-    from flywheel.demo.seed import seed_demo
+    """A store seeded with the demo, shared by a module's read-only tests.
+
+    Read-only is checked: when a module's tests predict, rate or promote on it, its teardown
+    fails (those tests take `demo_store_rw`).
+    """
+    from flywheel.runtime import reset_runtime
 
     with pytest.MonkeyPatch.context() as mp:
-        s = use_home(mp, tmp_path_factory.mktemp("demo") / "home")
-        seed_demo(s, progress=lambda line: None)
-        yield s
+        s = _seed(mp, tmp_path_factory.mktemp("demo") / "home")
+        before = _fingerprint(s)
+        try:
+            yield s
+            reset_runtime()  # a runtime a test used delivers what it queued, so the check sees it
+            after = _fingerprint(s)
+        finally:
+            _reset()
+        assert after == before, "a test wrote to the read-only demo_store: give it demo_store_rw"
+
+
+@pytest.fixture(scope="module")
+def demo_store_rw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
+    """A store seeded with the demo that a module's tests write to (predictions, ratings, promotions)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield _seed(mp, tmp_path_factory.mktemp("demo-rw") / "home")
         _reset()

@@ -7,7 +7,7 @@ import csv
 import io
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ JOKES = "joke-generator"
 
 
 @pytest.fixture(scope="module")
-def url(demo_store: Store) -> Iterator[str]:
+def url(demo_store_rw: Store) -> Iterator[str]:
     yield start_background(port=0)
     stop_background()
 
@@ -340,13 +340,12 @@ def test_python_client_sync(url: str) -> None:
         assert info.value.status_code == 404 and "Model not found" in info.value.detail
 
 
-def test_api_keys_protect_predict_feedback_and_admin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import _reset, use_home
-
+def test_api_keys_protect_predict_feedback_and_admin(
+    tmp_path: Path, make_store: Callable[..., Store]
+) -> None:
     from flywheel.demo.seed import seed_demo
 
-    store = use_home(
-        monkeypatch,
+    store = make_store(
         tmp_path / "home",
         FLYWHEEL_PREDICT_KEY="p-key",
         FLYWHEEL_FEEDBACK_KEY="f-key",
@@ -380,4 +379,4 @@ def test_api_keys_protect_predict_feedback_and_admin(tmp_path: Path, monkeypatch
             with Client(url, api_key="p-key") as client:
                 assert client.predict(JOKES, {"topic": "dog"})["model_version"] == "2"
     finally:
-        _reset()
+        stop_background()  # make_store resets the rest

@@ -73,7 +73,7 @@ def test_every_setting_is_documented() -> None:
 def test_config_is_the_only_reader_of_the_environment() -> None:
     offenders = [
         p.name
-        for p in (ROOT / "flywheel").glob("*.py")
+        for p in (ROOT / "flywheel").rglob("*.py")
         if p.name != "config.py" and re.search(r"os\.environ|os\.getenv", p.read_text())
     ]
     assert offenders == []

@@ -2,13 +2,16 @@
 
 Voila serves dashboards/ over a seeded temp store with predictions waiting for
 review; two reviewers rate with mouse and keyboard, a version is promoted, and
-the screenshots in docs/screenshots/ are taken from these runs.
+screenshots are taken (into a temp folder; FLYWHEEL_REFRESH_DOCS=1 copies them
+over docs/screenshots/).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 JOKES = "joke-generator"
 TOPICS = ["cats", "coffee", "mondays", "pizza", "robots", "trains"]
 LOAD = 120_000  # ms: a fresh Voila kernel imports MLflow and DSPy first
@@ -52,21 +55,29 @@ def reset() -> None:
 
 
 @pytest.fixture(scope="module")
-def review_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runtime, list[str]]]:
-    """The demo plus predictions waiting for review (and two rated ones, for the statistics)."""
-    from conftest import use_home
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the screenshots go: a temp folder; with FLYWHEEL_REFRESH_DOCS=1 they are then copied over
+    docs/screenshots/ (the only way a test run changes docs/)."""
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    if os.environ.get("FLYWHEEL_REFRESH_DOCS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for png in sorted(folder.glob("*.png")):
+            shutil.copyfile(png, DOCS_SCREENSHOTS / png.name)
 
-    with pytest.MonkeyPatch.context() as mp:
-        s = use_home(mp, tmp_path_factory.mktemp("voila") / "home")
-        seed_demo(s, progress=lambda line: None)
-        rt = get_runtime()
-        rated = [flywheel.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
-        submit(rated[0], "thumbs_up", user_id="seed", runtime=rt)
-        submit(rated[1], "thumbs_down", user_id="seed", runtime=rt)
-        waiting = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
-        assert rt.outbox.flush(timeout=30)
-        yield rt, waiting
-        reset()
+
+@pytest.fixture(scope="module")
+def review_store(module_store: store.Store) -> Iterator[tuple[Runtime, list[str]]]:
+    """The demo plus predictions waiting for review (and two rated ones, for the statistics)."""
+    seed_demo(module_store, progress=lambda line: None)
+    rt = get_runtime()
+    rated = [flywheel.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
+    submit(rated[0], "thumbs_up", user_id="seed", runtime=rt)
+    submit(rated[1], "thumbs_down", user_id="seed", runtime=rt)
+    waiting = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
+    assert rt.outbox.flush(timeout=30)
+    yield rt, waiting
+    reset()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +160,7 @@ def test_voila_command_and_launch(voila: Launched) -> None:
 
 
 def test_two_reviewers_rate_with_mouse_and_keyboard(
-    voila: Launched, browser: Any, review_store: tuple[Runtime, list[str]]
+    voila: Launched, browser: Any, review_store: tuple[Runtime, list[str]], screenshots: Path
 ) -> None:
     rt, waiting = review_store
     url = voila.urls["rating.ipynb"]
@@ -187,8 +198,7 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     rita.wait_for_selector(".fw-progress:has-text('3 by you')")
     assert "Saved thumbs up as rita" in rita.inner_text(".fw-status")
     assert_clean(rita)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    rita.screenshot(path=str(SCREENSHOTS / "rating.png"), full_page=True)
+    rita.screenshot(path=str(screenshots / "rating.png"), full_page=True)
 
     bo.keyboard.press("u")
     wait_moved_on(bo, theirs)
@@ -215,7 +225,9 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     bo.close()
 
 
-def test_promote_on_the_models_dashboard(voila: Launched, browser: Any, review_store: Any) -> None:
+def test_promote_on_the_models_dashboard(
+    voila: Launched, browser: Any, review_store: Any, screenshots: Path
+) -> None:
     rt, _ = review_store
     page = open_page(browser, voila.urls["models.ipynb"], height=1250)  # all of it in the screenshot
     page.wait_for_selector(".fw-versions table", timeout=LOAD)
@@ -229,7 +241,7 @@ def test_promote_on_the_models_dashboard(voila: Launched, browser: Any, review_s
     page.wait_for_selector(".fw-confirm:visible")
     assert "v2 (now Production) will be archived" in page.inner_text(".fw-confirm")
     assert registry.resolve(JOKES, "Production", rt.store).version == "2"  # not before confirming
-    page.screenshot(path=str(SCREENSHOTS / "models.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "models.png"), full_page=True)
     page.click("button.fw-confirm-yes")
     page.wait_for_selector(".fw-status:has-text('v1 is now Production')")
     assert registry.resolve(JOKES, "Production", rt.store).version == "1"
@@ -239,11 +251,9 @@ def test_promote_on_the_models_dashboard(voila: Launched, browser: Any, review_s
 
 
 def test_empty_store_is_a_friendly_page(
-    browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    browser: Any, tmp_path: Path, make_store: Callable[..., store.Store]
 ) -> None:
-    from conftest import use_home
-
-    use_home(monkeypatch, tmp_path / "empty")
+    make_store(tmp_path / "empty")
     launched = launch(port=free_port(0), open_api=False, block=False, echo=lambda line: None)
     try:
         page = open_page(browser, launched.urls["rating.ipynb"])

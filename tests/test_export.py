@@ -13,7 +13,7 @@ from flywheel.runtime import export_rows, predict, submit_feedback
 from flywheel.store import Store
 
 
-def test_rows_formats_dataframe_and_examples(demo_store: Store) -> None:
+def test_rows_formats_dataframe_and_examples(demo_store_rw: Store) -> None:
     answer = predict("support-router", {"ticket": "My parcel, with a comma, is late"})
     submit_feedback(
         answer.trace_id, "thumbs_down", corrected_output={"category": "shipping"}, comment='say "hi"'

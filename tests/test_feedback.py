@@ -9,7 +9,7 @@ from flywheel.runtime import get_runtime, predict, submit_feedback
 from flywheel.store import Store
 
 
-def test_submit_validates(demo_store: Store) -> None:
+def test_submit_validates(demo_store_rw: Store) -> None:
     trace_id = predict("support-router", {"ticket": "Parcel lost"}).trace_id
     with pytest.raises(errors.FeedbackError, match="rating must be one of"):
         submit_feedback(trace_id, "five stars")
@@ -22,7 +22,7 @@ def test_submit_validates(demo_store: Store) -> None:
     assert receipt.comment is None and receipt.user_id == "anonymous"
 
 
-def test_delivered_assessments_are_human_and_replay_safe(demo_store: Store) -> None:
+def test_delivered_assessments_are_human_and_replay_safe(demo_store_rw: Store) -> None:
     runtime = get_runtime()
     trace_id = predict("support-router", {"ticket": "Refund my card"}).trace_id
     submit_feedback(trace_id, "thumbs_up", comment="right team", user_id="rev-1")

@@ -81,11 +81,12 @@ def test_one_turn_improves_heldout_accuracy_of_production(store: Store) -> None:
     assert registry.get_version(ROUTER_MODEL, start, store).stage == "Archived"
     assert "promoted to Production" in turn.summary()
     # serving traces are the reviewers' traffic only; evaluation predictions went elsewhere
-    served = mlflow.search_traces(locations=[store.experiment_id], return_type="list")
-    assert len(served) == 20
-    evaluation = mlflow.get_experiment_by_name(EVAL_EXPERIMENT)
-    assert evaluation is not None
-    assert mlflow.search_traces(locations=[evaluation.experiment_id], return_type="list")
+    with store.fluent():
+        served = mlflow.search_traces(locations=[store.experiment_id], return_type="list")
+        assert len(served) == 20
+        evaluation = mlflow.get_experiment_by_name(EVAL_EXPERIMENT)
+        assert evaluation is not None
+        assert mlflow.search_traces(locations=[evaluation.experiment_id], return_type="list")
 
 
 @pytest.mark.slow

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -112,19 +115,51 @@ def test_queries_see_pending_and_delivered_traces(tmp_path: Path) -> None:
     assert box.delivered_model("tr-y") is None
 
 
+_CLAIM_AND_HANG = """
+import sys, time
+from pathlib import Path
+from flywheel.outbox import Outbox
+
+def hang(items):
+    print("claimed", flush=True)  # the batch is claimed (committed) before delivery starts
+    time.sleep(600)
+
+path, kind = Path(sys.argv[1]), sys.argv[2]
+box = Outbox(path)
+box.register(kind, hang)
+box.put(kind, "tr-1", {"n": "orphan"})
+box.drain_once()
+"""
+
+
 @pytest.mark.parametrize("kind", ["trace", "feedback"])
-def test_a_stale_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str) -> None:
+def test_a_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str) -> None:
+    """Another process claims a batch and is killed mid-delivery: its claim is respected while it
+    lives and taken over as soon as its pid is dead, long before CLAIM_SECONDS would expire it."""
+    import subprocess
+    import sys
+
     import flywheel.outbox as outbox_module
 
+    assert outbox_module.CLAIM_SECONDS >= 30  # the real value: no expiry within this test
     sink = Sink()
-    dead = box_for(tmp_path / "o.db", sink)
-    dead.put(kind, "tr-1", {"n": "orphan"})
-    assert dead._claim()  # claimed, then the process "dies" before delivering
-    alive = box_for(tmp_path / "o.db", sink)
-    assert alive.drain_once() == 0  # a fresh claim is respected
-    original = outbox_module.CLAIM_SECONDS
-    outbox_module.CLAIM_SECONDS = 0.0
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _CLAIM_AND_HANG, str(tmp_path / "o.db"), kind],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert alive.flush() and sink.seen == ["orphan"]
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "claimed"
+        alive = box_for(tmp_path / "o.db", sink)
+        assert alive.backlog() == 1
+        assert alive.drain_once() == 0  # a fresh claim of a live process is respected
     finally:
-        outbox_module.CLAIM_SECONDS = original
+        owner.kill()
+        owner.wait(timeout=30)  # reaped: its pid is dead, not a zombie
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        (claimed_by,) = db.execute("SELECT claimed_by FROM items").fetchone()
+    assert claimed_by.split("-", 1)[0] == str(owner.pid)  # still claimed by the dead process
+    started = time.monotonic()
+    assert alive.flush(timeout=10) and sink.seen == ["orphan"]
+    assert time.monotonic() - started < outbox_module.CLAIM_SECONDS
+    assert alive.backlog() == 0

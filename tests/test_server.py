@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -63,7 +63,7 @@ def _kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @pytest.fixture
-def served(demo_store: Store) -> Iterator[tuple[str, Store]]:
+def served(demo_store_rw: Store) -> Iterator[tuple[str, Store]]:
     port = _port()
     proc = _spawn(
         [
@@ -83,7 +83,7 @@ def served(demo_store: Store) -> Iterator[tuple[str, Store]]:
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{url}/health")
-        yield url, demo_store
+        yield url, demo_store_rw
     finally:
         _kill(proc)
 
@@ -148,7 +148,7 @@ def test_metrics_are_summed_over_worker_processes(served: tuple[str, Store]) -> 
         assert httpx.get(f"{url}/metrics").json()["request_count"] - start == 120
 
 
-def test_uvicorn_with_workers_serves_the_app(demo_store: Store) -> None:
+def test_uvicorn_with_workers_serves_the_app(demo_store_rw: Store) -> None:
     port = _port()
     proc = _spawn([str(BIN / "uvicorn"), "flywheel.http.api:app", "--port", str(port), "--workers", "2"])
     try:
@@ -181,7 +181,7 @@ def test_acknowledged_feedback_survives_a_killed_server(fresh_store: Store) -> N
     assert names == ["comment", "user_rating"]
 
 
-def test_background_server_in_a_kernel_is_one_per_process(demo_store: Store) -> None:
+def test_background_server_in_a_kernel_is_one_per_process(demo_store_rw: Store) -> None:
     url = start_background(port=0)
     try:
         assert start_background() == url == background_url()
@@ -194,11 +194,9 @@ def test_background_server_in_a_kernel_is_one_per_process(demo_store: Store) -> 
 
 
 def test_outage_degrades_then_replays_everything_exactly_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
     """A real `mlflow server` goes away mid-run and comes back; nothing is lost or doubled."""
-    from conftest import use_home
-
     from flywheel.demo.seed import seed_demo
     from flywheel.runtime import get_runtime
 
@@ -221,7 +219,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
     mlflow_server = _spawn(server_cmd)
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
-        store = use_home(monkeypatch, tmp_path / "home", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+        store = make_store(tmp_path / "home", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
         seed_demo(store, progress=lambda line: None)
         url = start_background(port=0)
         client = httpx.Client(base_url=url, timeout=60)

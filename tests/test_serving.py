@@ -12,7 +12,7 @@ from flywheel.runtime import get_runtime, predict
 from flywheel.store import Store
 
 
-def test_predict_by_every_reference_and_traced(demo_store: Store) -> None:
+def test_predict_by_every_reference_and_traced(demo_store_rw: Store) -> None:
     by_stage = predict("joke-generator", {"topic": "coffee"})
     assert by_stage.model_version == "2" and by_stage.result["joke"].startswith("Decaf")
     assert predict("joke-generator", {"topic": "coffee"}, "1").model_version == "1"
@@ -23,7 +23,7 @@ def test_predict_by_every_reference_and_traced(demo_store: Store) -> None:
     assert info.tags["flywheel.inputs"] == '{"topic": "coffee"}'
 
 
-def test_predict_inside_a_running_event_loop(demo_store: Store) -> None:
+def test_predict_inside_a_running_event_loop(demo_store_rw: Store) -> None:
     async def cell() -> serving.Prediction:  # a kernel cell runs inside a loop
         return predict("support-router", {"ticket": "I was charged twice"})
 
@@ -31,7 +31,7 @@ def test_predict_inside_a_running_event_loop(demo_store: Store) -> None:
     assert answer.result["category"] in {"billing", "technical", "account", "shipping"}
 
 
-def test_input_errors_name_the_field(demo_store: Store) -> None:
+def test_input_errors_name_the_field(demo_store_rw: Store) -> None:
     with pytest.raises(errors.InputError, match="missing input field 'topic'"):
         predict("joke-generator", {"subject": "x"})
     with pytest.raises(errors.InputError, match="inputs must be an object"):

@@ -6,8 +6,6 @@ import json
 import sqlite3
 import time
 
-import mlflow
-
 from flywheel import trace_sql
 from flywheel.store import Store
 from flywheel.tracing import TraceRecord, model_key, new_trace_id, write_traces
@@ -56,7 +54,7 @@ def test_batched_and_public_paths_write_the_same_rows(fresh_store: Store) -> Non
 def test_a_written_trace_reads_back_complete(fresh_store: Store) -> None:
     record = _record(7)
     write_traces(fresh_store.tracking, fresh_store.experiment_id, [record])
-    trace = mlflow.get_trace(record.trace_id)
+    trace = fresh_store.client.get_trace(record.trace_id)
     assert trace.info.state.value == "OK"
     assert trace.info.tags["flywheel.model"] == record.model
     assert trace.info.tags["flywheel.model_key"] == model_key(record.model)
@@ -81,7 +79,7 @@ def test_failed_predictions_are_error_traces(fresh_store: Store) -> None:
     now = time.time_ns()
     record = TraceRecord(new_trace_id(), "m", "1", None, {"topic": "x"}, None, now, now, "LM exploded")
     write_traces(fresh_store.tracking, fresh_store.experiment_id, [record])
-    trace = mlflow.get_trace(record.trace_id)
+    trace = fresh_store.client.get_trace(record.trace_id)
     assert trace.info.state.value == "ERROR"
     assert "flywheel.outputs" not in trace.info.tags
 

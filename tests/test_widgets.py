@@ -39,7 +39,7 @@ JOKES, ROUTER = "joke-generator", "support-router"
 
 
 @pytest.fixture(scope="module")
-def rt(demo_store: store.Store) -> Iterator[Runtime]:
+def rt(demo_store_rw: store.Store) -> Iterator[Runtime]:
     reset_runtime()
     yield get_runtime()
     reset_runtime()

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 import ipywidgets as widgets
 
 from flywheel import registry
+from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -133,8 +134,9 @@ def say(status: widgets.HTML, kind: str, message: str) -> None:
 
 
 def friendly(exc: BaseException) -> str:
-    known = ("ModelNotFound", "InputError", "FeedbackError", "TraceNotFound", "InvalidStage", "ConfigError")
-    if type(exc).__name__ in (*known, "ExportError", "PredictTimeout", "LMFailure", "ReviewError"):
+    """One line for a person: a FlywheelError's own message (written for people in errors.py);
+    anything else is unexpected, so its kind is named too."""
+    if isinstance(exc, FlywheelError) and str(exc):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 

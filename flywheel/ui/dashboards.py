@@ -26,9 +26,29 @@ DASHBOARDS = ("rating.ipynb", "models.ipynb")
 DEFAULT_PORT = 8866
 
 
+def _shipped(name: str) -> Path:
+    """The top-level `name`/ folder (dashboards/ or notebooks/): flywheel/_data/`name` in an installed
+    wheel (pyproject.toml maps it there), else the source checkout's (an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "_data" / name, package.parent / name
+    if installed.is_dir():
+        return installed
+    if checkout.is_dir() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise FileNotFoundError(
+        f"flywheel's {name}/ is missing: neither {package / '_data' / name} (installed) "
+        f"nor {package.parent / name} (source checkout) exists"
+    )
+
+
 def dashboards_dir() -> Path:
-    """dashboards/ of the source tree (flywheel is installed in editable mode from it)."""
-    return Path(__file__).resolve().parents[2] / "dashboards"
+    """The Voila dashboards: the source tree's dashboards/, or the installed wheel's copy."""
+    return _shipped("dashboards")
+
+
+def notebooks_dir() -> Path:
+    """The example notebooks: the source tree's notebooks/, or the installed wheel's copy."""
+    return _shipped("notebooks")
 
 
 def free_port(preferred: int, host: str = "127.0.0.1") -> int:
