@@ -21,16 +21,31 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel import export, feedback, registry, serving
+from flywheel import export, feedback, limits, registry, serving
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError
 from flywheel.runtime import Runtime
 
 
-class PredictRequest(BaseModel):
+class _Checked(BaseModel):
+    """Rejects (422) what must never be queued or run: text UTF-8 cannot encode, nesting deeper
+    than `limits.MAX_DEPTH`, a version number the registry cannot hold."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _hostile(self) -> _Checked:
+        found = limits.problem({k: getattr(self, k) for k in type(self).model_fields}, "body") or limits.version_problem(
+            getattr(self, "version", None)
+        )
+        if found:
+            raise ValueError(found)
+        return self
+
+
+class PredictRequest(_Checked):
     model: str = Field(min_length=1, examples=["joke-generator"])
     inputs: dict[str, Any] = Field(examples=[{"topic": "cat"}])
     version: str | None = Field(default=None, examples=[None])
@@ -45,8 +60,7 @@ class PredictResponse(BaseModel):
     latency_ms: float
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackRequest(_Checked):
     trace_id: str = Field(min_length=1)
     rating: Literal["thumbs_up", "thumbs_down"]
     corrected_output: dict[str, Any] | str | None = None
@@ -65,8 +79,7 @@ class FeedbackResponse(BaseModel):
     feedback_id: str = Field(description="stored as metadata `flywheel.feedback_id` on each assessment")
 
 
-class StageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StageRequest(_Checked):
     version: str = Field(min_length=1)
     stage: str = Field(min_length=1)
 
@@ -90,7 +103,9 @@ def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
             return
         if x_api_key is None:
             raise HTTPException(401, f"this endpoint needs the {kind} API key in the X-API-Key header")
-        if not secrets.compare_digest(x_api_key, wanted):
+        # as bytes: compare_digest refuses a non-ASCII str, and a header is latin-1 on the wire
+        given = x_api_key.encode("latin-1", "replace")
+        if not secrets.compare_digest(given, wanted.encode("utf-8")):
             raise HTTPException(403, f"the X-API-Key header does not hold the {kind} API key")
 
     return Depends(check)

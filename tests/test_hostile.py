@@ -1,0 +1,163 @@
+"""Hostile input and safe defaults (issue #10): a real server over the seeded demo store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from flywheel import limits
+from flywheel.http.server import start_background, stop_background
+from flywheel.runtime import get_runtime
+from flywheel.store import Store
+
+JOKES = "joke-generator"
+
+
+@pytest.fixture(scope="module")
+def url(demo_store: Store) -> Iterator[str]:
+    yield start_background(port=0)
+    stop_background()
+
+
+@pytest.fixture
+def http(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def _predict(http: httpx.Client, topic: str) -> str:
+    r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": topic}})
+    assert r.status_code == 200, r.text
+    return r.json()["trace_id"]
+
+
+def _raw(http: httpx.Client, path: str, text: str) -> httpx.Response:
+    """POST a JSON text as is (json.dumps would refuse nothing, but keeps escapes explicit)."""
+    return http.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+# 1. validation before anything is queued or run
+
+
+def test_lone_surrogates_are_422_and_export_keeps_working(http: httpx.Client) -> None:
+    trace_id = _predict(http, "surrogate")
+    backlog = get_runtime().outbox.backlog()
+    comment = '{"trace_id": "%s", "rating": "thumbs_up", "comment": "x\\udfffy"}' % trace_id
+    r = _raw(http, "/feedback", comment)
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"], r.text
+    assert get_runtime().outbox.backlog() == backlog  # nothing queued
+    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"topic": "\\ud800"}}' % JOKES)
+    assert r.status_code == 422 and "UTF-8" in r.json()["detail"]
+    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"\\udfff": "x"}}' % JOKES)
+    assert r.status_code == 422
+    for fmt in ("csv", "json", "jsonl"):
+        assert http.get("/export", params={"model": JOKES, "format": fmt}).status_code == 200
+
+
+def test_end_date_at_the_end_of_time_is_422(http: httpx.Client) -> None:
+    r = http.get("/export", params={"model": JOKES, "end_date": "9999-12-31"})
+    assert r.status_code == 422 and "end_date" in r.json()["detail"]
+    assert http.get("/export", params={"model": JOKES, "end_date": "9999-12-30"}).status_code == 200
+
+
+def test_version_numbers_beyond_the_store_are_422(http: httpx.Client) -> None:
+    huge = "9" * 20
+    r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": "x"}, "version": huge})
+    assert r.status_code == 422 and "out of range" in r.json()["detail"]
+    r = http.post(f"/models/{JOKES}/stage", json={"version": huge, "stage": "Staging"})
+    assert r.status_code == 422 and "out of range" in r.json()["detail"]
+    r = http.post(f"/models/{JOKES}/stage", json={"version": "-1", "stage": "Staging"})
+    assert r.status_code == 422
+    assert http.post(f"/models/{JOKES}/stage", json={"version": "42", "stage": "Staging"}).status_code == 404
+
+
+def test_inputs_nested_beyond_the_limit_are_422(http: httpx.Client) -> None:
+    deep: object = "x"
+    for _ in range(500):
+        deep = {"a": deep}
+    r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": deep}})
+    assert r.status_code == 422 and f"deeper than {limits.MAX_DEPTH}" in r.json()["detail"]
+    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"topic": %s}}' % (JOKES, "[" * 500 + "]" * 500))
+    assert r.status_code == 422
+    ok: object = "x"
+    for _ in range(limits.MAX_DEPTH - 2):  # the body is level 0, `inputs` 1, `topic` 2
+        ok = [ok]
+    r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": ok}})
+    assert r.status_code != 422 or "deeper" not in r.json()["detail"]
+    assert r.status_code != 500, r.text
+
+
+def test_a_non_ascii_api_key_is_refused_never_500(http: httpx.Client) -> None:
+    runtime = get_runtime()
+    original = runtime.settings
+    try:
+        runtime.settings = replace(original, flywheel_predict_key="p-kéy")
+        body = {"model": JOKES, "inputs": {"topic": "cat"}}
+        for key in ("ключ".encode(), "p-kéy".encode("latin-1"), b"\xff\xfe", b"p-key"):
+            r = http.post("/predict", json=body, headers={"X-API-Key": key})
+            assert r.status_code == 403, (key, r.text)
+        r = http.post("/predict", json=body, headers={"X-API-Key": "p-kéy".encode()})
+        assert r.status_code == 200, r.text  # a UTF-8 key sent as UTF-8 bytes matches
+    finally:
+        runtime.settings = original
+
+
+# 2. CSV export neutralises formulas
+
+
+def test_csv_cells_that_start_a_formula_are_quoted_json_keeps_them() -> None:
+    from flywheel.export import to_csv, to_jsonl
+
+    hostile = ["=1+1", "+SUM(A1)", "-2+3", "@cmd", "\tx", "\rx", "plain", "'quoted"]
+    rows = [{"joke": value, "trace_id": "t", "rating": "thumbs_up", "n": -3} for value in hostile]
+    cells = [row["joke"] for row in csv.DictReader(io.StringIO(to_csv(rows)))]
+    assert cells == ["'=1+1", "'+SUM(A1)", "'-2+3", "'@cmd", "'\tx", "'\rx", "plain", "'quoted"]
+    assert [json.loads(line)["joke"] for line in to_jsonl(rows).splitlines()] == hostile
+    assert {row["n"] for row in csv.DictReader(io.StringIO(to_csv(rows)))} == {"-3"}  # a number
+
+
+def test_csv_export_over_http_is_neutralised(http: httpx.Client) -> None:
+    trace_id = _predict(http, "formula")
+    body = {"trace_id": trace_id, "rating": "thumbs_down", "corrected_output": {"joke": "=HYPERLINK(1)"}}
+    assert http.post("/feedback", json=body).status_code == 200
+    get_runtime().outbox.flush()
+    text = http.get("/export", params={"model": JOKES, "format": "csv"}).text
+    row = next(r for r in csv.DictReader(io.StringIO(text)) if r["trace_id"] == trace_id)
+    assert row["joke"] == "'=HYPERLINK(1)"
+    rows = http.get("/export", params={"model": JOKES, "format": "json"}).json()["rows"]
+    assert next(r for r in rows if r["trace_id"] == trace_id)["joke"] == "=HYPERLINK(1)"
+
+
+# 3. a row's rating and correction come from one reviewer
+
+
+def test_rating_and_correction_come_from_the_same_reviewer(http: httpx.Client) -> None:
+    trace_id = _predict(http, "disagreement")
+    ann = {
+        "trace_id": trace_id,
+        "rating": "thumbs_down",
+        "user_id": "ann",
+        "corrected_output": {"joke": "Ann's better joke."},
+        "comment": "not funny",
+    }
+    assert http.post("/feedback", json=ann).status_code == 200
+    assert get_runtime().outbox.flush()
+    bob = {"trace_id": trace_id, "rating": "thumbs_up", "user_id": "bob"}  # later, and disagrees
+    assert http.post("/feedback", json=bob).status_code == 200
+    assert get_runtime().outbox.flush()
+    rows = http.get("/export", params={"model": JOKES}).json()["rows"]
+    row = next(r for r in rows if r["trace_id"] == trace_id)
+    assert row["rating"] == "thumbs_up"
+    assert row["joke"] != "Ann's better joke." and row["comment"] is None  # not Ann's
+    carl = {**ann, "user_id": "carl", "corrected_output": {"joke": "Carl's."}, "comment": "meh"}
+    assert http.post("/feedback", json=carl).status_code == 200
+    assert get_runtime().outbox.flush()
+    rows = http.get("/export", params={"model": JOKES}).json()["rows"]
+    row = next(r for r in rows if r["trace_id"] == trace_id)
+    assert (row["rating"], row["joke"], row["comment"]) == ("thumbs_down", "Carl's.", "meh")
