@@ -57,22 +57,29 @@ def version_problem(version: str | None) -> str | None:
 
 
 def stored(value: Any, field_limit: int, total_limit: int | None = None) -> Any:
-    """`value` cut down for storage: each text field to `field_limit` characters, the whole
-    (as JSON) to `total_limit`, each cut marked with TRUNCATED. Values within limits come back as is.
+    """`value` cut down for storage: each text to `field_limit` characters, the whole (as JSON) to
+    `total_limit`, each cut marked with TRUNCATED. A value within limits comes back as is; an
+    object stays an object with the same keys (export reads the fields back by name).
 
     The one helper for everything written to trace tags and the outbox (inputs, outputs,
-    corrections, comments): the reviewer sees from the marker that a text was cut.
+    errors, corrections, comments): whoever reads it sees from the marker that a text was cut.
     """
     cut = _fields(value, field_limit)
-    if total_limit is None or len(json.dumps(cut, default=str)) <= total_limit:
+    if total_limit is None or _size(cut) <= total_limit:
         return cut
     if isinstance(cut, dict) and cut:
-        share = max(1, (total_limit - 2 * len(cut) * 8) // len(cut) - len(TRUNCATED))
+        share = max(len(TRUNCATED) + 1, (total_limit - _size({k: "" for k in cut})) // len(cut))
         cut = _fields(cut, share)
-        if len(json.dumps(cut, default=str)) <= total_limit:
+        if _size(cut) <= total_limit:
             return cut
-    text = json.dumps(cut, default=str)
-    return text[: max(0, total_limit - len(TRUNCATED))] + TRUNCATED
+        return {k: v if _size(v) <= share else TRUNCATED for k, v in cut.items()}
+    if isinstance(cut, str):
+        return _fields(cut, total_limit)
+    return TRUNCATED
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, default=str))
 
 
 def _fields(value: Any, limit: int) -> Any:

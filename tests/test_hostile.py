@@ -38,8 +38,12 @@ def _predict(http: httpx.Client, topic: str) -> str:
 
 
 def _raw(http: httpx.Client, path: str, text: str) -> httpx.Response:
-    """POST a JSON text as is (json.dumps would refuse nothing, but keeps escapes explicit)."""
+    """POST a JSON text as is: its \\u escapes reach the server undecoded."""
     return http.post(path, content=text.encode(), headers={"content-type": "application/json"})
+
+
+def _body(inputs_json: str) -> str:
+    return '{"model": "' + JOKES + '", "inputs": ' + inputs_json + "}"
 
 
 # 1. validation before anything is queued or run
@@ -48,13 +52,13 @@ def _raw(http: httpx.Client, path: str, text: str) -> httpx.Response:
 def test_lone_surrogates_are_422_and_export_keeps_working(http: httpx.Client) -> None:
     trace_id = _predict(http, "surrogate")
     backlog = get_runtime().outbox.backlog()
-    comment = '{"trace_id": "%s", "rating": "thumbs_up", "comment": "x\\udfffy"}' % trace_id
-    r = _raw(http, "/feedback", comment)
+    comment = json.dumps({"trace_id": trace_id, "rating": "thumbs_up", "comment": "SURROGATE"})
+    r = _raw(http, "/feedback", comment.replace("SURROGATE", "x\\udfffy"))
     assert r.status_code == 422 and "UTF-8" in r.json()["detail"], r.text
     assert get_runtime().outbox.backlog() == backlog  # nothing queued
-    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"topic": "\\ud800"}}' % JOKES)
+    r = _raw(http, "/predict", _body('{"topic": "\\ud800"}'))
     assert r.status_code == 422 and "UTF-8" in r.json()["detail"]
-    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"\\udfff": "x"}}' % JOKES)
+    r = _raw(http, "/predict", _body('{"\\udfff": "x"}'))
     assert r.status_code == 422
     for fmt in ("csv", "json", "jsonl"):
         assert http.get("/export", params={"model": JOKES, "format": fmt}).status_code == 200
@@ -83,7 +87,7 @@ def test_inputs_nested_beyond_the_limit_are_422(http: httpx.Client) -> None:
         deep = {"a": deep}
     r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": deep}})
     assert r.status_code == 422 and f"deeper than {limits.MAX_DEPTH}" in r.json()["detail"]
-    r = _raw(http, "/predict", '{"model": "%s", "inputs": {"topic": %s}}' % (JOKES, "[" * 500 + "]" * 500))
+    r = _raw(http, "/predict", _body('{"topic": ' + "[" * 500 + "]" * 500 + "}"))
     assert r.status_code == 422
     ok: object = "x"
     for _ in range(limits.MAX_DEPTH - 2):  # the body is level 0, `inputs` 1, `topic` 2
@@ -161,3 +165,102 @@ def test_rating_and_correction_come_from_the_same_reviewer(http: httpx.Client) -
     rows = http.get("/export", params={"model": JOKES}).json()["rows"]
     row = next(r for r in rows if r["trace_id"] == trace_id)
     assert (row["rating"], row["joke"], row["comment"]) == ("thumbs_down", "Carl's.", "meh")
+
+
+# 4. limits as documented settings
+
+
+def test_request_bodies_over_the_limit_are_413_also_chunked(http: httpx.Client) -> None:
+    runtime = get_runtime()
+    original = runtime.settings
+    try:
+        runtime.settings = replace(original, max_request_bytes=2048)
+        big = {"model": JOKES, "inputs": {"topic": "x" * 5000}}
+        r = http.post("/predict", json=big)
+        assert r.status_code == 413 and "MAX_REQUEST_BYTES" in r.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:
+            text = json.dumps(big).encode()
+            for i in range(0, len(text), 512):
+                yield text[i : i + 512]
+
+        r = http.post("/predict", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        small = http.post("/predict", json={"model": JOKES, "inputs": {"topic": "x" * 100}})
+        assert small.status_code == 200
+    finally:
+        runtime.settings = original
+
+
+def test_stored_text_is_truncated_with_a_marker(http: httpx.Client) -> None:
+    runtime = get_runtime()
+    original = runtime.settings
+    try:
+        runtime.settings = replace(original, max_field_chars=200, max_trace_chars=1000)
+        trace_id = _predict(http, "long " * 1000)
+        body = {"trace_id": trace_id, "rating": "thumbs_up", "comment": "c" * 5000}
+        receipt = http.post("/feedback", json=body).json()
+        assert receipt["comment"].endswith(limits.TRUNCATED) and len(receipt["comment"]) == 200
+        assert runtime.outbox.flush()
+    finally:
+        runtime.settings = original
+    row = next(
+        r for r in http.get("/export", params={"model": JOKES}).json()["rows"] if r["trace_id"] == trace_id
+    )
+    assert row["topic"].endswith(limits.TRUNCATED) and len(row["topic"]) == 200
+    assert row["comment"].endswith(limits.TRUNCATED)
+
+
+def test_the_stored_helper_keeps_objects_and_bounds_the_whole() -> None:
+    assert limits.stored({"a": "short"}, 100, 1000) == {"a": "short"}
+    cut = limits.stored({f"k{i}": "v" * 500 for i in range(10)}, 400, 1000)
+    assert set(cut) == {f"k{i}" for i in range(10)} and len(json.dumps(cut)) <= 1000
+    assert all(v.endswith(limits.TRUNCATED) for v in cut.values())
+    assert limits.stored(None, 10, 100) is None
+
+
+def test_uvicorn_connection_limits_come_from_settings(url: str) -> None:
+    from flywheel.config import Settings
+    from flywheel.http import server
+
+    config = server._background.server.config  # type: ignore[union-attr]
+    defaults = Settings()
+    assert (config.limit_concurrency, config.timeout_keep_alive) == (
+        defaults.api_limit_concurrency,
+        defaults.api_timeout_keep_alive,
+    )
+    tuned = replace(defaults, api_limit_concurrency=7, api_timeout_keep_alive=3)
+    assert server.connection_limits(tuned) == {"limit_concurrency": 7, "timeout_keep_alive": 3}
+
+
+# 5. safe defaults
+
+
+def test_default_bind_is_loopback_and_exposed_without_keys_warns(capsys: pytest.CaptureFixture) -> None:
+    from flywheel.config import Settings
+    from flywheel.http.server import warn_if_exposed
+
+    assert Settings().api_host == "127.0.0.1"
+    assert warn_if_exposed("127.0.0.1", Settings()) is None
+    warning = warn_if_exposed("0.0.0.0", replace(Settings(), flywheel_admin_key="a"))
+    assert warning and "FLYWHEEL_PREDICT_KEY, FLYWHEEL_FEEDBACK_KEY are unset" in warning
+    assert "WARNING" in capsys.readouterr().err
+    keyed = replace(Settings(), flywheel_predict_key="p", flywheel_feedback_key="f", flywheel_admin_key="a")
+    assert warn_if_exposed("0.0.0.0", keyed) is None
+
+
+def test_registry_routes_need_a_key_only_when_configured(http: httpx.Client) -> None:
+    runtime = get_runtime()
+    original = runtime.settings
+    try:
+        runtime.settings = replace(original, flywheel_predict_key="p", flywheel_admin_key="a")
+        assert http.get("/models").status_code == 200  # REGISTRY_NEEDS_KEY=false: open
+        runtime.settings = replace(runtime.settings, registry_needs_key=True)
+        for path in ("/models", f"/models/{JOKES}/versions"):
+            assert http.get(path).status_code == 401
+            assert http.get(path, headers={"X-API-Key": "wrong"}).status_code == 403
+            assert http.get(path, headers={"X-API-Key": "p"}).status_code == 200
+            assert http.get(path, headers={"X-API-Key": "a"}).status_code == 200
+        assert http.get("/health").status_code == 200
+    finally:
+        runtime.settings = original

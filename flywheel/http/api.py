@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel import export, feedback, limits, registry, serving
+from flywheel.config import Settings
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError
 from flywheel.runtime import Runtime
@@ -37,9 +38,8 @@ class _Checked(BaseModel):
 
     @model_validator(mode="after")
     def _hostile(self) -> _Checked:
-        found = limits.problem({k: getattr(self, k) for k in type(self).model_fields}, "body") or limits.version_problem(
-            getattr(self, "version", None)
-        )
+        fields = {k: getattr(self, k) for k in type(self).model_fields}
+        found = limits.problem(fields, "body") or limits.version_problem(fields.get("version"))
         if found:
             raise ValueError(found)
         return self
@@ -91,24 +91,65 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
+def _key_check(kind: Literal["predict", "feedback", "admin", "registry"]) -> Any:
     def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
         settings = runtime.settings
-        wanted = {
-            "predict": settings.flywheel_predict_key,
-            "feedback": settings.flywheel_feedback_key,
-            "admin": settings.flywheel_admin_key,
-        }[kind]
+        if kind == "registry":  # read-only: the predict or the admin key, when REGISTRY_NEEDS_KEY
+            keys = [settings.flywheel_predict_key, settings.flywheel_admin_key]
+            wanted = [k for k in keys if k] if settings.registry_needs_key else []
+            name = "predict or admin"
+        else:
+            key = {
+                "predict": settings.flywheel_predict_key,
+                "feedback": settings.flywheel_feedback_key,
+                "admin": settings.flywheel_admin_key,
+            }[kind]
+            wanted, name = [key] if key else [], kind
         if not wanted:
             return
         if x_api_key is None:
-            raise HTTPException(401, f"this endpoint needs the {kind} API key in the X-API-Key header")
+            raise HTTPException(401, f"this endpoint needs the {name} API key in the X-API-Key header")
         # as bytes: compare_digest refuses a non-ASCII str, and a header is latin-1 on the wire
         given = x_api_key.encode("latin-1", "replace")
-        if not secrets.compare_digest(given, wanted.encode("utf-8")):
-            raise HTTPException(403, f"the X-API-Key header does not hold the {kind} API key")
+        if not any([secrets.compare_digest(given, w.encode("utf-8")) for w in wanted]):
+            raise HTTPException(403, f"the X-API-Key header does not hold the {name} API key")
 
     return Depends(check)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_REQUEST_BYTES is answered 413.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked
+    (or lying) body is counted as it arrives and refused the moment it passes the limit.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        runtime = getattr(scope["app"].state, "runtime", None)
+        limit = runtime.settings.max_request_bytes if runtime is not None else Settings().max_request_bytes
+        message = f"the request body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            event = await receive()
+            if event["type"] == "http.request":
+                seen += len(event.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -153,6 +194,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(FlywheelError, _flywheel_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -228,13 +270,13 @@ async def get_export(
     return JSONResponse({"model": model, "count": len(rows), "rows": rows})
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[_key_check("registry")])
 async def get_models(runtime: RuntimeDep) -> dict[str, Any]:
     models = await run_in_threadpool(registry.list_models, runtime.store)
     return {"models": [m.to_dict() for m in models]}
 
 
-@router.get("/models/{name}/versions")
+@router.get("/models/{name}/versions", dependencies=[_key_check("registry")])
 async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
     versions = await run_in_threadpool(registry.list_versions, name, runtime.store)
     return {"model": name, "versions": [v.to_dict() for v in versions]}
