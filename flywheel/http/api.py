@@ -84,6 +84,30 @@ class StageRequest(_Checked):
     stage: str = Field(min_length=1)
 
 
+class ErrorResponse(BaseModel):
+    """Every error the API answers (4xx, 5xx, also 422 validation errors): one line for a person."""
+
+    detail: str = Field(examples=["inputs: Field required"])
+
+
+_WHY = {
+    400: "the body could not be read as the declared content type",
+    401: "an API key is configured for this route and the X-API-Key header is missing",
+    403: "the X-API-Key header holds the wrong key, or the route is switched off",
+    404: "no such model, version, stage, alias or trace",
+    413: "the request body is larger than MAX_REQUEST_BYTES",
+    422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
+    502: "the language model (or the program around it) failed",
+    503: "the server is at API_LIMIT_CONCURRENCY; retry later",
+    504: "the prediction took longer than REQUEST_TIMEOUT",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer, all as ErrorResponse."""
+    return {status: {"model": ErrorResponse, "description": _WHY[status]} for status in statuses}
+
+
 def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
@@ -205,7 +229,12 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 router = APIRouter()
 
 
-@router.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[_key_check("predict")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
+)
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
     if len(refs) > 1:
@@ -221,7 +250,18 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
 
 
-@router.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])
+@router.post(
+    "/feedback",
+    response_model=FeedbackResponse,
+    dependencies=[_key_check("feedback")],
+    responses={
+        202: {
+            "model": FeedbackResponse,
+            "description": "accepted while its trace is still pending: stored once the trace is",
+        },
+        **_errors(400, 401, 403, 404, 413, 422, 503),
+    },
+)
 async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackResponse:
     if not runtime.settings.feedback_enabled:
         raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
@@ -237,7 +277,22 @@ async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackR
     return FeedbackResponse(status="success", **receipt.to_dict())
 
 
-@router.get("/export", dependencies=[_key_check("admin")])
+@router.get(
+    "/export",
+    dependencies=[_key_check("admin")],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the rated rows: JSON by default, CSV or JSON Lines by `format`",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        },
+        **_errors(401, 403, 404, 422, 503),
+    },
+)
 async def get_export(
     runtime: RuntimeDep,
     model: Annotated[str, Query(min_length=1)],
@@ -270,30 +325,52 @@ async def get_export(
     return JSONResponse({"model": model, "count": len(rows), "rows": rows})
 
 
-@router.get("/models", dependencies=[_key_check("registry")])
+@router.get("/models", dependencies=[_key_check("registry")], responses=_errors(401, 403, 422, 503))
 async def get_models(runtime: RuntimeDep) -> dict[str, Any]:
     models = await run_in_threadpool(registry.list_models, runtime.store)
     return {"models": [m.to_dict() for m in models]}
 
 
-@router.get("/models/{name}/versions", dependencies=[_key_check("registry")])
+@router.get(
+    "/models/{name}/versions",
+    dependencies=[_key_check("registry")],
+    responses=_errors(401, 403, 404, 422, 503),
+)
 async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
     versions = await run_in_threadpool(registry.list_versions, name, runtime.store)
     return {"model": name, "versions": [v.to_dict() for v in versions]}
 
 
-@router.post("/models/{name}/stage", dependencies=[_key_check("admin")])
+@router.post(
+    "/models/{name}/stage",
+    dependencies=[_key_check("admin")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+)
 async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
     info = await run_in_threadpool(runtime.promote, name, body.version, body.stage)
     return {"status": "success", "model": name, "version": info.to_dict()}
 
 
-@router.get("/health")
+@router.get("/health", responses=_errors(503))
 async def health(runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.health()
 
 
-@router.get("/metrics", response_model=None)
+@router.get(
+    "/metrics",
+    response_model=None,
+    responses={
+        200: {
+            "description": "counters as JSON, or in the Prometheus text format (`format=prometheus`, "
+            "or `Accept: text/plain`)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/plain; version=0.0.4": {"schema": {"type": "string"}},
+            },
+        },
+        **_errors(422, 503),
+    },
+)
 async def metrics(
     request: Request, runtime: RuntimeDep, format: Literal["json", "prometheus"] | None = None
 ) -> dict[str, Any] | PlainTextResponse:
