@@ -5,8 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -264,3 +268,35 @@ def test_registry_routes_need_a_key_only_when_configured(http: httpx.Client) -> 
         assert http.get("/health").status_code == 200
     finally:
         runtime.settings = original
+
+
+# 7. CI fails without Chromium
+
+
+def test_install_test_deps_fails_when_it_cannot_install_chromium(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "install-test-deps"
+    env = {"FLYWHEEL_TEST_CHROMIUM": str(tmp_path / "no-chromium"), "PATH": str(tmp_path)}  # no apt-get
+    done = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "/usr/bin/chromium" in done.stderr, done
+
+
+def test_browser_tests_fail_not_skip_without_chromium(tmp_path: Path) -> None:
+    tests = Path(__file__).resolve().parent
+    (tmp_path / "test_needs_browser.py").write_text(
+        "from test_dashboards import browser  # noqa: F401\n\n\ndef test_uses(browser):\n    pass\n"
+    )
+    env = {
+        **os.environ,
+        "FLYWHEEL_TEST_CHROMIUM": str(tmp_path / "no-chromium"),
+        "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "no /usr/bin/chromium" in done.stdout, done.stdout
+    assert "skipped" not in done.stdout.lower(), done.stdout
