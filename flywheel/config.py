@@ -32,7 +32,7 @@ def canonical_stage(value: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    api_host: str = "0.0.0.0"
+    api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 4
     worker_healthcheck_timeout: int = 60
@@ -50,6 +50,12 @@ class Settings:
     flywheel_feedback_key: str | None = None
     flywheel_admin_key: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
+    registry_needs_key: bool = False
+    max_request_bytes: int = 1_048_576
+    max_field_chars: int = 20_000
+    max_trace_chars: int = 200_000
+    api_limit_concurrency: int = 200
+    api_timeout_keep_alive: int = 5
 
     @property
     def artifact_root(self) -> Path:
@@ -88,6 +94,11 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
     "request_timeout": (float, 0.001, 86400),
+    "max_request_bytes": (int, 1024, 1 << 30),
+    "max_field_chars": (int, 100, 1 << 30),
+    "max_trace_chars": (int, 1000, 1 << 30),
+    "api_limit_concurrency": (int, 1, 100_000),
+    "api_timeout_keep_alive": (int, 1, 3600),
 }
 
 

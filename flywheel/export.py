@@ -37,6 +37,8 @@ CORRECTED = "corrected"
 
 
 def _bounds(start: date | None, end: date | None) -> tuple[int | None, int | None]:
+    if end is not None and end >= date.max:  # the day after it cannot be represented
+        raise ExportError(f"end_date must be before {date.max.isoformat()}")
     lo = int(datetime.combine(start, time.min, UTC).timestamp() * 1000) if start else None
     hi = int(datetime.combine(end + timedelta(days=1), time.min, UTC).timestamp() * 1000) if end else None
     if lo is not None and hi is not None and lo >= hi:
@@ -76,22 +78,38 @@ def rated_trace_infos(
         upper = min(i.request_time for i in infos)  # keyset: ties re-read, then skipped
 
 
-def _latest(assessments: list[Any], name: str) -> Any | None:
-    valid = [a for a in assessments if a.name == name and a.valid is not False]
+def _latest(assessments: list[Any], name: str, reviewer: str | None = None) -> Any | None:
+    """The newest valid assessment `name`, of `reviewer` only when one is given."""
+    valid = [
+        a
+        for a in assessments
+        if a.name == name and a.valid is not False and (reviewer is None or _reviewer(a) == reviewer)
+    ]
     return max(valid, key=lambda a: a.create_time_ms or 0, default=None)
 
 
+def _reviewer(assessment: Any) -> str | None:
+    source = assessment.source
+    return source.source_id if source is not None else None
+
+
 def row_from_trace(info: Any) -> dict[str, Any] | None:
-    """One training row: input fields, output fields (correction wins), then provenance."""
+    """One training row: input fields, output fields (correction wins), then provenance.
+
+    The newest valid rating decides whose feedback the row is: its correction and comment
+    are that reviewer's, never another reviewer's who disagreed.
+    """
     call = served_call(info)
-    rating = _latest(list(info.assessments or []), RATING)
+    assessments = list(info.assessments or [])
+    rating = _latest(assessments, RATING)
     if call is None or rating is None:
         return None
+    reviewer = _reviewer(rating)
     inputs, outputs = call.inputs, call.outputs
-    correction = _latest(list(info.assessments or []), CORRECTION)
+    correction = _latest(assessments, CORRECTION, reviewer)
     if correction is not None and isinstance(value := assessment_value(correction), dict):
         outputs = {**outputs, **value}
-    comment = _latest(list(info.assessments or []), COMMENT)
+    comment = _latest(assessments, COMMENT, reviewer)
     return {
         **inputs,
         **outputs,
@@ -159,8 +177,19 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
+    """A CSV cell; text a spreadsheet would run as a formula gets a leading ' (OWASP CSV injection).
+
+    Numbers stay numbers (-3 is not a formula); JSON and JSONL exports keep every value verbatim.
+    """
+    if isinstance(value, (dict, list)):
+        value = json.dumps(value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flywheel import limits
 from flywheel.errors import FeedbackError, TraceNotFound
 from flywheel.outbox import Item
 from flywheel.store import Store
@@ -106,8 +107,9 @@ def submit(
         raise FeedbackError("trace_id is empty")
     model, version = trace_model(runtime, trace_id.strip())
     outputs = runtime.programs.output_fields(model, version)
-    correction = normalize_correction(corrected_output, outputs)
-    comment = (comment or "").strip() or None
+    limit = runtime.settings.max_field_chars, runtime.settings.max_trace_chars
+    correction = limits.stored(normalize_correction(corrected_output, outputs), *limit)
+    comment = limits.stored((comment or "").strip() or None, *limit)
     user = (user_id or "").strip() or ANONYMOUS
     payload = {
         "feedback_id": uuid.uuid4().hex,

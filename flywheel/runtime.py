@@ -23,7 +23,7 @@ from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from flywheel import feedback, tracing
+from flywheel import feedback, limits, tracing
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
 from flywheel.loader import Loader
@@ -125,7 +125,12 @@ class Runtime:
 
     def record_trace(self, record: tracing.TraceRecord) -> None:
         if self.settings.mlflow_enabled:
-            self.outbox.put("trace", record.trace_id, record.to_dict())
+            payload = record.to_dict()
+            limit = self.settings.max_field_chars, self.settings.max_trace_chars
+            payload["inputs"] = limits.stored(payload["inputs"], *limit)
+            payload["outputs"] = limits.stored(payload["outputs"], *limit)
+            payload["error"] = limits.stored(payload["error"], *limit)
+            self.outbox.put("trace", record.trace_id, payload)
 
     async def apredict(
         self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None

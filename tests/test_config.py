@@ -17,7 +17,7 @@ def test_defaults_are_the_embedded_store_under_flywheel_home(tmp_path: Path) -> 
     assert s.flywheel_home == (tmp_path / "h").resolve()
     assert s.mlflow_tracking_uri == f"sqlite:///{(tmp_path / 'h' / 'mlflow.db').resolve()}"
     assert s.is_embedded
-    assert (s.api_host, s.api_port, s.api_workers) == ("0.0.0.0", 8000, 4)
+    assert (s.api_host, s.api_port, s.api_workers) == ("127.0.0.1", 8000, 4)
     assert s.default_model_stage == "Production"
     assert s.model_cache_enabled and s.feedback_enabled and s.mlflow_enabled
     assert s.flywheel_lm is None

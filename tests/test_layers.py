@@ -75,7 +75,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
         ["loop"],
         ["serving", "feedback", "review", "export", "compile", "gate", "scoring"],
         ["tracing", "trace_sql", "outbox", "registry", "loader", "programs", "dataset", "counters", "lm"],
-        ["store", "config", "errors"],
+        ["store", "config", "errors", "limits"],
     ]
 
 

@@ -21,16 +21,31 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel import export, feedback, registry, serving
+from flywheel import export, feedback, limits, registry, serving
+from flywheel.config import Settings
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError
 from flywheel.runtime import Runtime
 
 
-class PredictRequest(BaseModel):
+class _Checked(BaseModel):
+    """Rejects (422) what must never be queued or run: text UTF-8 cannot encode, nesting deeper
+    than `limits.MAX_DEPTH`, a version number the registry cannot hold."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _hostile(self) -> _Checked:
+        fields = {k: getattr(self, k) for k in type(self).model_fields}
+        found = limits.problem(fields, "body") or limits.version_problem(fields.get("version"))
+        if found:
+            raise ValueError(found)
+        return self
+
+
+class PredictRequest(_Checked):
     model: str = Field(min_length=1, examples=["joke-generator"])
     inputs: dict[str, Any] = Field(examples=[{"topic": "cat"}])
     version: str | None = Field(default=None, examples=[None])
@@ -45,8 +60,7 @@ class PredictResponse(BaseModel):
     latency_ms: float
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FeedbackRequest(_Checked):
     trace_id: str = Field(min_length=1)
     rating: Literal["thumbs_up", "thumbs_down"]
     corrected_output: dict[str, Any] | str | None = None
@@ -65,10 +79,33 @@ class FeedbackResponse(BaseModel):
     feedback_id: str = Field(description="stored as metadata `flywheel.feedback_id` on each assessment")
 
 
-class StageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StageRequest(_Checked):
     version: str = Field(min_length=1)
     stage: str = Field(min_length=1)
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers (4xx, 5xx, also 422 validation errors): one line for a person."""
+
+    detail: str = Field(examples=["inputs: Field required"])
+
+
+_WHY = {
+    400: "the body could not be read as the declared content type",
+    401: "an API key is configured for this route and the X-API-Key header is missing",
+    403: "the X-API-Key header holds the wrong key, or the route is switched off",
+    404: "no such model, version, stage, alias or trace",
+    413: "the request body is larger than MAX_REQUEST_BYTES",
+    422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
+    502: "the language model (or the program around it) failed",
+    503: "the server is at API_LIMIT_CONCURRENCY; retry later",
+    504: "the prediction took longer than REQUEST_TIMEOUT",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can answer, all as ErrorResponse."""
+    return {status: {"model": ErrorResponse, "description": _WHY[status]} for status in statuses}
 
 
 def _runtime(request: Request) -> Runtime:
@@ -78,22 +115,65 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-def _key_check(kind: Literal["predict", "feedback", "admin"]) -> Any:
+def _key_check(kind: Literal["predict", "feedback", "admin", "registry"]) -> Any:
     def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
         settings = runtime.settings
-        wanted = {
-            "predict": settings.flywheel_predict_key,
-            "feedback": settings.flywheel_feedback_key,
-            "admin": settings.flywheel_admin_key,
-        }[kind]
+        if kind == "registry":  # read-only: the predict or the admin key, when REGISTRY_NEEDS_KEY
+            keys = [settings.flywheel_predict_key, settings.flywheel_admin_key]
+            wanted = [k for k in keys if k] if settings.registry_needs_key else []
+            name = "predict or admin"
+        else:
+            key = {
+                "predict": settings.flywheel_predict_key,
+                "feedback": settings.flywheel_feedback_key,
+                "admin": settings.flywheel_admin_key,
+            }[kind]
+            wanted, name = [key] if key else [], kind
         if not wanted:
             return
         if x_api_key is None:
-            raise HTTPException(401, f"this endpoint needs the {kind} API key in the X-API-Key header")
-        if not secrets.compare_digest(x_api_key, wanted):
-            raise HTTPException(403, f"the X-API-Key header does not hold the {kind} API key")
+            raise HTTPException(401, f"this endpoint needs the {name} API key in the X-API-Key header")
+        # as bytes: compare_digest refuses a non-ASCII str, and a header is latin-1 on the wire
+        given = x_api_key.encode("latin-1", "replace")
+        if not any([secrets.compare_digest(given, w.encode("utf-8")) for w in wanted]):
+            raise HTTPException(403, f"the X-API-Key header does not hold the {name} API key")
 
     return Depends(check)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_REQUEST_BYTES is answered 413.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked
+    (or lying) body is counted as it arrives and refused the moment it passes the limit.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        runtime = getattr(scope["app"].state, "runtime", None)
+        limit = runtime.settings.max_request_bytes if runtime is not None else Settings().max_request_bytes
+        message = f"the request body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            event = await receive()
+            if event["type"] == "http.request":
+                seen += len(event.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -138,6 +218,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(FlywheelError, _flywheel_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -148,7 +229,12 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 router = APIRouter()
 
 
-@router.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[_key_check("predict")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
+)
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
     if len(refs) > 1:
@@ -164,7 +250,18 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
 
 
-@router.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])
+@router.post(
+    "/feedback",
+    response_model=FeedbackResponse,
+    dependencies=[_key_check("feedback")],
+    responses={
+        202: {
+            "model": FeedbackResponse,
+            "description": "accepted while its trace is still pending: stored once the trace is",
+        },
+        **_errors(400, 401, 403, 404, 413, 422, 503),
+    },
+)
 async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackResponse:
     if not runtime.settings.feedback_enabled:
         raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
@@ -180,7 +277,22 @@ async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackR
     return FeedbackResponse(status="success", **receipt.to_dict())
 
 
-@router.get("/export", dependencies=[_key_check("admin")])
+@router.get(
+    "/export",
+    dependencies=[_key_check("admin")],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the rated rows: JSON by default, CSV or JSON Lines by `format`",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        },
+        **_errors(401, 403, 404, 422, 503),
+    },
+)
 async def get_export(
     runtime: RuntimeDep,
     model: Annotated[str, Query(min_length=1)],
@@ -213,30 +325,52 @@ async def get_export(
     return JSONResponse({"model": model, "count": len(rows), "rows": rows})
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[_key_check("registry")], responses=_errors(401, 403, 422, 503))
 async def get_models(runtime: RuntimeDep) -> dict[str, Any]:
     models = await run_in_threadpool(registry.list_models, runtime.store)
     return {"models": [m.to_dict() for m in models]}
 
 
-@router.get("/models/{name}/versions")
+@router.get(
+    "/models/{name}/versions",
+    dependencies=[_key_check("registry")],
+    responses=_errors(401, 403, 404, 422, 503),
+)
 async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
     versions = await run_in_threadpool(registry.list_versions, name, runtime.store)
     return {"model": name, "versions": [v.to_dict() for v in versions]}
 
 
-@router.post("/models/{name}/stage", dependencies=[_key_check("admin")])
+@router.post(
+    "/models/{name}/stage",
+    dependencies=[_key_check("admin")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+)
 async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
     info = await run_in_threadpool(runtime.promote, name, body.version, body.stage)
     return {"status": "success", "model": name, "version": info.to_dict()}
 
 
-@router.get("/health")
+@router.get("/health", responses=_errors(503))
 async def health(runtime: RuntimeDep) -> dict[str, Any]:
     return runtime.health()
 
 
-@router.get("/metrics", response_model=None)
+@router.get(
+    "/metrics",
+    response_model=None,
+    responses={
+        200: {
+            "description": "counters as JSON, or in the Prometheus text format (`format=prometheus`, "
+            "or `Accept: text/plain`)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/plain; version=0.0.4": {"schema": {"type": "string"}},
+            },
+        },
+        **_errors(422, 503),
+    },
+)
 async def metrics(
     request: Request, runtime: RuntimeDep, format: Literal["json", "prometheus"] | None = None
 ) -> dict[str, Any] | PlainTextResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -98,11 +99,13 @@ def start_background(
         actual = sock.getsockname()[1]
         from flywheel.http.api import create_app
 
+        warn_if_exposed(host, settings)
         config = uvicorn.Config(
             create_app(runtime),
             log_config=_quiet_uvicorn_logging(),
             access_log=False,
             lifespan="on",
+            **connection_limits(settings),
         )
         server = uvicorn.Server(config)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
@@ -150,13 +153,46 @@ def background_url() -> str | None:
         return _background.url if _background is not None and _background.running else None
 
 
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def warn_if_exposed(host: str, settings: Settings) -> str | None:
+    """Print (to stderr) and return a warning when `host` is reachable from elsewhere and no key is set."""
+    keys = (settings.flywheel_predict_key, settings.flywheel_feedback_key, settings.flywheel_admin_key)
+    if host.startswith(_LOOPBACK) or all(keys):
+        return None
+    names = ("FLYWHEEL_PREDICT_KEY", "FLYWHEEL_FEEDBACK_KEY", "FLYWHEEL_ADMIN_KEY")
+    missing = [name for name, key in zip(names, keys, strict=True) if not key]
+    warning = (
+        f"flywheel: WARNING: the API binds {host}, reachable from other machines, and "
+        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} unset: anyone who can reach "
+        "it may use those endpoints. Set the keys, or bind API_HOST=127.0.0.1."
+    )
+    print(warning, file=sys.stderr, flush=True)
+    return warning
+
+
+def connection_limits(settings: Settings) -> dict[str, int]:
+    """uvicorn's connection limits from settings (API_LIMIT_CONCURRENCY, API_TIMEOUT_KEEP_ALIVE).
+
+    uvicorn cannot time out a client that sends its headers slowly: put a proxy in front
+    (nginx `client_header_timeout`), see docs/configuration.md.
+    """
+    return {
+        "limit_concurrency": settings.api_limit_concurrency,
+        "timeout_keep_alive": settings.api_timeout_keep_alive,
+    }
+
+
 def serve_foreground(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
     """`flywheel serve`: uvicorn with real worker processes."""
     settings = get_settings()
     logging.basicConfig(level=logging.INFO)
+    warn_if_exposed(host or settings.api_host, settings)
     uvicorn.run(
         "flywheel.http.api:app",
         host=host or settings.api_host,
+        **connection_limits(settings),
         port=settings.api_port if port is None else port,
         workers=workers or settings.api_workers,
         access_log=False,
