@@ -109,6 +109,11 @@ def test_workers_hot_swap_without_a_failed_request(served: tuple[str, Store]) ->
         stop = asyncio.Event()
         task = asyncio.create_task(traffic(stop))
         await asyncio.sleep(1.5)
+        # a busy machine may take longer for the first answers: promote only once version 2
+        # has been seen answering (up to 60 s), so "before" is never empty by accident
+        deadline = time.monotonic() + 60
+        while not versions and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         asked_at = time.monotonic()
         # promote from another process (the CLI), not through this server
         await asyncio.to_thread(

@@ -7,8 +7,8 @@ When an MLflow release moves an internal flywheel relies on, a test here fails w
 from __future__ import annotations
 
 import os
-import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -118,15 +118,6 @@ def test_unwrap_pyfunc_finds_the_dspy_program(fresh_store: Store) -> None:
 # --- fluent(): MLflow's process-wide URI, for one block, under one lock ------------------------------
 
 
-def _home(tmp_path: Path, name: str) -> Path:
-    from conftest import _empty_database
-
-    home = tmp_path / name
-    home.mkdir(parents=True)
-    shutil.copyfile(_empty_database(), home / "mlflow.db")
-    return home
-
-
 def _settings(home: Path):  # noqa: ANN202
     return load_settings({"FLYWHEEL_HOME": str(home)}, env_file=None)
 
@@ -142,14 +133,14 @@ def _global_state() -> tuple[object, ...]:
 
 @pytest.mark.parametrize("environ", [None, "sqlite:////nowhere/else.db"])
 def test_fluent_points_mlflow_at_the_store_and_puts_everything_back(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, environ: str | None
+    empty_home: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch, environ: str | None
 ) -> None:
     for name in _URI_VARIABLES:
         if environ is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, environ)
-    one, two = connect(_settings(_home(tmp_path, "one"))), connect(_settings(_home(tmp_path, "two")))
+    one, two = connect(_settings(empty_home("one"))), connect(_settings(empty_home("two")))
     before = _global_state()
     assert before[3] == {name: environ for name in _URI_VARIABLES}  # connect() repointed nothing
     with one.fluent():
@@ -163,8 +154,8 @@ def test_fluent_points_mlflow_at_the_store_and_puts_everything_back(
     assert _global_state() == before
 
 
-def test_fluent_holds_one_lock_for_every_store(tmp_path: Path) -> None:
-    one, two = connect(_settings(_home(tmp_path, "one"))), connect(_settings(_home(tmp_path, "two")))
+def test_fluent_holds_one_lock_for_every_store(empty_home: Callable[[str], Path]) -> None:
+    one, two = connect(_settings(empty_home("one"))), connect(_settings(empty_home("two")))
     inside, seen = threading.Event(), []
 
     def other() -> None:
@@ -197,13 +188,13 @@ def _local(uri: str) -> Path:
 
 
 def test_two_stores_in_one_process_keep_their_runs_models_and_artifacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, empty_home: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # a fluent call that escaped its store would land here (./mlruns, ./mlflow.db)
     apply_mlflow_client_settings()  # connect() sets these defaults once per process
-    homes = [_home(tmp_path, "a"), _home(tmp_path, "b")]
+    homes = [empty_home("a"), empty_home("b")]
     environ, before = dict(os.environ), _global_state()
 
     runtimes = [Runtime(_settings(home)) for home in homes]  # both connected before either works
