@@ -43,6 +43,12 @@ class Settings:
     mlflow_tracking_uri: str = ""
     flywheel_home: Path = Path(".flywheel")
     flywheel_lm: str | None = None
+    flywheel_lm_api_base: str | None = None
+    flywheel_lm_retries: int = 3
+    flywheel_lm_timeout: float | None = None
+    lm_cache_serving: bool = False
+    lm_cache_compile: bool = True
+    program_threads: int = 8
     flywheel_experiment: str = "flywheel"
     flywheel_resolve_ttl: float = 2.0
     request_timeout: float = 30.0
@@ -88,6 +94,9 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
     "request_timeout": (float, 0.001, 86400),
+    "flywheel_lm_retries": (int, 0, 20),
+    "flywheel_lm_timeout": (float, 0.001, 86400),
+    "program_threads": (int, 1, 256),
 }
 
 

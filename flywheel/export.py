@@ -1,10 +1,15 @@
 """Rated traces of one model -> training rows (corrections applied) -> DataFrame / CSV / JSON / Examples.
 
-Export reads trace *infos* only (tags and assessments), never span bodies:
-serving stores each prediction's input and output fields as trace tags. It
-asks MLflow only for traces that carry a `user_rating`, and pages by
-timestamp (keyset) rather than by offset, so the cost grows with the rated
-traces it returns, not with every trace ever served.
+Export reads trace *infos* (tags and assessments): serving stores each
+prediction's input and output fields as trace tags. A tag too long for every
+backend holds a preview only and is marked truncated (see tracing); for those
+rows alone, and only for the rows returned, the complete values are read from
+the trace's root span. It asks MLflow only for traces that carry a
+`user_rating`, and pages by timestamp (keyset) rather than by offset, so the
+cost grows with the rated traces it returns, not with every trace ever served.
+
+Values keep their JSON types (lists, objects, numbers, booleans from typed
+programs); a CSV cell holds a non-text value as JSON text.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import registry
 from flywheel.errors import ExportError
 from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
-from flywheel.tracing import model_filter, served_call
+from flywheel.tracing import ServedCall, complete_calls, model_filter, served_call
 
 if TYPE_CHECKING:
     import dspy
@@ -81,9 +86,12 @@ def _latest(assessments: list[Any], name: str) -> Any | None:
     return max(valid, key=lambda a: a.create_time_ms or 0, default=None)
 
 
-def row_from_trace(info: Any) -> dict[str, Any] | None:
-    """One training row: input fields, output fields (correction wins), then provenance."""
-    call = served_call(info)
+def row_from_trace(info: Any, call: ServedCall | None = None) -> dict[str, Any] | None:
+    """One training row: input fields, output fields (correction wins), then provenance.
+
+    `call` is the complete prediction when the tags were truncated (tracing.complete_calls).
+    """
+    call = call or served_call(info)
     rating = _latest(list(info.assessments or []), RATING)
     if call is None or rating is None:
         return None
@@ -124,16 +132,23 @@ def export_rows(
         raise ExportError("limit must be a positive number")
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
     runtime.outbox.deliver_available()  # include what was just rated, without stalling
-    rows: list[dict[str, Any]] = []
+    chosen: list[Any] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
         row = row_from_trace(info)
         if row is None or (rating != "any" and row["rating"] != rating):
             continue
+        chosen.append(info)
+        if limit is not None and len(chosen) >= limit:
+            break
+    complete = complete_calls(runtime.store.tracking, chosen)  # only truncated rows read spans
+    rows: list[dict[str, Any]] = []
+    for info in chosen:
+        row = row_from_trace(info, complete.get(info.trace_id))
+        if row is None:
+            continue
         if not with_corrected:
             del row[CORRECTED]
         rows.append(row)
-        if limit is not None and len(rows) >= limit:
-            break
     return [_ordered(r, info_versions) for r in rows]
 
 
@@ -160,7 +175,11 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
+    """Text as it is, no value as an empty cell, anything else (numbers, booleans, lists,
+    objects) as JSON text, so a reader gets the typed value back with json.loads."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:

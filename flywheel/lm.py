@@ -288,6 +288,36 @@ def make_lm(spec: str | None = None, **kwargs: Any) -> dspy.BaseLM:
     return dspy.LM(spec.strip(), **kwargs)
 
 
+def is_offline(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in ("", "offline", OFFLINE_MODEL)
+
+
+def configured_lm(settings: Any) -> dspy.BaseLM:
+    """The LM the settings name: FLYWHEEL_LM with FLYWHEEL_LM_API_BASE, FLYWHEEL_LM_RETRIES and
+    FLYWHEEL_LM_TIMEOUT applied to a LiteLLM model string (the offline LM and `py:` factories
+    take none of them). The key stays in the provider's environment variable."""
+    spec = settings.flywheel_lm
+    if is_offline(spec) or spec.startswith("py:"):
+        return make_lm(spec)
+    kwargs: dict[str, Any] = {"num_retries": settings.flywheel_lm_retries}
+    if settings.flywheel_lm_api_base:
+        kwargs["api_base"] = settings.flywheel_lm_api_base
+    if settings.flywheel_lm_timeout is not None:
+        kwargs["timeout"] = settings.flywheel_lm_timeout
+    return make_lm(spec, **kwargs)
+
+
+def with_cache(lm: dspy.BaseLM, enabled: bool) -> dspy.BaseLM:
+    """`lm`, or a copy of it, whose calls use DSPy's response cache exactly when `enabled`.
+
+    Serving (LM_CACHE_SERVING) and compile/evaluation (LM_CACHE_COMPILE) each decide for
+    themselves, whatever the LM object was built with. A copy shares the LM's connections.
+    """
+    if not hasattr(lm, "cache") or bool(lm.cache) == enabled or isinstance(lm, OfflineLM):
+        return lm
+    return lm.copy(cache=enabled)
+
+
 def _is_secret(name: object) -> bool:
     lowered = str(name).lower()
     if lowered.endswith("tokens"):  # max_tokens, max_completion_tokens: limits, not credentials
@@ -295,9 +325,21 @@ def _is_secret(name: object) -> bool:
     return any(part in lowered for part in _SECRET_PARTS)
 
 
+def strip_userinfo(url: Any) -> Any:
+    """http://user:secret@host/v1 -> http://host/v1 (a password in a URL is a secret too)."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.netloc or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if not _is_secret(k)}
+        return {k: _scrub(strip_userinfo(v)) for k, v in value.items() if not _is_secret(k)}
     return value
 
 
