@@ -44,6 +44,7 @@ class Settings:
     flywheel_home: Path = Path(".flywheel")
     flywheel_lm: str | None = None
     flywheel_lm_api_base: str | None = None
+    flywheel_lm_engine: str = "auto"
     flywheel_lm_retries: int = 3
     flywheel_lm_timeout: float | None = None
     lm_cache_serving: bool = False
@@ -143,6 +144,10 @@ def load_settings(
             values[field.name] = _parse_bool(name, raw)
         elif field.name == "default_model_stage":
             values[field.name] = canonical_stage(raw)
+        elif field.name == "flywheel_lm_engine":
+            values[field.name] = raw.strip().lower() or "auto"
+            if values[field.name] not in ("auto", "lm15", "litellm"):
+                raise ConfigError(f"FLYWHEEL_LM_ENGINE={raw!r} is not one of auto, lm15, litellm")
         elif field.name == "flywheel_home":
             values[field.name] = Path(raw)
         else:

@@ -293,13 +293,16 @@ def is_offline(spec: str | None) -> bool:
 
 
 def configured_lm(settings: Any) -> dspy.BaseLM:
-    """The LM the settings name: FLYWHEEL_LM with FLYWHEEL_LM_API_BASE, FLYWHEEL_LM_RETRIES and
-    FLYWHEEL_LM_TIMEOUT applied to a LiteLLM model string (the offline LM and `py:` factories
-    take none of them). The key stays in the provider's environment variable."""
+    """The LM the settings name: FLYWHEEL_LM with FLYWHEEL_LM_API_BASE, FLYWHEEL_LM_ENGINE,
+    FLYWHEEL_LM_RETRIES and FLYWHEEL_LM_TIMEOUT applied to a LiteLLM model string (the offline
+    LM and `py:` factories take none of them). The key stays in the provider's environment
+    variable."""
     spec = settings.flywheel_lm
     if is_offline(spec) or spec.startswith("py:"):
         return make_lm(spec)
     kwargs: dict[str, Any] = {"num_retries": settings.flywheel_lm_retries}
+    if settings.flywheel_lm_engine != "auto":
+        kwargs["engine"] = settings.flywheel_lm_engine
     if settings.flywheel_lm_api_base:
         kwargs["api_base"] = settings.flywheel_lm_api_base
     if settings.flywheel_lm_timeout is not None:

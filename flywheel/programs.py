@@ -87,8 +87,19 @@ def runs_async(program: dspy.Module) -> bool:
     return has_sync is None or has_async <= has_sync
 
 
+INPUT_TYPES_ATTR = "_flywheel_input_types"
+
+
 def input_types(program: dspy.Module, fields: list[str]) -> dict[str, Any]:
-    """The declared type of each input field that is not plain text (for converting JSON inputs)."""
+    """The declared type of each input field that is not plain text (for converting JSON inputs).
+
+    Registration resolves them where the program's module is importable and keeps them on the
+    program (INPUT_TYPES_ATTR), pickled with it: a server elsewhere could not resolve a string
+    annotation (`from __future__ import annotations`) of a class it cannot import.
+    """
+    kept = getattr(program, INPUT_TYPES_ATTR, None)
+    if isinstance(kept, dict):
+        return {f: kept[f] for f in fields if f in kept}
     hints: dict[str, Any] = {}
     signature = _signature_of(program)
     if signature is not None:

@@ -29,7 +29,7 @@ from mlflow.types.schema import ColSpec, Schema
 
 from flywheel.config import STAGES, ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.programs import optional_inputs, program_fields
+from flywheel.programs import INPUT_TYPES_ATTR, input_types, optional_inputs, program_fields
 from flywheel.store import Store, connect, quiet
 
 INPUTS_TAG = "flywheel.inputs"
@@ -187,6 +187,14 @@ def register_program(
         outputs=Schema([ColSpec("string", f) for f in outputs]),
     )
     saved_lm = persistable_lm(lm or dspy.settings.lm or configured_lm(store.settings))
+    try:  # resolved here, where the program's module imports; kept on the program for servers
+        setattr(program, INPUT_TYPES_ATTR, input_types(program, inputs))
+    except Exception:
+        pass
+    if any(getattr(p, "lm", None) is not None for p in program.predictors()):
+        program = program.deepcopy()  # an LM set on a predictor is pickled with it: without secrets
+        for predictor in program.predictors():
+            predictor.lm = persistable_lm(predictor.lm)
     client = store.client
     try:
         client.get_registered_model(name)

@@ -125,6 +125,11 @@ def classify(exc: BaseException, limit: float) -> FlywheelError:
     return ProgramError(f"program error: {_message(exc)}")
 
 
+def _type_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
 def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -218,7 +223,7 @@ def _fail(
             inputs,
             started_ns,
             str(error),
-            error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+            error_type=_type_name(type(exc)),
             error_traceback=stack,
             **recorder.summary(),
         )
