@@ -303,8 +303,12 @@ def configured_lm(settings: Any) -> dspy.BaseLM:
     kwargs: dict[str, Any] = {"num_retries": settings.flywheel_lm_retries}
     if settings.flywheel_lm_engine != "auto":
         kwargs["engine"] = settings.flywheel_lm_engine
-    if settings.flywheel_lm_api_base:
-        kwargs["api_base"] = settings.flywheel_lm_api_base
+    if base := settings.flywheel_lm_api_base:
+        kwargs["api_base"] = strip_userinfo(base)
+        if kwargs["api_base"] != base:  # http://user:password@host/v1: a gateway behind basic auth
+            kwargs["extra_headers"] = {"Authorization": _basic_auth(base)}
+            if settings.flywheel_lm_engine == "auto":
+                kwargs["engine"] = "litellm"  # DSPy's native client sends no headers of the caller's
     if settings.flywheel_lm_timeout is not None:
         kwargs["timeout"] = settings.flywheel_lm_timeout
     return make_lm(spec, **kwargs)
@@ -328,6 +332,16 @@ def _is_secret(name: object) -> bool:
     return any(part in lowered for part in _SECRET_PARTS)
 
 
+def _basic_auth(url: str) -> str:
+    """The Basic credential of the user:password in a URL (as an HTTP client would send it)."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
 def strip_userinfo(url: Any) -> Any:
     """http://user:secret@host/v1 -> http://host/v1 (a password in a URL is a secret too)."""
     if not isinstance(url, str) or "@" not in url:
@@ -338,6 +352,19 @@ def strip_userinfo(url: Any) -> Any:
     if not parts.netloc or "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+_USERINFO = re.compile(r"(?<![\w.-])([\w.~%+-]+):([^\s/@'\"]+)@(?=[\w.\[-])")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]{8,}")
+_KEYLIKE = re.compile(r"\b(sk|pk|rk)-[\w-]{12,}")
+
+
+def redact(text: str) -> str:
+    """`text` (an error message) without the secrets a client may quote in it: a URL's
+    user:password, an Authorization header's credential, an `sk-...` style key."""
+    text = _USERINFO.sub(r"\1:***@", text)
+    text = _BEARER.sub(r"\1 ***", text)
+    return _KEYLIKE.sub(r"\1-***", text)
 
 
 def _scrub(value: Any) -> Any:

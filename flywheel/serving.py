@@ -25,7 +25,9 @@ Errors are mapped honestly: the LM client's error (the provider's answer,
 an unreachable provider, an answer the adapter cannot parse) is 502 with the
 provider's message; a timeout is 504; an exception raised by the program's
 own code is 500 "program error: ...". Each is traced with state ERROR, the
-exception's type, message and traceback, and logged with its traceback.
+exception's type, message and traceback, and logged with its traceback; a
+credential a client quotes in its error (a URL's password, a bearer key) is
+redacted from all three.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import UsageTracker
 
 from flywheel.errors import FlywheelError, LMFailure, PredictTimeout, ProgramError
+from flywheel.lm import redact
 from flywheel.programs import check_inputs, convert_inputs, output_values, runs_async
 from flywheel.tracing import TraceRecord, new_trace_id
 
@@ -131,7 +134,7 @@ def _type_name(kind: type) -> str:
 
 
 def _message(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    return redact(f"{type(exc).__name__}: {exc}")
 
 
 class ProgramPool:
@@ -206,15 +209,15 @@ def _fail(
     recorder: CallRecorder,
 ) -> None:
     """Trace the failure (state ERROR, the exception and its traceback) and log the traceback."""
-    stack = "".join(traceback.format_exception(exc))[-_TRACEBACK_CHARS:]
-    runtime.log.error(
-        "predict %s v%s failed (%s, trace %s): %s",
+    stack = redact("".join(traceback.format_exception(exc)))[-_TRACEBACK_CHARS:]
+    runtime.log.error(  # the traceback, with the secrets a client may quote in it redacted
+        "predict %s v%s failed (%s, trace %s): %s\n%s",
         loaded.info.name,
         loaded.info.version,
         error.status,
         trace_id,
         error,
-        exc_info=exc,
+        stack.rstrip(),
     )
     runtime.record_trace(
         TraceRecord.failed(

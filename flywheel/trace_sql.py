@@ -86,7 +86,8 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                 "response_preview": info.response_preview,
                 "db_payload_generation": 1,
                 "trace_name": validate_trace_name(info.tags.get(TraceTagKey.TRACE_NAME)),
-                "session_id": columns.get("session_id"),
+                "session_id": None,
+                **columns,  # token usage and cost live in columns of their own, as MLflow writes them
             }
         )
         trace_tags = {k: v for k, v in info.tags.items() if k != TraceTagKey.TRACE_NAME}
@@ -110,6 +111,8 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                     "content": content,
                 }
             )
+    keys = {k for row in infos for k in row}  # one executemany needs the same columns in every row
+    infos = [{k: row.get(k) for k in keys} for row in infos]
     with store.ManagedSessionMaker() as session:
         session.execute(insert(SqlTraceInfo.__table__), infos)
         session.execute(insert(SqlTraceTag.__table__), tags)

@@ -11,6 +11,7 @@ Only loopback, only for tests; `python tests/openai_stub.py PORT` runs it on its
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -41,6 +42,7 @@ class Behaviour:
     failures: list[int] = field(default_factory=list)  # statuses for the next calls, in order
     retry_after: str | None = "0"  # Retry-After header on a 429
     key: str = KEY
+    basic: tuple[str, str] | None = None  # also accept HTTP Basic (a user:password@ in api_base)
 
 
 def _text(content: Any) -> str:
@@ -143,7 +145,10 @@ class OpenAIStub:
                 404, {"error": {"message": f"no route {handler.path}", "type": "invalid_request_error"}}
             )
             return
-        if headers.get("authorization") != f"Bearer {behaviour.key}":
+        accepted = {f"Bearer {behaviour.key}"}
+        if behaviour.basic:
+            accepted.add("Basic " + base64.b64encode(":".join(behaviour.basic).encode()).decode())
+        if headers.get("authorization") not in accepted:
             handler._json(
                 401,
                 {
