@@ -294,3 +294,59 @@ def test_error_messages_lose_the_credentials_a_client_quotes() -> None:
     assert "pa55w0rd" not in cleaned and "p%40ss" not in cleaned and KEY not in cleaned
     assert "127.0.0.1:9" in cleaned and "host/v1" in cleaned
     assert redact("no capital parser for 'Peru' at 12:30") == "no capital parser for 'Peru' at 12:30"
+
+
+@pytest.mark.slow
+def test_flywheel_serve_workers_on_the_stub(
+    stub: OpenAIStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flywheel serve --workers 2` processes serve a forward-only program through the protocol."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import _reset, use_home
+    from test_server import _kill, _port, _wait
+
+    env = _lm_env(stub, DEFAULT_MODEL_STAGE="None")
+    store = use_home(monkeypatch, tmp_path / "home", **env)
+    registry.register_program(zoo.capital_qa(), "capital", store=store)
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flywheel",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait(f"{url}/health")
+        stub.reset()
+        for country, capital in [("Japan", "Tokyo"), ("Kenya", "Nairobi")] * 3:
+            r = _post(url, "capital", {"country": country})
+            assert r.status_code == 200 and r.json()["result"] == {"capital": capital}, r.text
+        assert len(stub.calls()) == 6 and {c.headers["authorization"] for c in stub.calls()} == {
+            f"Bearer {KEY}"
+        }
+        stub.reset(failures=[500, 500, 500])
+        r = _post(url, "capital", {"country": "Japan"})
+        assert r.status_code == 502 and "(500)" in r.json()["detail"], r.text
+    finally:
+        _kill(proc)
+        stub.reset()
+        _reset()
