@@ -22,7 +22,7 @@ import mlflow
 from flywheel import registry
 from flywheel.dataset import TrainingData, TrainingSet, prepare
 from flywheel.errors import Cancelled, CompileError
-from flywheel.lm import make_lm
+from flywheel.lm import configured_lm, with_cache
 from flywheel.programs import program_fields
 from flywheel.scoring import Metric, feedback_metric, make_metric, score
 from flywheel.store import Store, connect
@@ -221,7 +221,7 @@ def compile_program(
     """
     started = time.monotonic()
     store = store or connect()
-    lm = lm or make_lm(store.settings.flywheel_lm)
+    lm = with_cache(lm or configured_lm(store.settings), store.settings.lm_cache_compile)
     student = build_program(program, module)
     inputs, outputs = program_fields(student)
     params = dict(optimizer_params or {})

@@ -23,6 +23,7 @@ __all__ = [
     "LoopError",
     "ModelNotFound",
     "PredictTimeout",
+    "ProgramError",
     "ReviewError",
     "TraceNotFound",
 ]
@@ -72,9 +73,16 @@ class PredictTimeout(FlywheelError, TimeoutError):
 
 
 class LMFailure(FlywheelError, RuntimeError):
-    """The language model (or the program around it) failed; the message is the provider's."""
+    """The language model failed (the provider's error, an unreachable provider, or an answer the
+    program's adapter cannot parse); the message is the provider's."""
 
     status = 502
+
+
+class ProgramError(FlywheelError, RuntimeError):
+    """The served program's own code raised (not the LM): a bug or an unhandled case in it."""
+
+    status = 500
 
 
 class FeedbackError(FlywheelError, ValueError):

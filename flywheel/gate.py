@@ -19,9 +19,9 @@ import mlflow
 from flywheel import registry
 from flywheel.config import ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.lm import make_lm
+from flywheel.lm import configured_lm, with_cache
 from flywheel.loader import load_program
-from flywheel.programs import output_values
+from flywheel.programs import convert_inputs, output_values
 from flywheel.scoring import field_exact, field_f1
 from flywheel.store import Store, connect, ensure_experiment, quiet
 
@@ -98,7 +98,7 @@ def evaluate_version(
     the run's (evaluation) experiment, never in flywheel's serving experiment.
     """
     store = store or connect()
-    lm = lm or make_lm(store.settings.flywheel_lm)
+    lm = with_cache(lm or configured_lm(store.settings), store.settings.lm_cache_compile)
     info = registry.resolve(name, ref, store)
     program = load_program(store, info)
 
@@ -106,7 +106,7 @@ def evaluate_version(
     def predict_fn(**inputs: Any) -> dict[str, Any]:
         with dspy.context(lm=lm):
             try:
-                output = program(**inputs)
+                output = program(**convert_inputs(program, inputs))
             except Exception as exc:  # an unparseable answer scores 0 rather than failing the run
                 return {"error": f"{type(exc).__name__}: {exc}"}
         return output_values(info, output)
