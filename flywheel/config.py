@@ -50,6 +50,10 @@ class Settings:
     flywheel_feedback_key: str | None = None
     flywheel_admin_key: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
+    gate_alpha: float = 0.05
+    gate_margin: float = 0.0
+    gate_min_rows: int = 10
+    gate_non_inferiority: bool = False
 
     @property
     def artifact_root(self) -> Path:
@@ -88,6 +92,9 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
     "request_timeout": (float, 0.001, 86400),
+    "gate_alpha": (float, 0.0001, 0.5),
+    "gate_margin": (float, 0, 1),
+    "gate_min_rows": (int, 1, 1_000_000),
 }
 
 
