@@ -294,8 +294,8 @@ def compare(
         return Comparison(
             verdict=INCONCLUSIVE,
             reason=(
-                f"{failed} of {len(pairs)} rows failed to evaluate (the LM or the program raised); "
-                "a comparison with missing rows could favour either version"
+                f"{failed} of {len(pairs)} rows failed to evaluate (no answer or no score: the LM "
+                "or the program raised); a comparison with missing rows could favour either version"
             ),
             method=method,
             **base,

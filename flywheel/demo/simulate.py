@@ -5,7 +5,7 @@ normal serving path, and judge them only with the pool's labels (thumbs up when
 the routed category is right, thumbs down with the right category as a
 correction otherwise). Held-out tickets are used for measurement and nothing else.
 
-    python -m flywheel.demo.simulate --turns 4 --traffic 16 --out docs/loop_scores.png
+    python -m flywheel.demo.simulate --turns 4 --traffic 16 --out loop_scores.png
     python -m flywheel.demo.simulate --turns 5 --traffic 24 --dev-fraction 0.5 --seed 1 2 3 \
         --out docs/loop_seeds.png
 
@@ -235,41 +235,59 @@ def _candidates(ax: Any, records: list[TurnRecord], annotate: bool = False, offs
                 )
 
 
-def plot_seeds(runs: dict[int, list[TurnRecord]], path: str | Path | None = None, note: str = "") -> Any:
-    """Every seed in one figure: a line per seed for Production after each turn, and each turn's
-    candidate marked by the gate's verdict (nudged sideways per seed so they do not overlap)."""
+def plot_seeds(
+    runs: dict[int, list[TurnRecord]] | dict[int, list[dict[str, Any]]],
+    path: str | Path | None = None,
+    note: str = "",
+) -> Any:
+    """Every seed in one figure: a line per seed for Production's held-out accuracy after each turn,
+    and each turn's candidate in the seed's colour, its marker saying the gate's verdict (nudged
+    sideways per seed so they do not overlap). Takes TurnRecords or their `to_dict()` rows (a
+    saved --json), so a figure can be redrawn without rerunning."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 4.6))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     colours = plt.get_cmap("tab10")
     seeds = sorted(runs)
     turns: set[int] = set()
+    handles: list[Any] = []
     for i, seed in enumerate(seeds):
-        records = runs[seed]
-        xs = [r.turn for r in records]
-        turns.update(xs)
-        offset = (i - (len(seeds) - 1) / 2) * 0.08
-        ax.plot(
-            [x + offset for x in xs],
-            [r.heldout for r in records],
-            "o-",
-            color=colours(i),
-            lw=2,
-            label=f"seed {seed}: Production",
-        )
-        _candidates(ax, records, offset=offset)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))  # one legend entry per verdict across seeds
-    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
+        rows = [r.to_dict() if isinstance(r, TurnRecord) else r for r in runs[seed]]
+        offset = (i - (len(seeds) - 1) / 2) * 0.09
+        xs = [r["turn"] + offset for r in rows]
+        turns.update(r["turn"] for r in rows)
+        accuracies = [r["heldout_accuracy"] for r in rows]
+        (line,) = ax.plot(xs, accuracies, "o-", color=colours(i), lw=2, ms=5, zorder=2)
+        handles.append((line, f"seed {seed}: Production ({accuracies[0]:.3f} -> {accuracies[-1]:.3f})"))
+        for r, x in zip(rows, xs, strict=True):
+            if r.get("candidate_heldout_accuracy") is None or r.get("verdict") not in _MARKS:
+                continue
+            marker = _MARKS[r["verdict"]][0]
+            ax.scatter(
+                [x],
+                [r["candidate_heldout_accuracy"]],
+                marker=marker,
+                s=45,
+                color=colours(i),
+                facecolors="none" if r["verdict"] == "inconclusive" else colours(i),
+                zorder=3,
+            )
+    for verdict, (marker, _, label) in _MARKS.items():
+        fill = "none" if verdict == "inconclusive" else "0.35"
+        symbol = Line2D([], [], ls="", marker=marker, color="0.35", mfc=fill)
+        handles.append((symbol, label))
+    ax.legend([h for h, _ in handles], [t for _, t in handles], loc="lower right", fontsize=8)
     ax.set(
         xlabel="loop turn",
         ylabel="held-out accuracy (21 tickets)",
         ylim=(0, 1.05),
         xticks=sorted(turns),
-        title="support-router: Production per turn, paired gate, seeds " + ", ".join(map(str, seeds)),
     )
+    seeds_text = ", ".join(map(str, seeds))
+    ax.set_title(f"support-router: Production per turn under the paired gate, seeds {seeds_text}")
     if note:
-        ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=7.5, color="0.3", va="bottom")
+        ax.text(0.01, 0.985, note, transform=ax.transAxes, fontsize=7.5, color="0.3", va="top")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     if path is not None:
@@ -294,9 +312,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev-fraction", type=float, default=0.25, help="share of new rated rows held out")
     parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds (one figure)")
     parser.add_argument("--home", help="FLYWHEEL_HOME to use (default: a fresh temporary one per seed)")
-    parser.add_argument("--out", default="docs/loop_scores.png")
+    parser.add_argument("--out", default="loop_scores.png")
     parser.add_argument("--json", help="also write every turn of every seed to this JSON file")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw --out from a saved --json (no run)")
+    parser.add_argument("--note", default=None, help="with --replot: the line of settings under the title")
     args = parser.parse_args(argv)
+    if args.replot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        with open(args.replot, encoding="utf-8") as handle:
+            saved = {int(k): v for k, v in json.load(handle).items()}
+        plot_seeds(saved, args.out, note=args.note or "")
+        print(f"saved {args.out}")
+        return 0
     if args.home and len(args.seed) > 1:
         parser.error("--home takes one seed (each seed needs a fresh store)")
     import matplotlib
