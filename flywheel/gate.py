@@ -129,7 +129,6 @@ _CHATTY = (  # MLflow prints a banner and three INFO lines per evaluation
     "mlflow.tracking.fluent",
     "mlflow.genai.utils.data_validation",
     "mlflow.models.evaluation.utils.trace",
-    "mlflow.genai.evaluation.harness",
 )
 
 
