@@ -63,6 +63,10 @@ class Settings:
     max_trace_chars: int = 200_000
     api_limit_concurrency: int = 200
     api_timeout_keep_alive: int = 5
+    gate_alpha: float = 0.05
+    gate_margin: float = 0.0
+    gate_min_rows: int = 10
+    gate_non_inferiority: bool = False
 
     @property
     def artifact_root(self) -> Path:
@@ -109,6 +113,9 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "flywheel_lm_retries": (int, 0, 20),
     "flywheel_lm_timeout": (float, 0.001, 86400),
     "program_threads": (int, 1, 256),
+    "gate_alpha": (float, 0.0001, 0.5),
+    "gate_margin": (float, 0, 1),
+    "gate_min_rows": (int, 1, 1_000_000),
 }
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "Cancelled",
     "CompileError",
     "ConfigError",
+    "EvaluationFailed",
     "ExportError",
     "FeedbackError",
     "FlywheelError",
@@ -115,6 +116,17 @@ class CompileError(FlywheelError, ValueError):
     """The inputs of a compile cannot work (no data, unknown optimizer or parameter)."""
 
     status = 422
+
+
+class EvaluationFailed(CompileError):
+    """A compile step got no answer to score (usually the LM is unreachable), as opposed to a
+    wrong or unparseable answer; the compile registers nothing. The message says where and why."""
+
+    status = 502
+
+    def __init__(self, detail: str, step: str = "score") -> None:
+        self.detail, self.step = detail, step
+        super().__init__(f"compile step {step!r} failed on {detail}; nothing was registered")
 
 
 class Cancelled(FlywheelError, RuntimeError):
