@@ -58,9 +58,9 @@ class Settings:
     flywheel_admin_key: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     registry_needs_key: bool = False
-    max_request_bytes: int = 1_048_576
-    max_field_chars: int = 20_000
-    max_trace_chars: int = 200_000
+    max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
+    max_field_chars: int = 1_048_576
+    max_trace_chars: int = 4_194_304
     api_limit_concurrency: int = 200
     api_timeout_keep_alive: int = 5
     gate_alpha: float = 0.05

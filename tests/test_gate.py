@@ -123,7 +123,8 @@ def test_a_row_the_lm_fails_on_makes_the_gate_inconclusive(store: Store, failing
     with store.fluent():
         pairs = mlflow.artifacts.load_dict(f"runs:/{verdict.run_id}/gate/pairs.json")["pairs"]
         failed = next(p for p in pairs if p["candidate"] is None)
-        assert "the LM failed" in failed["candidate_error"] and "connection refused" in failed["candidate_error"]
+        error = failed["candidate_error"]
+        assert "the LM failed" in error and "connection refused" in error
         evaluation = mlflow.get_experiment_by_name(EVAL_EXPERIMENT)
         children = mlflow.search_runs(
             [evaluation.experiment_id],

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import dspy
 import httpx
-import mlflow
 import programs_zoo as zoo
 import pytest
 from openai_stub import KEY, OpenAIStub
@@ -90,7 +89,7 @@ def _post(url: str, model: str, inputs: dict) -> httpx.Response:
 def _trace(trace_id: str):  # noqa: ANN202
     runtime = get_runtime()
     assert runtime.outbox.flush(), runtime.outbox.last_error
-    return mlflow.get_trace(trace_id)
+    return runtime.store.client.get_trace(trace_id)
 
 
 def test_predict_shows_the_lm_the_programs_demos(served: str, stub: OpenAIStub) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import dspy
 import httpx
-import mlflow
 import programs_zoo as zoo
 import pytest
 
@@ -68,7 +67,7 @@ def url(zoo_store: Store) -> Iterator[str]:
 def _trace(trace_id: str):  # noqa: ANN202
     runtime = get_runtime()
     assert runtime.outbox.flush(), runtime.outbox.last_error
-    return mlflow.get_trace(trace_id)
+    return runtime.store.client.get_trace(trace_id)
 
 
 def test_which_programs_run_natively_async() -> None:
