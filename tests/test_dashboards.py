@@ -125,6 +125,13 @@ def wait_moved_on(page: Any, old: str | None) -> str | None:
     return shown(page)
 
 
+def box(trace_id: str | None, field: str = "joke") -> str:
+    """The correction box (or, with field=None, the comment box) drawn for that item: the card can be
+    drawn before its boxes, and text typed into the last item's boxes goes with them."""
+    which = f".fw-correction-{field}" if field else ".fw-comment"
+    return f"{which}.fw-for-{trace_id} textarea"
+
+
 def assert_clean(page: Any) -> None:
     """No code cells, no tracebacks, no error lines."""
     assert page.locator(".jp-CodeCell .jp-InputArea:visible, .cm-editor:visible").count() == 0
@@ -181,8 +188,8 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     second = wait_moved_on(rita, first)
     assert second not in (first, theirs)
 
-    rita.fill(".fw-correction-joke textarea", "Coffee has it rough: it gets mugged every morning.")
-    rita.fill(".fw-comment textarea", "funnier this way")
+    rita.fill(box(second), "Coffee has it rough: it gets mugged every morning.")
+    rita.fill(box(second, None), "funnier this way")
     rita.keyboard.press("d")  # typing in a text box is not a shortcut
     assert rita.input_value(".fw-comment textarea") == "funnier this wayd" and shown(rita) == second
     rita.keyboard.press("Backspace")
@@ -199,7 +206,7 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     rita.keyboard.press("u")
     wait_moved_on(rita, third)
     rita.wait_for_selector(".fw-progress:has-text('3 by you')")
-    assert "Saved thumbs up as rita" in rita.inner_text(".fw-status")
+    rita.wait_for_selector(".fw-status:has-text('Saved thumbs up as rita')")  # set after the progress line
     assert_clean(rita)
     rita.screenshot(path=str(screenshots / "rating.png"), full_page=True)
 
@@ -242,23 +249,21 @@ def test_a_fast_reviewer_under_load_loses_no_correction(
     page.set_default_timeout(LOAD)  # from here every step waits on a starved kernel
     burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
     try:
-        fix, note = ".fw-correction-joke textarea", ".fw-comment textarea"
-
         one = shown(page)
         typed = "Socks ride off to a dud sock zoo."  # u, d, s and z: just text in a box
-        page.click(fix)
+        page.click(box(one))
         page.keyboard.press("Control+A")
         page.keyboard.type(typed)
         page.keyboard.press("Control+Enter")  # at once: thumbs down with what was typed
         two = wait_moved_on(page, one)
 
-        page.click(note)
+        page.click(box(two, None))
         page.keyboard.type("sad, dizzy, used")
         page.keyboard.press("Escape")
         page.keyboard.press("u")  # at once, after leaving the box
         three = wait_moved_on(page, two)
 
-        page.click(fix)
+        page.click(box(three))
         page.keyboard.press("Control+A")
         page.keyboard.type("Bikes are two tired.")
         page.click("button.fw-rate-down")  # the mouse, at once

@@ -343,6 +343,11 @@ def test_a_channel_event_rates_with_the_values_it_carries(rt: Runtime) -> None:
         {"events": [{"seq": 3, "action": "skip", "trace": ids[1], "reviewer": "lee"}]}
     )
     assert shown(panel) == ids[2] and panel.reviewer.value == "lee" and panel.queue.reviewer == "lee"
+    panel.corrections["category"].value = "other team"  # boxes the page had not drawn yet: the kernel's
+    panel.channel.value = json.dumps(
+        {"events": [{"seq": 4, "action": "thumbs_up", "trace": ids[2], "correction": None, "comment": None}]}
+    )
+    assert valid_assessments(rt, ids[2])["corrected_output"][0].value == {"category": "other team"}
     panel.channel.value = "not json"
     assert "fw-msg-error" not in panel.status.value and valid_assessments(rt, ids[1]) == {}
 

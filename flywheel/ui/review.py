@@ -13,7 +13,8 @@ kernel), but a button click goes at once, so a click could reach the kernel
 before the correction typed just before it. So in Voila neither a key nor a
 click of the four buttons talks to the kernel directly: the listener reads the
 shown trace id, the correction boxes, the comment and the reviewer from the
-page and sends them with the action in one message, as the JSON value of a
+page (only boxes marked with the shown trace id: the card may be drawn
+before that item's boxes) and sends them with the action in one message, as the JSON value of a
 hidden Text widget (`fw-channel`). That value carries the last few events with
 increasing `seq` numbers (a held-back value is replaced, not queued, so a
 lone event could be lost); the kernel acts on each new `seq` once, in order,
@@ -82,13 +83,14 @@ function send(panel, cls) {
   var b = panel.querySelector('button.' + cls), box = panel.querySelector('.fw-channel input');
   if (!b || b.disabled || !box) return false;
   var card = panel.querySelector('.fw-item .fw-card'), who = panel.querySelector('.fw-reviewer input');
-  var note = panel.querySelector('.fw-comment textarea'), fixed = {};
-  panel.querySelectorAll('.fw-correction').forEach(function (w) {
+  var trace = card ? card.getAttribute('data-trace-id') : null, mine = '.fw-for-' + CSS.escape(trace || '');
+  var note = panel.querySelector('.fw-comment' + mine + ' textarea'), fixed = null;
+  panel.querySelectorAll('.fw-correction' + mine).forEach(function (w) {
     var k = field(w), t = w.querySelector('textarea');
-    if (k !== null && t) fixed[k] = t.value;
+    if (k !== null && t) { fixed = fixed || {}; fixed[k] = t.value; }
   });
-  var ev = {seq: ++seq, action: actions[cls], trace: card ? card.getAttribute('data-trace-id') : null,
-    correction: fixed, comment: note ? note.value : '', reviewer: who ? who.value : null};
+  var ev = {seq: ++seq, action: actions[cls], trace: trace, correction: fixed,
+    comment: note ? note.value : null, reviewer: who ? who.value : null};
   box.__fwEvents = (box.__fwEvents || []).concat([ev]).slice(-%(keep)d);
   box.value = JSON.stringify({events: box.__fwEvents});
   box.dispatchEvent(new Event('input', {bubbles: true}));
@@ -293,7 +295,6 @@ class RatingPanel(widgets.VBox):
             )
             self.editor.layout.display = "none"
             return
-        self.item.value = self._card(item)
         self.editor.layout.display = "flex"
         prefill = prefill or {}
         # fresh boxes per item: a value the browser still holds back for the last item's boxes
@@ -311,21 +312,24 @@ class RatingPanel(widgets.VBox):
                 ),
                 "fw-correction",
                 f"fw-correction-{k}",
+                f"fw-for-{item.trace_id}",
             )
             for k, v in item.outputs.items()
         }
         for box in self.corrections.values():
             box.observe(lambda _: q.renew(), names="value")
         self.corrections_box.children = list(self.corrections.values())
-        self.comment = self._comment_box(prefill.get("comment") or "")
+        self.comment = self._comment_box(prefill.get("comment") or "", item.trace_id)
         self.comment_box.children = [self.comment]
+        self.item.value = self._card(item)  # last: the page tends to draw the card after the boxes
 
-    def _comment_box(self, value: str) -> widgets.Textarea:
+    def _comment_box(self, value: str, trace_id: str = "") -> widgets.Textarea:
         box = classed(
             widgets.Textarea(
                 value=value, placeholder="comment (optional)", layout=widgets.Layout(width="100%")
             ),
             "fw-comment",
+            f"fw-for-{trace_id}",
         )
         box.observe(lambda _: self.queue and self.queue.renew(), names="value")
         return box
@@ -375,14 +379,15 @@ class RatingPanel(widgets.VBox):
         if action == "skip":
             self.do_skip()
         elif action in ("thumbs_up", "thumbs_down") and item is not None:
-            fixed = event.get("correction")
+            # null: the page had not drawn this item's boxes yet, so nothing was typed in them and
+            # the kernel's (pre-filled) values are the right ones
+            fixed, comment = event.get("correction"), event.get("comment")
             values = (
                 {k: v for k, v in fixed.items() if k in item.outputs and isinstance(v, str)}
                 if isinstance(fixed, dict)
-                else {}
+                else None
             )
-            comment = event.get("comment")
-            self.do_rate(action, values, comment if isinstance(comment, str) else "")
+            self.do_rate(action, values, comment if isinstance(comment, str) else None)
 
     def do_rate(self, rating: str, values: dict[str, str] | None = None, comment: str | None = None) -> None:
         """Rate the item shown; `values` (the correction boxes' texts) and `comment` default to the
