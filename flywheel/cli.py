@@ -106,6 +106,10 @@ def _loop(args: argparse.Namespace) -> int:
                 metric=args.metric,
                 target_stage=args.stage,
                 margin=args.margin,
+                alpha=args.alpha,
+                min_rows=args.min_rows,
+                non_inferiority=args.non_inferiority,
+                dev_fraction=args.dev_fraction,
                 seed=args.seed,
                 progress=lambda line: print(line, file=sys.stderr),
             )
@@ -142,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", type=int, default=None, help="the API's port (default API_PORT)")
     p.add_argument("--no-api", action="store_true", help="do not start the API beside the dashboards")
     p.set_defaults(handler=_dashboards)
-    p = sub.add_parser("loop", help="one turn: export ratings -> compile -> evaluate -> promote if not worse")
+    p = sub.add_parser(
+        "loop", help="one turn: export ratings -> compile -> paired gate -> promote if significantly better"
+    )
     p.add_argument("name")
     p.add_argument("--optimizer", default="LabeledFewShot")
     p.add_argument(
@@ -156,8 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="exact_match", choices=["exact_match", "f1", "judge"])
     p.add_argument("--stage", default="Production", help="Staging or Production")
     p.add_argument(
-        "--margin", type=float, default=0.0, help="the candidate must score >= Production + margin"
+        "--margin",
+        type=float,
+        default=None,
+        help="improvement the candidate must show with significance (default GATE_MARGIN); "
+        "with --non-inferiority, the loss it may have",
     )
+    p.add_argument("--alpha", type=float, default=None, help="significance level (default GATE_ALPHA)")
+    p.add_argument(
+        "--min-rows", type=int, default=None, help="fewest held-out rows to decide on (default GATE_MIN_ROWS)"
+    )
+    p.add_argument(
+        "--non-inferiority",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="promote when not worse by more than the margin (default GATE_NON_INFERIORITY)",
+    )
+    p.add_argument("--dev-fraction", type=float, default=0.25, help="share of new rated rows held out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_loop)
     p = sub.add_parser("alias", help="point a free alias (e.g. champion) at a version")

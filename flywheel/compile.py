@@ -21,10 +21,10 @@ import mlflow
 
 from flywheel import registry
 from flywheel.dataset import TrainingData, TrainingSet, prepare
-from flywheel.errors import Cancelled, CompileError
-from flywheel.lm import make_lm
+from flywheel.errors import Cancelled, CompileError, EvaluationFailed
+from flywheel.lm import configured_lm, with_cache
 from flywheel.programs import program_fields
-from flywheel.scoring import Metric, feedback_metric, make_metric, score
+from flywheel.scoring import Metric, describe_failure, feedback_metric, lm_failure, make_metric, score
 from flywheel.store import Store, connect
 
 OPTIMIZERS = ("LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2", "GEPA")
@@ -32,6 +32,8 @@ MODULES = {"Predict": dspy.Predict, "ChainOfThought": dspy.ChainOfThought}
 _NEEDS = {"MIPROv2": "optuna", "GEPA": "gepa"}  # optional packages DSPy imports only when used
 _BUDGETED = ("MIPROv2", "GEPA")  # refuse to run without a budget; "light" is their cheapest
 STEPS = ("split", "score before", "optimize", "score after", "log run", "register")
+SIDES_ARTIFACT = "split/sides.json"  # example key -> train/dev, this split and every earlier one it continued
+HELDOUT_TAG = "heldout.size"  # on a version whose run holds SIDES_ARTIFACT: rows held out so far
 
 CancelToken = threading.Event | Callable[[], bool] | None
 
@@ -173,8 +175,14 @@ class CompileResult:
 
     @property
     def dev(self) -> list[dspy.Example]:
-        """Rated rows the new version never trained on: the gate evaluates on these."""
+        """Rated rows the new version never trained on (and, with `sides`, no earlier turn either):
+        the gate evaluates on these."""
         return self.data.split.dev
+
+    @property
+    def sides(self) -> dict[str, str]:
+        """Example key -> train/dev for every row split so far: pass it to the next compile."""
+        return self.data.split.sides
 
     @property
     def lineage_count(self) -> int:
@@ -205,6 +213,7 @@ def compile_program(
     module: str = "Predict",
     dev_fraction: float = 0.25,
     seed: int = 0,
+    sides: Mapping[str, str] | None = None,
     lm: dspy.BaseLM | None = None,
     dataset_name: str | None = None,
     description: str | None = None,
@@ -218,17 +227,22 @@ def compile_program(
     `progress`: None shows a tqdm bar in a notebook and log lines elsewhere, False is silent,
     a function receives the lines. `cancel` (an Event or a function) is checked between steps
     and on every metric call; Cancelled is raised and nothing is registered.
+
+    `sides` (a previous CompileResult.sides, or what the loop read from the last turn) keeps
+    every earlier dev row out of training, whatever the seed or fraction now. When a dev row
+    gets no answer to score (the LM is down, the program raised), EvaluationFailed is raised
+    and nothing is registered; an unparseable answer is a wrong one (0), not a failure.
     """
     started = time.monotonic()
     store = store or connect()
-    lm = lm or make_lm(store.settings.flywheel_lm)
+    lm = with_cache(lm or configured_lm(store.settings), store.settings.lm_cache_compile)
     student = build_program(program, module)
     inputs, outputs = program_fields(student)
     params = dict(optimizer_params or {})
     steps = Progress(f"compile {name} ({optimizer})", progress, cancel)
     try:
         steps.step("split")
-        prepared = prepare(data, inputs, outputs, dev_fraction, seed)
+        prepared = prepare(data, inputs, outputs, dev_fraction, seed, sides)
         train, dev = prepared.split.train, prepared.split.dev
         if not train:
             raise CompileError(
@@ -241,7 +255,7 @@ def compile_program(
         teleprompter, call = make_optimizer(optimizer, _counted(opt_metric, steps), lm, params)
 
         steps.step("score before")
-        before = score(student, dev, base_metric, lm, steps.tick)
+        before = _score(student, dev, base_metric, lm, steps)
         steps.step("optimize")
         if "valset" in inspect.signature(teleprompter.compile).parameters and dev:
             call = {"valset": dev, **call}
@@ -251,9 +265,11 @@ def compile_program(
             except Exception as exc:
                 if steps.cancelled():  # an optimizer that swallowed Cancelled for a while, then gave up
                     raise Cancelled("optimize") from exc
+                if lm_failure(exc) is not None:
+                    raise EvaluationFailed(f"an optimizer call: {describe_failure(exc)}", "optimize") from exc
                 raise
         steps.step("score after")
-        after = score(compiled, dev, base_metric, lm, steps.tick)
+        after = _score(compiled, dev, base_metric, lm, steps)
 
         steps.step("log run")
         result = CompileResult(
@@ -274,6 +290,15 @@ def compile_program(
     finally:
         steps.close()
     return replace(result, version=version, seconds=round(time.monotonic() - started, 3))
+
+
+def _score(
+    program: dspy.Module, dev: list[dspy.Example], metric: Metric, lm: dspy.BaseLM, steps: Progress
+) -> float | None:
+    try:
+        return score(program, dev, metric, lm, steps.tick)
+    except EvaluationFailed as exc:
+        raise EvaluationFailed(exc.detail, steps.step_name) from exc.__cause__
 
 
 def _log_and_register(
@@ -311,6 +336,7 @@ def _log_and_register(
                 )
         lineage = {"train": data.trace_ids("train"), "dev": data.trace_ids("dev")}
         mlflow.log_dict(lineage, "lineage/trace_ids.json")  # tags hold 8000 chars: count + hash there
+        mlflow.log_dict(data.split.sides, SIDES_ARTIFACT)
         steps.step("register")
         tags = {
             **(tags or {}),
@@ -321,6 +347,7 @@ def _log_and_register(
             "score.before": _fmt(result.score_before),
             "lineage.count": str(result.lineage_count),
             "lineage.sha256": result.lineage_hash,
+            HELDOUT_TAG: str(len(data.split.heldout_keys)),
             **{k: str(v) for k, v in sizes.items()},
         }
         text = description or f"{result.optimizer} on {result.train_size} rated examples ({result.dataset})."

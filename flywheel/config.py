@@ -43,6 +43,13 @@ class Settings:
     mlflow_tracking_uri: str = ""
     flywheel_home: Path = Path(".flywheel")
     flywheel_lm: str | None = None
+    flywheel_lm_api_base: str | None = None
+    flywheel_lm_engine: str = "auto"
+    flywheel_lm_retries: int = 3
+    flywheel_lm_timeout: float | None = None
+    lm_cache_serving: bool = False
+    lm_cache_compile: bool = True
+    program_threads: int = 8
     flywheel_experiment: str = "flywheel"
     flywheel_resolve_ttl: float = 2.0
     request_timeout: float = 30.0
@@ -51,11 +58,15 @@ class Settings:
     flywheel_admin_key: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     registry_needs_key: bool = False
-    max_request_bytes: int = 1_048_576
-    max_field_chars: int = 20_000
-    max_trace_chars: int = 200_000
+    max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
+    max_field_chars: int = 1_048_576
+    max_trace_chars: int = 4_194_304
     api_limit_concurrency: int = 200
     api_timeout_keep_alive: int = 5
+    gate_alpha: float = 0.05
+    gate_margin: float = 0.0
+    gate_min_rows: int = 10
+    gate_non_inferiority: bool = False
 
     @property
     def artifact_root(self) -> Path:
@@ -99,6 +110,12 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "max_trace_chars": (int, 1000, 1 << 30),
     "api_limit_concurrency": (int, 1, 100_000),
     "api_timeout_keep_alive": (int, 1, 3600),
+    "flywheel_lm_retries": (int, 0, 20),
+    "flywheel_lm_timeout": (float, 0.001, 86400),
+    "program_threads": (int, 1, 256),
+    "gate_alpha": (float, 0.0001, 0.5),
+    "gate_margin": (float, 0, 1),
+    "gate_min_rows": (int, 1, 1_000_000),
 }
 
 
@@ -145,6 +162,10 @@ def load_settings(
             values[field.name] = _parse_bool(name, raw)
         elif field.name == "default_model_stage":
             values[field.name] = canonical_stage(raw)
+        elif field.name == "flywheel_lm_engine":
+            values[field.name] = raw.strip().lower() or "auto"
+            if values[field.name] not in ("auto", "lm15", "litellm"):
+                raise ConfigError(f"FLYWHEEL_LM_ENGINE={raw!r} is not one of auto, lm15, litellm")
         elif field.name == "flywheel_home":
             values[field.name] = Path(raw)
         else:

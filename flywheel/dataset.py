@@ -11,7 +11,7 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,20 @@ def _unit(seed: int, key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+TRAIN, DEV = "train", "dev"
+
+
 @dataclass(frozen=True)
 class Split:
     train: list[dspy.Example]
     dev: list[dspy.Example]
     duplicates: int
+    sides: dict[str, str] = field(default_factory=dict)  # example key -> TRAIN/DEV, earlier turns included
+
+    @property
+    def heldout_keys(self) -> set[str]:
+        """Every key ever put on the dev side (here or by an earlier split this one continues)."""
+        return {k for k, side in self.sides.items() if side == DEV}
 
 
 def split_examples(
@@ -59,6 +68,7 @@ def split_examples(
     *,
     dev_fraction: float = 0.25,
     seed: int = 0,
+    sides: Mapping[str, str] | None = None,
 ) -> Split:
     """Deduplicate by inputs (first occurrence wins: export lists the newest judgement first), then split.
 
@@ -66,18 +76,32 @@ def split_examples(
     so its side depends only on itself: as feedback accumulates over turns, an example
     never moves from dev into train, and no version the loop trained has seen a later
     turn's dev rows. At least one example lands on each side when there are two or more.
+
+    `sides` (key -> "train"/"dev", from the splits of earlier turns) pins those examples to
+    the side they had, whatever the seed, fraction or set size now: the held-out set only
+    grows, and a row once held out is never trained on. Only new examples are hashed (and
+    only they move to keep a side non-empty). The returned `sides` is the earlier mapping
+    updated with this split, for the next turn.
     """
+    pinned = dict(sides or {})
     unique: dict[str, dspy.Example] = {}
     for example in examples:
         unique.setdefault(example_key(example, input_fields), example)
-    ranked = sorted(unique, key=lambda k: (_unit(seed, k), k))
-    dev_keys = [k for k in ranked if _unit(seed, k) < dev_fraction]
-    if dev_fraction > 0 and len(ranked) >= 2:
-        dev_keys = dev_keys[: len(ranked) - 1] or ranked[:1]
-    chosen = set(dev_keys)
+    new = sorted((k for k in unique if pinned.get(k) not in (TRAIN, DEV)), key=lambda k: (_unit(seed, k), k))
+    new_dev = [k for k in new if _unit(seed, k) < dev_fraction]
+    old_dev = [k for k in unique if pinned.get(k) == DEV]
+    old_train = [k for k in unique if pinned.get(k) == TRAIN]
+    if dev_fraction > 0 and len(unique) >= 2:
+        if not old_train and len(new_dev) == len(new) and new_dev:
+            new_dev = new_dev[:-1]  # keep one row to train on
+        if not old_dev and not new_dev and new:
+            new_dev = new[:1]  # and one to evaluate on
+    chosen = set(old_dev) | set(new_dev)
     train = [unique[k] for k in sorted(unique) if k not in chosen]
     random.Random(seed).shuffle(train)
-    return Split(train, [unique[k] for k in dev_keys], len(examples) - len(unique))
+    dev_keys = sorted(old_dev, key=lambda k: (_unit(seed, k), k)) + new_dev
+    pinned.update({k: (DEV if k in chosen else TRAIN) for k in unique})
+    return Split(train, [unique[k] for k in dev_keys], len(examples) - len(unique), pinned)
 
 
 @dataclass(frozen=True)
@@ -117,9 +141,15 @@ class TrainingSet:
 
 
 def prepare(
-    data: TrainingData, input_fields: list[str], output_fields: list[str], dev_fraction: float, seed: int
+    data: TrainingData,
+    input_fields: list[str],
+    output_fields: list[str],
+    dev_fraction: float,
+    seed: int,
+    sides: Mapping[str, str] | None = None,
 ) -> TrainingSet:
-    """Rows that carry every field become examples (the rest are skipped), then dedup + split."""
+    """Rows that carry every field become examples (the rest are skipped), then dedup + split
+    (`sides`: see split_examples)."""
     rows = read_rows(data)
     examples, sources = [], {}
     for row in rows:
@@ -128,5 +158,5 @@ def prepare(
         values = {f: row[f] for f in (*input_fields, *output_fields)}
         examples.append(dspy.Example(**values).with_inputs(*input_fields))
         sources.setdefault(example_key(row, input_fields), dict(row))
-    split = split_examples(examples, input_fields, dev_fraction=dev_fraction, seed=seed)
+    split = split_examples(examples, input_fields, dev_fraction=dev_fraction, seed=seed, sides=sides)
     return TrainingSet(split, sources, list(input_fields), len(rows), len(rows) - len(examples))

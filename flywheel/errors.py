@@ -14,6 +14,7 @@ __all__ = [
     "Cancelled",
     "CompileError",
     "ConfigError",
+    "EvaluationFailed",
     "ExportError",
     "FeedbackError",
     "FlywheelError",
@@ -23,6 +24,7 @@ __all__ = [
     "LoopError",
     "ModelNotFound",
     "PredictTimeout",
+    "ProgramError",
     "ReviewError",
     "TraceNotFound",
 ]
@@ -72,9 +74,16 @@ class PredictTimeout(FlywheelError, TimeoutError):
 
 
 class LMFailure(FlywheelError, RuntimeError):
-    """The language model (or the program around it) failed; the message is the provider's."""
+    """The language model failed (the provider's error, an unreachable provider, or an answer the
+    program's adapter cannot parse); the message is the provider's."""
 
     status = 502
+
+
+class ProgramError(FlywheelError, RuntimeError):
+    """The served program's own code raised (not the LM): a bug or an unhandled case in it."""
+
+    status = 500
 
 
 class FeedbackError(FlywheelError, ValueError):
@@ -107,6 +116,17 @@ class CompileError(FlywheelError, ValueError):
     """The inputs of a compile cannot work (no data, unknown optimizer or parameter)."""
 
     status = 422
+
+
+class EvaluationFailed(CompileError):
+    """A compile step got no answer to score (usually the LM is unreachable), as opposed to a
+    wrong or unparseable answer; the compile registers nothing. The message says where and why."""
+
+    status = 502
+
+    def __init__(self, detail: str, step: str = "score") -> None:
+        self.detail, self.step = detail, step
+        super().__init__(f"compile step {step!r} failed on {detail}; nothing was registered")
 
 
 class Cancelled(FlywheelError, RuntimeError):

@@ -1,10 +1,15 @@
 """Rated traces of one model -> training rows (corrections applied) -> DataFrame / CSV / JSON / Examples.
 
-Export reads trace *infos* only (tags and assessments), never span bodies:
-serving stores each prediction's input and output fields as trace tags. It
-asks MLflow only for traces that carry a `user_rating`, and pages by
-timestamp (keyset) rather than by offset, so the cost grows with the rated
-traces it returns, not with every trace ever served.
+Export reads trace *infos* (tags and assessments): serving stores each
+prediction's input and output fields as trace tags. A tag too long for every
+backend holds a preview only and is marked truncated (see tracing); for those
+rows alone, and only for the rows returned, the complete values are read from
+the trace's root span. It asks MLflow only for traces that carry a
+`user_rating`, and pages by timestamp (keyset) rather than by offset, so the
+cost grows with the rated traces it returns, not with every trace ever served.
+
+Values keep their JSON types (lists, objects, numbers, booleans from typed
+programs); a CSV cell holds a non-text value as JSON text.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import registry
 from flywheel.errors import ExportError
 from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
-from flywheel.tracing import model_filter, served_call
+from flywheel.tracing import ServedCall, complete_calls, model_filter, served_call
 
 if TYPE_CHECKING:
     import dspy
@@ -93,13 +98,14 @@ def _reviewer(assessment: Any) -> str | None:
     return source.source_id if source is not None else None
 
 
-def row_from_trace(info: Any) -> dict[str, Any] | None:
+def row_from_trace(info: Any, call: ServedCall | None = None) -> dict[str, Any] | None:
     """One training row: input fields, output fields (correction wins), then provenance.
 
     The newest valid rating decides whose feedback the row is: its correction and comment
-    are that reviewer's, never another reviewer's who disagreed.
+    are that reviewer's, never another reviewer's who disagreed. `call` is the complete
+    prediction when the tags were truncated (tracing.complete_calls).
     """
-    call = served_call(info)
+    call = call or served_call(info)
     assessments = list(info.assessments or [])
     rating = _latest(assessments, RATING)
     if call is None or rating is None:
@@ -142,16 +148,23 @@ def export_rows(
         raise ExportError("limit must be a positive number")
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
     runtime.outbox.deliver_available()  # include what was just rated, without stalling
-    rows: list[dict[str, Any]] = []
+    chosen: list[Any] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
         row = row_from_trace(info)
         if row is None or (rating != "any" and row["rating"] != rating):
             continue
+        chosen.append(info)
+        if limit is not None and len(chosen) >= limit:
+            break
+    complete = complete_calls(runtime.store.tracking, chosen)  # only truncated rows read spans
+    rows: list[dict[str, Any]] = []
+    for info in chosen:
+        row = row_from_trace(info, complete.get(info.trace_id))
+        if row is None:
+            continue
         if not with_corrected:
             del row[CORRECTED]
         rows.append(row)
-        if limit is not None and len(rows) >= limit:
-            break
     return [_ordered(r, info_versions) for r in rows]
 
 
@@ -181,13 +194,19 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _cell(value: Any) -> Any:
-    """A CSV cell; text a spreadsheet would run as a formula gets a leading ' (OWASP CSV injection).
+    """A CSV cell: text as it is, no value as an empty cell, anything else (numbers, booleans,
+    lists, objects) as JSON text, so a reader gets the typed value back with json.loads.
 
-    Numbers stay numbers (-3 is not a formula); JSON and JSONL exports keep every value verbatim.
+    Text a spreadsheet would run as a formula gets a leading ' (OWASP CSV injection); numbers
+    stay numbers (-3 is not a formula). JSON and JSONL exports keep every value verbatim.
     """
-    if isinstance(value, (dict, list)):
-        value = json.dumps(value)
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    if value is None:
+        return value
+    if not isinstance(value, str):
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(
+            value, ensure_ascii=False, default=str
+        )
+    if value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
 

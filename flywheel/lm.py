@@ -288,6 +288,43 @@ def make_lm(spec: str | None = None, **kwargs: Any) -> dspy.BaseLM:
     return dspy.LM(spec.strip(), **kwargs)
 
 
+def is_offline(spec: str | None) -> bool:
+    return spec is None or spec.strip().lower() in ("", "offline", OFFLINE_MODEL)
+
+
+def configured_lm(settings: Any) -> dspy.BaseLM:
+    """The LM the settings name: FLYWHEEL_LM with FLYWHEEL_LM_API_BASE, FLYWHEEL_LM_ENGINE,
+    FLYWHEEL_LM_RETRIES and FLYWHEEL_LM_TIMEOUT applied to a LiteLLM model string (the offline
+    LM and `py:` factories take none of them). The key stays in the provider's environment
+    variable."""
+    spec = settings.flywheel_lm
+    if is_offline(spec) or spec.startswith("py:"):
+        return make_lm(spec)
+    kwargs: dict[str, Any] = {"num_retries": settings.flywheel_lm_retries}
+    if settings.flywheel_lm_engine != "auto":
+        kwargs["engine"] = settings.flywheel_lm_engine
+    if base := settings.flywheel_lm_api_base:
+        kwargs["api_base"] = strip_userinfo(base)
+        if kwargs["api_base"] != base:  # http://user:password@host/v1: a gateway behind basic auth
+            kwargs["extra_headers"] = {"Authorization": _basic_auth(base)}
+            if settings.flywheel_lm_engine == "auto":
+                kwargs["engine"] = "litellm"  # DSPy's native client sends no headers of the caller's
+    if settings.flywheel_lm_timeout is not None:
+        kwargs["timeout"] = settings.flywheel_lm_timeout
+    return make_lm(spec, **kwargs)
+
+
+def with_cache(lm: dspy.BaseLM, enabled: bool) -> dspy.BaseLM:
+    """`lm`, or a copy of it, whose calls use DSPy's response cache exactly when `enabled`.
+
+    Serving (LM_CACHE_SERVING) and compile/evaluation (LM_CACHE_COMPILE) each decide for
+    themselves, whatever the LM object was built with. A copy shares the LM's connections.
+    """
+    if not hasattr(lm, "cache") or bool(lm.cache) == enabled or isinstance(lm, OfflineLM):
+        return lm
+    return lm.copy(cache=enabled)
+
+
 def _is_secret(name: object) -> bool:
     lowered = str(name).lower()
     if lowered.endswith("tokens"):  # max_tokens, max_completion_tokens: limits, not credentials
@@ -295,9 +332,44 @@ def _is_secret(name: object) -> bool:
     return any(part in lowered for part in _SECRET_PARTS)
 
 
+def _basic_auth(url: str) -> str:
+    """The Basic credential of the user:password in a URL (as an HTTP client would send it)."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def strip_userinfo(url: Any) -> Any:
+    """http://user:secret@host/v1 -> http://host/v1 (a password in a URL is a secret too)."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.netloc or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+_USERINFO = re.compile(r"(?<![\w.-])([\w.~%+-]+):([^\s/@'\"]+)@(?=[\w.\[-])")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]{8,}")
+_KEYLIKE = re.compile(r"\b(sk|pk|rk)-[\w-]{12,}")
+
+
+def redact(text: str) -> str:
+    """`text` (an error message) without the secrets a client may quote in it: a URL's
+    user:password, an Authorization header's credential, an `sk-...` style key."""
+    text = _USERINFO.sub(r"\1:***@", text)
+    text = _BEARER.sub(r"\1 ***", text)
+    return _KEYLIKE.sub(r"\1-***", text)
+
+
 def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items() if not _is_secret(k)}
+        return {k: _scrub(strip_userinfo(v)) for k, v in value.items() if not _is_secret(k)}
     return value
 
 

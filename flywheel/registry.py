@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import sys
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,11 +29,12 @@ from mlflow.types.schema import ColSpec, Schema
 
 from flywheel.config import STAGES, ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
-from flywheel.programs import program_fields
+from flywheel.programs import INPUT_TYPES_ATTR, input_types, optional_inputs, program_fields
 from flywheel.store import Store, connect, quiet
 
 INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
+OPTIONAL_TAG = "flywheel.optional_inputs"
 SCORE_TAG = "score"
 _DIGITS = re.compile(r"^v?(\d+)$")
 
@@ -65,6 +69,10 @@ class VersionInfo:
     @property
     def output_fields(self) -> list[str]:
         return json.loads(self.tags.get(OUTPUTS_TAG, "[]"))
+
+    @property
+    def optional_inputs(self) -> list[str]:
+        return json.loads(self.tags.get(OPTIONAL_TAG, "[]"))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -149,23 +157,44 @@ def register_program(
     model_description: str = "",
     lm: dspy.BaseLM | None = None,
     store: Store | None = None,
+    input_fields: Sequence[str] | None = None,
+    output_fields: Sequence[str] | None = None,
+    code_paths: Sequence[str | os.PathLike[str]] | None = None,
 ) -> VersionInfo:
     """Log `program` with MLflow's dspy flavor and register it as a new version of `name`.
 
-    The LM pickled beside the program (so `mlflow models serve` can run it) is
-    stripped of secrets first; callbacks are never pickled.
+    Any dspy.Module: a built-in one or a class of your own. A class defined in a notebook
+    (`__main__`) or in a module file of your own (anything not installed as a package) is
+    pickled by value, so the version loads in a server started in another directory, where
+    your file cannot be imported; `code_paths` (MLflow's) ships files to import instead.
+    `input_fields`/`output_fields` override the fields read from the program (see
+    `programs.program_fields`). The LM pickled beside the program (so `mlflow models serve`
+    can run it) is stripped of secrets first; callbacks are never pickled.
     """
-    from flywheel.lm import make_lm, persistable_lm
+    from flywheel.lm import configured_lm, persistable_lm
 
     store = store or connect()
     inputs, outputs = program_fields(program)
+    inputs = list(input_fields) if input_fields is not None else inputs
+    outputs = list(output_fields) if output_fields is not None else outputs
+    optional = [f for f in optional_inputs(program) if f in inputs]
     all_tags = {str(k): str(v) for k, v in (tags or {}).items() if v is not None}
     all_tags.update({INPUTS_TAG: json.dumps(inputs), OUTPUTS_TAG: json.dumps(outputs)})
+    if optional:
+        all_tags[OPTIONAL_TAG] = json.dumps(optional)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", f) for f in inputs]),
         outputs=Schema([ColSpec("string", f) for f in outputs]),
     )
-    saved_lm = persistable_lm(lm or dspy.settings.lm or make_lm(store.settings.flywheel_lm))
+    saved_lm = persistable_lm(lm or dspy.settings.lm or configured_lm(store.settings))
+    try:  # resolved here, where the program's module imports; kept on the program for servers
+        setattr(program, INPUT_TYPES_ATTR, input_types(program, inputs))
+    except Exception:
+        pass
+    if any(getattr(p, "lm", None) is not None for p in program.predictors()):
+        program = program.deepcopy()  # an LM set on a predictor is pickled with it: without secrets
+        for predictor in program.predictors():
+            predictor.lm = persistable_lm(predictor.lm)
     client = store.client
     try:
         client.get_registered_model(name)
@@ -183,6 +212,7 @@ def register_program(
             dspy.context(lm=saved_lm, callbacks=[]),
             warnings.catch_warnings(),
             quiet("mlflow.dspy.save", level=logging.ERROR),  # the pickle caution, on every single save
+            pickled_by_value(),
         ):
             warnings.simplefilter("ignore")
             model_info = mlflow.dspy.log_model(
@@ -191,6 +221,7 @@ def register_program(
                 signature=signature,
                 pip_requirements=_pip_requirements(),
                 metadata={"flywheel_inputs": inputs, "flywheel_outputs": outputs},
+                code_paths=[str(p) for p in code_paths] if code_paths else None,
             )
             mv = client.create_model_version(
                 name,
@@ -202,6 +233,53 @@ def register_program(
             )
     _forget(name, store)
     return _version_info(client.get_model_version(name, mv.version))
+
+
+_NEVER_BY_VALUE = frozenset({"__main__", "flywheel", "dspy", "mlflow", "builtins"})
+
+
+def user_modules() -> list[str]:
+    """Top-level modules loaded from files that no installed distribution provides: your code.
+
+    Excludes the standard library, installed packages (flywheel itself too, even when it is
+    imported from a source tree) and `__main__` (cloudpickle pickles that by value anyway).
+    """
+    from importlib.metadata import packages_distributions
+
+    installed = set(packages_distributions()) | set(sys.stdlib_module_names) | _NEVER_BY_VALUE
+    prefixes = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+    found = set()
+    for name in list(sys.modules):
+        top = name.partition(".")[0]
+        if top in installed or top in found or top.startswith("_"):
+            continue
+        file = getattr(sys.modules.get(top), "__file__", None)
+        if not file or os.path.realpath(file).startswith(prefixes):
+            continue
+        found.add(top)
+    return sorted(found)
+
+
+@contextmanager
+def pickled_by_value() -> Iterator[None]:
+    """While saving: pickle your own modules' classes and functions by value (see user_modules)."""
+    import cloudpickle
+
+    added = []
+    try:
+        for name in user_modules():
+            module = sys.modules.get(name)
+            if module is None or cloudpickle.list_registry_pickle_by_value() & {name}:
+                continue
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:
+                continue
+            added.append(module)
+        yield
+    finally:
+        for module in added:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 class _nullcontext:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from flywheel.loader import LoadedProgram
     from flywheel.loop import LoopTurn
     from flywheel.registry import VersionInfo
-    from flywheel.serving import Prediction
+    from flywheel.serving import Prediction, ProgramPool
     from flywheel.store import Store
 
 log = logging.getLogger("flywheel.runtime")
@@ -54,12 +54,14 @@ class Runtime:
         store: Store | None = None,
         lm: dspy.BaseLM | None = None,
     ) -> None:
-        from flywheel.lm import make_lm
+        from flywheel.lm import configured_lm
         from flywheel.store import connect
 
         self.settings = settings or (store.settings if store is not None else get_settings())
         self.store: Store = store or connect(self.settings)
-        self.lm: dspy.BaseLM = lm or make_lm(self.settings.flywheel_lm)
+        self.lm: dspy.BaseLM = lm or configured_lm(self.settings)
+        self._serving_lm: tuple[Any, bool, Any] | None = None
+        self._pool: ProgramPool | None = None
         self.programs = Loader(self.store)
         home = self.settings.flywheel_home
         self.outbox = Outbox(home / "outbox.db")
@@ -97,6 +99,8 @@ class Runtime:
             self._closed = True
             self.outbox.stop()
             self.counters.stop()
+            if self._pool is not None:
+                self._pool.shutdown()
         if self.settings.mlflow_enabled:
             self.outbox.flush(timeout=EXIT_DELIVERY_SECONDS if timeout is None else timeout)
         waiting = self.outbox.backlog()
@@ -120,6 +124,29 @@ class Runtime:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    # --- what serving runs programs with ---------------------------------------------------
+
+    def serving_lm(self) -> dspy.BaseLM:
+        """`self.lm` with DSPy's response cache on or off as LM_CACHE_SERVING says (default off)."""
+        from flywheel.lm import with_cache
+
+        wanted = self.settings.lm_cache_serving
+        cached = self._serving_lm
+        if cached is None or cached[0] is not self.lm or cached[1] != wanted:
+            cached = (self.lm, wanted, with_cache(self.lm, wanted))
+            self._serving_lm = cached
+        return cached[2]  # type: ignore[no-any-return]
+
+    def program_pool(self) -> ProgramPool:
+        """The PROGRAM_THREADS threads that run forward-only programs (made on first use)."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    from flywheel.serving import ProgramPool
+
+                    self._pool = ProgramPool(self.settings.program_threads)
+        return self._pool
 
     # --- what the API and notebooks call --------------------------------------------------
 

@@ -110,6 +110,46 @@ def feedback_metric(
     return with_feedback
 
 
+UNPARSEABLE, FAILED = "unparseable", "failed"
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def lm_failure(exc: BaseException) -> BaseException | None:
+    """The LM's own error (DSPy's LMError: unreachable, auth, rate limit, timeout...) in the chain, if any."""
+    from dspy.utils.exceptions import LMError
+
+    return next((e for e in _chain(exc) if isinstance(e, (LMError, ConnectionError, TimeoutError))), None)
+
+
+def failure_kind(exc: BaseException) -> str:
+    """UNPARSEABLE when the LM answered but its answer did not parse (DSPy's AdapterParseError):
+    that is the program's answer, and a wrong one. FAILED for anything else (the LM was
+    unreachable, refused, timed out, or the program raised): no answer exists to score, so the
+    row must not count as a wrong answer. An LM error anywhere in the chain is a failure."""
+    from dspy.utils.exceptions import AdapterParseError
+
+    if lm_failure(exc) is None and any(isinstance(e, AdapterParseError) for e in _chain(exc)):
+        return UNPARSEABLE
+    return FAILED
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a person: whether the LM failed (and how) or the program itself raised."""
+    lm = lm_failure(exc)
+    detail = lm or exc
+    text = " ".join(str(detail).split())[:300]
+    what = "the LM failed" if lm is not None else "the program raised"
+    return f"{what} ({type(detail).__name__}: {text})"
+
+
 def score(
     program: dspy.Module,
     examples: Sequence[dspy.Example],
@@ -117,18 +157,24 @@ def score(
     lm: dspy.BaseLM,
     tick: Callable[[], None],
 ) -> float | None:
-    """Mean metric on `examples`; a prediction that fails to parse scores 0."""
+    """Mean metric on `examples`. An unparseable answer scores 0 (a wrong answer); any other
+    failure (the LM is down, the program or metric raised) raises EvaluationFailed at once,
+    since a score with missing rows would say nothing and the next rows would fail the same way."""
+    from flywheel.errors import EvaluationFailed
+
     if not examples:
         return None
     total = 0.0
     with dspy.context(lm=lm, callbacks=[]):
-        for example in examples:
+        for i, example in enumerate(examples):
             tick()
             try:
                 value = metric(example, program(**example.inputs()))
-            except Exception:  # an unparseable answer is a wrong answer, not a crash
-                value = 0.0
+            except Exception as exc:
+                if failure_kind(exc) == FAILED:
+                    raise EvaluationFailed(
+                        f"row {i + 1} of {len(examples)}: {describe_failure(exc)}"
+                    ) from exc
+                value = 0.0  # an unparseable answer is a wrong answer, not a failure
             total += float(getattr(value, "score", value))
     return round(total / len(examples), 6)
-
-

@@ -4,23 +4,59 @@ The program is resolved through the registry's cache (a promotion is seen
 within FLYWHEEL_RESOLVE_TTL), run under `dspy.context` with the server's LM
 (never global settings), and every answer becomes an MLflow trace whose id is
 returned at once; the trace itself is written durably by the outbox.
+
+Any dspy.Module is served. One with its own `aforward` (Predict, ChainOfThought,
+ReAct, or a class of yours that defines it) runs on the event loop. One with
+only a `forward` (a class written as the DSPy docs teach) runs in the runtime's
+program pool: PROGRAM_THREADS threads per process, each call under a copy of the
+request's context, so its `dspy.context` (the server's LM, the per-request
+recorder) is the one the request set.
+
+A call that passes REQUEST_TIMEOUT is answered 504 at that moment, whatever
+runs it. A native `aforward` is cancelled. A sync `forward` cannot be
+interrupted by Python: its thread goes on until the program returns (its LM
+calls are bounded by FLYWHEEL_LM_TIMEOUT and FLYWHEEL_LM_RETRIES), and its
+answer is thrown away, never traced as a success. The pool never grows past
+PROGRAM_THREADS: while every thread is taken, further forward-only requests
+wait in its queue, and one still waiting when its own REQUEST_TIMEOUT passes
+is answered 504 and removed from the queue without ever running.
+
+Errors are mapped honestly: the LM client's error (the provider's answer,
+an unreachable provider, an answer the adapter cannot parse) is 502 with the
+provider's message; a timeout is 504; an exception raised by the program's
+own code is 500 "program error: ...". Each is traced with state ERROR, the
+exception's type, message and traceback, and logged with its traceback; a
+credential a client quotes in its error (a URL's password, a bearer key) is
+redacted from all three.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
+from dspy.utils.usage_tracker import UsageTracker
 
-from flywheel.errors import LMFailure, PredictTimeout
-from flywheel.programs import check_inputs, output_values
+from flywheel.errors import FlywheelError, LMFailure, PredictTimeout, ProgramError
+from flywheel.lm import redact
+from flywheel.programs import check_inputs, convert_inputs, output_values, runs_async
 from flywheel.tracing import TraceRecord, new_trace_id
 
 if TYPE_CHECKING:
+    from flywheel.loader import LoadedProgram
     from flywheel.runtime import Runtime
+
+log = logging.getLogger("flywheel.serving")
+_TRACEBACK_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -40,6 +76,92 @@ class Prediction:
         }
 
 
+class CallRecorder(BaseCallback, UsageTracker):
+    """Per request: how many LM calls the program made, how many the cache answered, token usage.
+
+    DSPy reports usage to the context's usage tracker for every call the provider answered and
+    never for a cache hit; the callback sees every call. The difference is the cached calls.
+    """
+
+    def __init__(self) -> None:
+        UsageTracker.__init__(self)
+        self.lm_calls = 0
+        self.answered = 0
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.lm_calls += 1
+
+    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+        self.answered += 1
+        super().add_usage(lm, usage_entry)
+
+    def summary(self) -> dict[str, Any]:
+        usage = {k: v for k, v in self.get_total_tokens().items() if v}
+        return {
+            "lm_calls": self.lm_calls,
+            "cached_calls": max(0, self.lm_calls - self.answered),
+            "usage": usage or None,
+        }
+
+
+def classify(exc: BaseException, limit: float) -> FlywheelError:
+    """The FlywheelError a failed program call is answered with (see the module docstring)."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    from dspy.utils.exceptions import AdapterParseError, LMError, LMTimeoutError
+
+    if isinstance(exc, TimeoutError) or any(isinstance(e, LMTimeoutError) for e in chain):
+        detail = "" if isinstance(exc, TimeoutError) else f": {_message(exc)}"
+        return PredictTimeout(f"the prediction took longer than {limit:g}s (REQUEST_TIMEOUT){detail}")
+    if any(isinstance(e, (LMError, AdapterParseError)) for e in chain):
+        return LMFailure(f"the language model call failed: {_message(exc)}")
+    try:  # LiteLLM's own errors, when a program calls LiteLLM directly
+        import litellm
+
+        if any(isinstance(e, litellm.exceptions.APIError | litellm.exceptions.OpenAIError) for e in chain):
+            return LMFailure(f"the language model call failed: {_message(exc)}")
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return ProgramError(f"program error: {_message(exc)}")
+
+
+def _type_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def _message(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {exc}")
+
+
+class ProgramPool:
+    """The bounded thread pool that runs forward-only programs (PROGRAM_THREADS threads)."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flywheel-program")
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in a pool thread under a copy of the caller's context (dspy.context included)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, context.run, fn)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_program(runtime: Runtime, program: dspy.Module, inputs: dict[str, Any]) -> Any:
+    """The program's answer to `inputs`: its aforward on this loop, or forward in the pool."""
+    if runs_async(program):
+        return await program.acall(**inputs)
+    return await runtime.program_pool().run(partial(program, **inputs))
+
+
 async def apredict(
     runtime: Runtime,
     model: str,
@@ -51,26 +173,64 @@ async def apredict(
     """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE)."""
     loaded = runtime.programs.peek(model, ref) or await asyncio.to_thread(runtime.programs.load, model, ref)
     check_inputs(loaded.info, inputs)
+    arguments = convert_inputs(loaded.program, inputs)
     trace_id = new_trace_id()
     started_ns = time.time_ns()
     t0 = time.perf_counter()
     limit = timeout if timeout is not None else runtime.settings.request_timeout
+    recorder = CallRecorder()
     try:
-        with dspy.context(lm=runtime.lm, callbacks=[], track_usage=False):
-            output = await asyncio.wait_for(loaded.program.acall(**inputs), timeout=limit)
-    except TimeoutError:
-        runtime.record_trace(
-            TraceRecord.failed(trace_id, loaded.info, inputs, started_ns, f"timed out after {limit:g}s")
-        )
-        raise PredictTimeout(f"the prediction took longer than {limit:g}s (REQUEST_TIMEOUT)") from None
+        with dspy.context(
+            lm=runtime.serving_lm(), callbacks=[recorder], usage_tracker=recorder, track_usage=False
+        ):
+            output = await asyncio.wait_for(run_program(runtime, loaded.program, arguments), timeout=limit)
+        result = output_values(loaded.info, output)
     except Exception as exc:
-        message = f"{type(exc).__name__}: {exc}"
-        runtime.record_trace(TraceRecord.failed(trace_id, loaded.info, inputs, started_ns, message))
-        raise LMFailure(f"the language model call failed: {message}") from None
-    result = output_values(loaded.info, output)
+        error = classify(exc, limit)
+        _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder)
+        raise error from None
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-    runtime.record_trace(TraceRecord.ok(trace_id, loaded.info, inputs, result, started_ns, time.time_ns()))
+    runtime.record_trace(
+        TraceRecord.ok(
+            trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), **recorder.summary()
+        )
+    )
     return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms)
+
+
+def _fail(
+    runtime: Runtime,
+    loaded: LoadedProgram,
+    trace_id: str,
+    inputs: dict[str, Any],
+    started_ns: int,
+    exc: BaseException,
+    error: FlywheelError,
+    recorder: CallRecorder,
+) -> None:
+    """Trace the failure (state ERROR, the exception and its traceback) and log the traceback."""
+    stack = redact("".join(traceback.format_exception(exc)))[-_TRACEBACK_CHARS:]
+    runtime.log.error(  # the traceback, with the secrets a client may quote in it redacted
+        "predict %s v%s failed (%s, trace %s): %s\n%s",
+        loaded.info.name,
+        loaded.info.version,
+        error.status,
+        trace_id,
+        error,
+        stack.rstrip(),
+    )
+    runtime.record_trace(
+        TraceRecord.failed(
+            trace_id,
+            loaded.info,
+            inputs,
+            started_ns,
+            str(error),
+            error_type=_type_name(type(exc)),
+            error_traceback=stack,
+            **recorder.summary(),
+        )
+    )
 
 
 def predict(

@@ -76,7 +76,8 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                 "response_preview": info.response_preview,
                 "db_payload_generation": 1,
                 "trace_name": m.validate_trace_name(info.tags.get(m.TraceTagKey.TRACE_NAME)),
-                "session_id": columns.get("session_id"),
+                "session_id": None,
+                **columns,  # token usage, cost, session: columns of their own, as in MLflow
             }
         )
         trace_tags = {k: v for k, v in info.tags.items() if k != m.TraceTagKey.TRACE_NAME}
@@ -102,6 +103,8 @@ def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
                     "content": content,
                 }
             )
+    keys = {k for row in infos for k in row}  # one executemany needs the same columns in every row
+    infos = [{k: row.get(k) for k in keys} for row in infos]
     with sql_session(store) as session:
         session.execute(insert(m.SqlTraceInfo.__table__), infos)
         session.execute(insert(m.SqlTraceTag.__table__), tags)

@@ -8,6 +8,19 @@ in batches as a complete trace: one root span whose inputs and outputs are the
 program's fields, tags naming the model and version, and the logged model id
 in the trace metadata (so each trace links to the right logged model even
 when several versions are loaded in one process).
+
+Sizes every backend accepts: MLflow stores tag and metadata values in
+8,000-character columns (PostgreSQL enforces it) and its own conversions cut
+tags at 4,096. Every tag flywheel writes stays within TAG_CHARS: the inputs
+and outputs tags hold the whole JSON when it fits, else a preview (each
+long field cut, and tagged `flywheel.truncated`). The root span always holds
+the complete inputs and outputs; `complete_calls` reads them back for the
+truncated traces a caller needs (export, the review queue).
+
+A failed prediction is a trace with state ERROR: the message in a tag, the
+exception's type, message and traceback as the span's `exception` event.
+Cache use is tagged: `flywheel.lm_cache` is `hit` when every LM call was
+answered by DSPy's cache, `partial` when some were, `miss` when none.
 """
 
 from __future__ import annotations
@@ -28,7 +41,13 @@ MODEL_KEY_TAG = "flywheel.model_key"  # a hash of the name: user text never ente
 VERSION_TAG = "flywheel.model_version"
 INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
+TRUNCATED_TAG = "flywheel.truncated"
+ERROR_TAG = "flywheel.error"
+CACHE_TAG = "flywheel.lm_cache"
+LM_CALLS_KEY = "flywheel.lm_calls"
+CACHED_CALLS_KEY = "flywheel.cached_calls"
 SPAN_NAME = "predict"
+TAG_CHARS = 2000  # well below MLflow's 4,096 (its own conversion) and 8,000 (the column)
 _PREVIEW = 1000
 _log = logging.getLogger("flywheel.tracing")
 
@@ -45,19 +64,85 @@ class ServedCall:
     version: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    truncated: tuple[str, ...] = ()  # "inputs" and/or "outputs": the tags hold a preview only
 
 
 def served_call(info: Any) -> ServedCall | None:
-    """The prediction a TraceInfo records, or None for a trace flywheel did not write."""
+    """The prediction a TraceInfo records, or None for a trace flywheel did not write.
+
+    Read from tags only: where `truncated` names a part, that part is a preview (each long
+    field cut); `complete_calls` reads the complete values from the root span.
+    """
     tags = info.tags or {}
     if MODEL_TAG not in tags:
         return None
+    truncated = tuple(p for p in (tags.get(TRUNCATED_TAG) or "").split(",") if p)
     return ServedCall(
         tags[MODEL_TAG],
         tags.get(VERSION_TAG, ""),
-        json.loads(tags.get(INPUTS_TAG) or "{}"),
-        json.loads(tags.get(OUTPUTS_TAG) or "{}"),
+        _loads(tags.get(INPUTS_TAG)),
+        _loads(tags.get(OUTPUTS_TAG)),
+        truncated,
     )
+
+
+def _loads(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:  # a tag some other writer cut mid-JSON
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def complete_calls(store: Any, infos: list[Any]) -> dict[str, ServedCall]:
+    """trace id -> the complete ServedCall, for the given TraceInfos whose tags were truncated.
+
+    Reads the root span's inputs and outputs of those traces only (one batch where the store
+    has one), so the cost grows with the truncated rows a caller returns, not with every trace.
+    """
+    wanted = {}
+    for info in infos:
+        call = served_call(info)
+        if call is not None and call.truncated:
+            wanted[info.trace_id] = call
+    if not wanted:
+        return {}
+    ids = list(wanted)
+    try:
+        traces = store.batch_get_traces(ids)
+    except (NotImplementedError, AttributeError):
+        traces = [store.get_trace(i) for i in ids]
+    out: dict[str, ServedCall] = {}
+    for trace in traces:
+        call = wanted.get(trace.info.trace_id)
+        root = next((s for s in trace.data.spans if s.parent_id is None), None)
+        if call is None or root is None:
+            continue
+        inputs = root.inputs if isinstance(root.inputs, dict) else call.inputs
+        outputs = root.outputs if isinstance(root.outputs, dict) else call.outputs
+        out[trace.info.trace_id] = ServedCall(call.model, call.version, inputs, outputs)
+    return out
+
+
+def preview_json(values: dict[str, Any] | None, limit: int = TAG_CHARS) -> tuple[str, bool]:
+    """(JSON text of at most `limit` chars, whether anything was cut): whole when it fits, else
+    each field longer than its share cut to a string ending with how long it was."""
+    text = json.dumps(values, default=str, ensure_ascii=False)
+    if len(text) <= limit:
+        return text, False
+    share = max(16, limit // max(1, len(values or {})) - 64)
+    while True:
+        preview = {}
+        for key, value in (values or {}).items():
+            item = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+            if len(item) > share:
+                preview[key[:200]] = f"{item[:share]}… [truncated, {len(item)} chars]"
+            else:
+                preview[key[:200]] = value
+        text = json.dumps(preview, default=str, ensure_ascii=False)
+        if len(text) <= limit or share <= 16:
+            return text[:limit], True
+        share = max(16, share // 2)
 
 
 def model_filter(model: str, version: str | int | None = None) -> str:
@@ -82,6 +167,11 @@ class TraceRecord:
     start_ns: int
     end_ns: int
     error: str | None = None
+    error_type: str | None = None
+    error_traceback: str | None = None
+    lm_calls: int | None = None
+    cached_calls: int | None = None
+    usage: dict[str, Any] | None = None
 
     @classmethod
     def ok(
@@ -92,17 +182,29 @@ class TraceRecord:
         outputs: dict[str, Any],
         start_ns: int,
         end_ns: int,
+        **extra: Any,
     ) -> TraceRecord:
-        return cls(trace_id, info.name, info.version, info.model_id, inputs, outputs, start_ns, end_ns)
+        return cls(
+            trace_id, info.name, info.version, info.model_id, inputs, outputs, start_ns, end_ns, **extra
+        )
 
     @classmethod
     def failed(
-        cls, trace_id: str, info: Any, inputs: dict[str, Any], start_ns: int, error: str
+        cls, trace_id: str, info: Any, inputs: dict[str, Any], start_ns: int, error: str, **extra: Any
     ) -> TraceRecord:
         import time
 
         return cls(
-            trace_id, info.name, info.version, info.model_id, inputs, None, start_ns, time.time_ns(), error
+            trace_id,
+            info.name,
+            info.version,
+            info.model_id,
+            inputs,
+            None,
+            start_ns,
+            time.time_ns(),
+            error,
+            **extra,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,16 +212,27 @@ class TraceRecord:
         return asdict(self)
 
     def tags(self) -> dict[str, str]:
-        """Trace tags: export reads inputs and outputs from here, never from span bodies."""
+        """Trace tags, each within TAG_CHARS: export reads inputs and outputs from here, and from
+        the root span only for the traces whose tags are marked truncated."""
+        inputs, cut_inputs = preview_json(self.inputs)
         tags = {
-            MODEL_TAG: self.model,
+            MODEL_TAG: self.model[:TAG_CHARS],
             MODEL_KEY_TAG: model_key(self.model),
             VERSION_TAG: self.version,
-            INPUTS_TAG: json.dumps(self.inputs, default=str),
+            INPUTS_TAG: inputs,
             "mlflow.traceName": SPAN_NAME,
         }
+        truncated = ["inputs"] if cut_inputs else []
         if self.outputs is not None:
-            tags[OUTPUTS_TAG] = json.dumps(self.outputs, default=str)
+            tags[OUTPUTS_TAG], cut_outputs = preview_json(self.outputs)
+            truncated += ["outputs"] if cut_outputs else []
+        if truncated:
+            tags[TRUNCATED_TAG] = ",".join(truncated)
+        if self.error:
+            tags[ERROR_TAG] = self.error[:TAG_CHARS]
+        if self.lm_calls:
+            cached = self.cached_calls or 0
+            tags[CACHE_TAG] = "hit" if cached >= self.lm_calls else "partial" if cached else "miss"
         return tags
 
     def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:
@@ -146,6 +259,11 @@ class TraceRecord:
         }
         if self.model_id:
             metadata[TraceMetadataKey.MODEL_ID] = self.model_id
+        if self.lm_calls is not None:
+            metadata[LM_CALLS_KEY] = str(self.lm_calls)
+            metadata[CACHED_CALLS_KEY] = str(self.cached_calls or 0)
+        if tokens := _token_usage(self.usage):
+            metadata[TraceMetadataKey.TOKEN_USAGE] = json.dumps(tokens)
         info = TraceInfo(
             trace_id=self.trace_id,
             trace_location=TraceLocation.from_experiment_id(experiment_id),
@@ -165,7 +283,17 @@ class TraceRecord:
             "flywheel.model": json.dumps(self.model),
             "flywheel.model_version": json.dumps(self.version),
         }
-        status = Status(StatusCode.ERROR, self.error) if self.error else Status(StatusCode.OK)
+        status = Status(StatusCode.ERROR, self.error[:_PREVIEW]) if self.error else Status(StatusCode.OK)
+        events = []
+        if self.error:
+            from opentelemetry.sdk.trace import Event
+
+            exception = {
+                "exception.type": self.error_type or "Exception",
+                "exception.message": self.error,
+                "exception.stacktrace": self.error_traceback or "",
+            }
+            events.append(Event("exception", exception, timestamp=max(self.end_ns, self.start_ns)))
         otel = ReadableSpan(
             name=SPAN_NAME,
             context=build_otel_context(int(self.trace_id[3:], 16), int(self.trace_id[3:19], 16) or 1),
@@ -174,9 +302,22 @@ class TraceRecord:
             end_time=max(self.end_ns, self.start_ns),
             attributes=attributes,
             status=status,
+            events=events,
             resource=Resource.get_empty(),
         )
         return info, [Span(otel)]
+
+
+def _token_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    """MLflow's trace token usage from DSPy's per-LM usage (prompt/completion/total tokens)."""
+    totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    for entry in (usage or {}).values():
+        if not isinstance(entry, dict):
+            continue
+        totals["input_tokens"] += int(entry.get("prompt_tokens") or entry.get("input_tokens") or 0)
+        totals["output_tokens"] += int(entry.get("completion_tokens") or entry.get("output_tokens") or 0)
+        totals["total_tokens"] += int(entry.get("total_tokens") or 0)
+    return totals if any(totals.values()) else {}
 
 
 def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:

@@ -22,6 +22,14 @@ _ENV_NAMES = [
     "FLYWHEEL_PREDICT_KEY",
     "FLYWHEEL_FEEDBACK_KEY",
     "FLYWHEEL_ADMIN_KEY",
+    "FLYWHEEL_LM_API_BASE",
+    "FLYWHEEL_LM_ENGINE",
+    "FLYWHEEL_LM_RETRIES",
+    "FLYWHEEL_LM_TIMEOUT",
+    "LM_CACHE_SERVING",
+    "LM_CACHE_COMPILE",
+    "PROGRAM_THREADS",
+    "REQUEST_TIMEOUT",
 ]
 
 
@@ -168,3 +176,29 @@ def demo_store_rw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.St
     with pytest.MonkeyPatch.context() as mp:
         yield _seed(mp, tmp_path_factory.mktemp("demo-rw") / "home")
         _reset()
+
+
+class _Refusing:
+    """A dspy LM engine that cannot reach its provider for requests whose last message contains
+    `bad` (every request when None); other requests get the offline LM's answer."""
+
+    def __init__(self, bad: str | None = None) -> None:
+        from flywheel.lm import RetrievalEngine
+
+        self.bad, self.offline = bad, RetrievalEngine()
+
+    def complete(self, request: Any) -> Any:
+        if self.bad is None or self.bad in (request.messages[-1].text or ""):
+            raise ConnectionError("connection refused (test)")
+        return self.offline.complete(request)
+
+
+@pytest.fixture
+def failing_lm() -> Callable[..., Any]:
+    """`failing_lm(bad=None)`: a dspy.LM whose calls raise (only for inputs containing `bad`, if given)."""
+    import dspy
+
+    def make(bad: str | None = None) -> Any:
+        return dspy.LM("flaky/test", engine=_Refusing(bad), cache=False)
+
+    return make

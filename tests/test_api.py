@@ -288,6 +288,7 @@ def test_timeout_is_504_and_lm_failure_is_502(http: httpx.Client) -> None:
         )
         r = http.post("/predict", json={"model": JOKES, "inputs": {"topic": "slow"}})
         assert r.status_code == 504 and "REQUEST_TIMEOUT" in r.json()["detail"]
+        runtime.settings = original_settings  # a refused connection must not race a 0.3 s timeout
         runtime.lm = dspy.LM(
             "openai/unreachable", api_base="http://127.0.0.1:9/v1", api_key="none", num_retries=0, cache=False
         )

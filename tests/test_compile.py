@@ -82,6 +82,49 @@ def test_split_keeps_one_example_on_each_side_of_small_sets() -> None:
     assert len(none.dev) == 0
 
 
+def test_earlier_sides_are_pinned_so_the_held_out_set_only_grows() -> None:
+    first = split_examples(_examples([f"ticket number {i}" for i in range(20)]), ["ticket"], seed=3)
+    held_out = {example_key(e, ["ticket"]) for e in first.dev}
+    trained = {example_key(e, ["ticket"]) for e in first.train}
+    assert held_out == first.heldout_keys and set(first.sides) == held_out | trained
+    # a later turn: more rows, another seed and fraction; earlier rows keep their side
+    more = _examples([f"ticket number {i}" for i in range(40)])
+    later = split_examples(more, ["ticket"], seed=99, dev_fraction=0.6, sides=first.sides)
+    later_train = {example_key(e, ["ticket"]) for e in later.train}
+    assert held_out <= {example_key(e, ["ticket"]) for e in later.dev} and not held_out & later_train
+    assert trained <= later_train
+    assert later.heldout_keys >= held_out and set(later.sides) >= set(first.sides)
+    # rows held out earlier stay out of training even when this export no longer contains them
+    fewer = split_examples(more[25:], ["ticket"], seed=99, sides=later.sides)
+    assert later.heldout_keys <= fewer.heldout_keys
+    assert not {example_key(e, ["ticket"]) for e in fewer.train} & later.heldout_keys
+
+
+def test_a_compile_whose_lm_is_down_registers_nothing_and_says_why(store: Store) -> None:
+    from dspy.utils.dummies import DummyLM
+
+    from flywheel.errors import EvaluationFailed
+    from flywheel.lm import RetrievalEngine
+
+    class Down(RetrievalEngine):
+        def complete(self, request: object) -> object:
+            raise ConnectionError("connection refused (test)")
+
+    production = _router_in_production(store)
+    rows = [{"ticket": f"ticket number {i}", "category": "billing"} for i in range(12)]
+    with pytest.raises(EvaluationFailed) as info:
+        down = dspy.LM("x/down", engine=Down())
+        compile_program(rows, router_program(2), ROUTER_MODEL, lm=down, progress=False, store=store)
+    message = str(info.value)
+    assert "'score before' failed on row 1 of" in message and "nothing was registered" in message
+    assert "the LM failed" in message and "connection refused" in message
+    assert [v.version for v in registry.list_versions(ROUTER_MODEL, store)] == [production.version]
+    # an answer that does not parse is a wrong answer (0), not a failure: that compile registers
+    garbled = DummyLM([{"category": "not a category"}] * 200)
+    result = compile_program(rows, router_program(2), ROUTER_MODEL, lm=garbled, progress=False, store=store)
+    assert result.score_before == 0.0 and result.version.version != production.version
+
+
 def test_optimizers_take_their_own_parameters() -> None:
     assert {"LabeledFewShot", "BootstrapFewShot", "BootstrapFewShotWithRandomSearch"} <= set(
         available_optimizers()

@@ -21,6 +21,7 @@ def test_defaults_are_the_embedded_store_under_flywheel_home(tmp_path: Path) -> 
     assert s.default_model_stage == "Production"
     assert s.model_cache_enabled and s.feedback_enabled and s.mlflow_enabled
     assert s.flywheel_lm is None
+    assert (s.gate_alpha, s.gate_margin, s.gate_min_rows, s.gate_non_inferiority) == (0.05, 0.0, 10, False)
 
 
 def test_environment_overrides_dotenv(tmp_path: Path) -> None:
@@ -47,6 +48,10 @@ def test_http_tracking_uri_is_kept(tmp_path: Path) -> None:
         ({"DEFAULT_MODEL_STAGE": "Prod"}, "valid stages are: None, Staging, Production, Archived"),
         ({"MODEL_CACHE_ENABLED": "maybe"}, "is not a boolean"),
         ({"MLFLOW_TRACKING_URI": "ftp://x"}, "is not supported"),
+        ({"GATE_ALPHA": "0.9"}, "GATE_ALPHA='0.9' is out of range"),
+        ({"GATE_MARGIN": "-0.1"}, "out of range"),
+        ({"GATE_MIN_ROWS": "ten"}, "is not a number"),
+        ({"GATE_NON_INFERIORITY": "perhaps"}, "is not a boolean"),
     ],
 )
 def test_bad_values_give_one_clear_line(env: dict[str, str], message: str) -> None:

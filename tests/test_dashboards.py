@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,7 +107,7 @@ def browser() -> Iterator[Any]:
 def open_page(browser: Any, url: str, height: int = 900) -> Any:
     page = browser.new_page(viewport={"width": 1100, "height": height})
     page.set_default_timeout(STEP)
-    page.goto(url, wait_until="domcontentloaded")
+    page.goto(url, wait_until="domcontentloaded", timeout=LOAD)  # Voila answers once the kernel started
     return page
 
 
@@ -121,6 +123,13 @@ def wait_moved_on(page: Any, old: str | None) -> str | None:
         arg=old,
     )
     return shown(page)
+
+
+def box(trace_id: str | None, field: str = "joke") -> str:
+    """The correction box (or, with field=None, the comment box) drawn for that item: the card can be
+    drawn before its boxes, and text typed into the last item's boxes goes with them."""
+    which = f".fw-correction-{field}" if field else ".fw-comment"
+    return f"{which}.fw-for-{trace_id} textarea"
 
 
 def assert_clean(page: Any) -> None:
@@ -179,8 +188,8 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     second = wait_moved_on(rita, first)
     assert second not in (first, theirs)
 
-    rita.fill(".fw-correction-joke textarea", "Coffee has it rough: it gets mugged every morning.")
-    rita.fill(".fw-comment textarea", "funnier this way")
+    rita.fill(box(second), "Coffee has it rough: it gets mugged every morning.")
+    rita.fill(box(second, None), "funnier this way")
     rita.keyboard.press("d")  # typing in a text box is not a shortcut
     assert rita.input_value(".fw-comment textarea") == "funnier this wayd" and shown(rita) == second
     rita.keyboard.press("Backspace")
@@ -197,7 +206,7 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     rita.keyboard.press("u")
     wait_moved_on(rita, third)
     rita.wait_for_selector(".fw-progress:has-text('3 by you')")
-    assert "Saved thumbs up as rita" in rita.inner_text(".fw-status")
+    rita.wait_for_selector(".fw-status:has-text('Saved thumbs up as rita')")  # set after the progress line
     assert_clean(rita)
     rita.screenshot(path=str(screenshots / "rating.png"), full_page=True)
 
@@ -224,6 +233,62 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     assert corrected["comment"][0].value == "funnier this way"
     rita.close()
     bo.close()
+
+
+def test_a_fast_reviewer_under_load_loses_no_correction(
+    voila: Launched, browser: Any, review_store: tuple[Runtime, list[str]]
+) -> None:
+    """Issue 10: with the CPU busy, a correction (or comment) typed just before the rating key or
+    click is saved with that rating, and letters typed into a text box never rate."""
+    rt, _ = review_store
+    for topic in ("socks", "clouds", "bikes"):
+        flywheel.predict(JOKES, {"topic": topic}, "2", runtime=rt)
+    assert rt.outbox.flush(timeout=30)
+    page = open_page(browser, f"{voila.urls['rating.ipynb']}?reviewer=flo&model={JOKES}&version=2")
+    page.wait_for_selector(CARD, timeout=LOAD)
+    page.set_default_timeout(LOAD)  # from here every step waits on a starved kernel
+    burners = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(2)]
+    try:
+        one = shown(page)
+        typed = "Socks ride off to a dud sock zoo."  # u, d, s and z: just text in a box
+        page.click(box(one))
+        page.keyboard.press("Control+A")
+        page.keyboard.type(typed)
+        page.keyboard.press("Control+Enter")  # at once: thumbs down with what was typed
+        two = wait_moved_on(page, one)
+
+        page.click(box(two, None))
+        page.keyboard.type("sad, dizzy, used")
+        page.keyboard.press("Escape")
+        page.keyboard.press("u")  # at once, after leaving the box
+        three = wait_moved_on(page, two)
+
+        page.click(box(three))
+        page.keyboard.press("Control+A")
+        page.keyboard.type("Bikes are two tired.")
+        page.click("button.fw-rate-down")  # the mouse, at once
+        wait_moved_on(page, three)
+        page.wait_for_selector(".fw-progress:has-text('3 by you')")  # three ratings, no more
+        assert_clean(page)
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+        page.close()
+
+    def saved(trace_id: str | None) -> tuple[Any, ...]:
+        assert trace_id is not None
+        got = ratings(rt, trace_id)
+        value = lambda name: [a.value for a in got.get(name, [])]  # noqa: E731
+        return (
+            [(a.value, a.source.source_id) for a in got.get("user_rating", [])],
+            value("corrected_output"),
+            value("comment"),
+        )
+
+    assert saved(one) == ([("thumbs_down", "flo")], [{"joke": typed}], [])
+    assert saved(two) == ([("thumbs_up", "flo")], [], ["sad, dizzy, used"])
+    assert saved(three) == ([("thumbs_down", "flo")], [{"joke": "Bikes are two tired."}], [])
 
 
 def test_promote_on_the_models_dashboard(

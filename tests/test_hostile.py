@@ -24,7 +24,7 @@ JOKES = "joke-generator"
 
 
 @pytest.fixture(scope="module")
-def url(demo_store: Store) -> Iterator[str]:
+def url(demo_store_rw: Store) -> Iterator[str]:
     yield start_background(port=0)
     stop_background()
 

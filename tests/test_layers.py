@@ -73,7 +73,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
         ["ui", "http", "demo"],
         ["runtime"],
         ["loop"],
-        ["serving", "feedback", "review", "export", "compile", "gate", "scoring"],
+        ["serving", "feedback", "review", "export", "compile", "gate", "scoring", "paired"],
         ["tracing", "trace_sql", "outbox", "registry", "loader", "programs", "dataset", "counters", "lm"],
         ["store", "config", "errors", "limits"],
     ]

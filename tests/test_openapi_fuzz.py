@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def url(demo_store: Store) -> Iterator[str]:
+def url(demo_store_rw: Store) -> Iterator[str]:
     yield start_background(port=0)
     stop_background()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -304,6 +305,51 @@ def test_leases_are_exclusive_across_sessions(tmp_path: Any) -> None:
 def test_queue_rejects_a_non_numeric_version(rt: Runtime) -> None:
     with pytest.raises(Exception, match="number"):
         ReviewQueue(rt, ROUTER, "1' OR 1=1")
+
+
+def test_a_channel_event_rates_with_the_values_it_carries(rt: Runtime) -> None:
+    """What the Voila key/click listener sends: the page's values travel with the action, so a
+    correction the kernel has not received yet is still saved; stale and repeated events do nothing."""
+    ids = fresh_queue(rt, ROUTER, 3)
+    panel = rating_panel(model=ROUTER, reviewer="kim")
+    assert shown(panel) == ids[0]
+    panel.corrections["category"].value = "stale"  # what the kernel holds; the page has more
+    sent = [
+        {
+            "seq": 1,
+            "action": "thumbs_down",
+            "trace": ids[0],
+            "reviewer": "kim",
+            "correction": {"category": "typed just before the key", "nope": "x"},
+            "comment": "fast",
+        },
+        {
+            "seq": 2,
+            "action": "thumbs_down",
+            "trace": ids[0],
+            "correction": {},
+            "comment": "",
+        },  # pressed twice
+    ]
+    panel.channel.value = json.dumps({"events": sent})
+    assert shown(panel) == ids[1] and "no longer shown" in status_of(panel)
+    panel.channel.value = json.dumps({"events": sent[:1]})  # an old value again: acted on once only
+    assert shown(panel) == ids[1]
+    got = valid_assessments(rt, ids[0])
+    assert [a.value for a in got["user_rating"]] == ["thumbs_down"]
+    assert got["corrected_output"][0].value == {"category": "typed just before the key"}
+    assert got["comment"][0].value == "fast"
+    panel.channel.value = json.dumps(
+        {"events": [{"seq": 3, "action": "skip", "trace": ids[1], "reviewer": "lee"}]}
+    )
+    assert shown(panel) == ids[2] and panel.reviewer.value == "lee" and panel.queue.reviewer == "lee"
+    panel.corrections["category"].value = "other team"  # boxes the page had not drawn yet: the kernel's
+    panel.channel.value = json.dumps(
+        {"events": [{"seq": 4, "action": "thumbs_up", "trace": ids[2], "correction": None, "comment": None}]}
+    )
+    assert valid_assessments(rt, ids[2])["corrected_output"][0].value == {"category": "other team"}
+    panel.channel.value = "not json"
+    assert "fw-msg-error" not in panel.status.value and valid_assessments(rt, ids[1]) == {}
 
 
 def test_keyboard_shortcuts_click_the_buttons_by_class() -> None:

@@ -13,7 +13,7 @@ import dspy
 
 from flywheel import registry
 from flywheel.demo.data import JOKES, Category, ticket_splits
-from flywheel.lm import make_lm
+from flywheel.lm import configured_lm, make_lm
 from flywheel.store import Store, connect
 
 JOKE_MODEL = "joke-generator"
@@ -103,7 +103,7 @@ class DemoSummary:
 
 def seed_demo(store: Store | None = None, progress: Callable[[str], None] = print) -> DemoSummary:
     store = store or connect()
-    lm = make_lm(store.settings.flywheel_lm)
+    lm = configured_lm(store.settings)
     _, heldout = ticket_splits()
     created: list[registry.VersionInfo] = []
     skipped: list[str] = []

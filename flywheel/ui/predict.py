@@ -191,9 +191,12 @@ class PredictPanel(widgets.VBox):
 
 def corrections(boxes: dict[str, widgets.Textarea], original: dict[str, Any]) -> dict[str, str] | None:
     """The edited output fields only; None when nothing was changed (no correction to store)."""
-    changed = {
-        k: b.value for k, b in boxes.items() if b.value.strip() and b.value != text_of(original.get(k))
-    }
+    return edited({k: b.value for k, b in boxes.items()}, original)
+
+
+def edited(values: dict[str, str], original: dict[str, Any]) -> dict[str, str] | None:
+    """The fields of `values` (texts of an output's fields) that differ from `original`; None if none."""
+    changed = {k: v for k, v in values.items() if v.strip() and v != text_of(original.get(k))}
     return changed or None
 
 

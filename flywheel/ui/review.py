@@ -2,16 +2,32 @@
 
 ipywidgets has no key events, so the shortcuts are a tiny document key
 listener injected through an HTML widget (an `<img onerror>`: scripts inside
-innerHTML never run, event attributes do). It clicks the panel's buttons by
-their CSS class, so a shortcut does exactly what the mouse does. It is only
-installed in Voila, where no notebook shortcuts (d, z, ...) compete, and it listens in the capture
-phase because ipywidgets' text boxes stop key events from bubbling (Esc must still leave them).
+innerHTML never run, event attributes do). It is only installed in Voila,
+where no notebook shortcuts (d, z, ...) compete, and it listens in the capture
+phase because ipywidgets' text boxes stop key events from bubbling (Esc must
+still leave them, Ctrl+Enter must still rate).
+
+A fast reviewer must not lose what they typed: ipywidgets holds back a text
+box's value while an earlier message of that box is unanswered (a busy
+kernel), but a button click goes at once, so a click could reach the kernel
+before the correction typed just before it. So in Voila neither a key nor a
+click of the four buttons talks to the kernel directly: the listener reads the
+shown trace id, the correction boxes, the comment and the reviewer from the
+page (only boxes marked with the shown trace id: the card may be drawn
+before that item's boxes) and sends them with the action in one message, as the JSON value of a
+hidden Text widget (`fw-channel`). That value carries the last few events with
+increasing `seq` numbers (a held-back value is replaced, not queued, so a
+lone event could be lost); the kernel acts on each new `seq` once, in order,
+rates with the values the event carries, and ignores an event meant for an
+item no longer shown (a key pressed twice before the page caught up).
+Without the listener (JupyterLab, tests) the buttons work as usual.
 """
 
 from __future__ import annotations
 
 import atexit
 import html
+import json
 from typing import Any
 
 import ipywidgets as widgets
@@ -38,7 +54,7 @@ from flywheel.ui.base import (
     text_of,
     trace_link,
 )
-from flywheel.ui.predict import corrections
+from flywheel.ui.predict import edited
 
 ALL_VERSIONS = "all"
 KEYS = {
@@ -49,32 +65,78 @@ KEYS = {
     "s": "fw-skip",
     "z": "fw-undo",
 }
+ACTIONS = {"fw-rate-up": "thumbs_up", "fw-rate-down": "thumbs_down", "fw-skip": "skip", "fw-undo": "undo"}
+SUBMIT = "fw-rate-down"  # Ctrl+Enter in a text box: a corrected output is a wrong one
+CHANNEL_KEEP = 8  # events the hidden channel's value carries (the kernel acts on new ones only)
 _KEY_JS = """(function(img){img.remove();
 if (window.__fwKeys || (document.querySelector('.jp-LabShell') && !document.body.hasAttribute('data-voila')))
   return;
 window.__fwKeys = true;
-var map = %s;
+var keys = %(keys)s, actions = %(actions)s, seq = 0;
+function field(el) {
+  for (var i = 0; i < el.classList.length; i++) {
+    if (el.classList[i].indexOf('fw-correction-') === 0) return el.classList[i].slice(14);
+  }
+  return null;
+}
+function send(panel, cls) {
+  var b = panel.querySelector('button.' + cls), box = panel.querySelector('.fw-channel input');
+  if (!b || b.disabled || !box) return false;
+  var card = panel.querySelector('.fw-item .fw-card'), who = panel.querySelector('.fw-reviewer input');
+  var trace = card ? card.getAttribute('data-trace-id') : null, mine = '.fw-for-' + CSS.escape(trace || '');
+  var note = panel.querySelector('.fw-comment' + mine + ' textarea'), fixed = null;
+  panel.querySelectorAll('.fw-correction' + mine).forEach(function (w) {
+    var k = field(w), t = w.querySelector('textarea');
+    if (k !== null && t) { fixed = fixed || {}; fixed[k] = t.value; }
+  });
+  var ev = {seq: ++seq, action: actions[cls], trace: trace, correction: fixed,
+    comment: note ? note.value : null, reviewer: who ? who.value : null};
+  box.__fwEvents = (box.__fwEvents || []).concat([ev]).slice(-%(keep)d);
+  box.value = JSON.stringify({events: box.__fwEvents});
+  box.dispatchEvent(new Event('input', {bubbles: true}));
+  return true;
+}
 document.addEventListener('keydown', function (e) {
-  var t = e.target || {};
+  var t = e.target || {}, panel;
   if (t.tagName === 'TEXTAREA' || t.tagName === 'INPUT' || t.isContentEditable) {
     if (e.key === 'Escape') { t.blur(); }
+    else if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && t.closest && t.closest('.fw-editor')) {
+      panel = t.closest('.fw-rating-panel');
+      e.preventDefault(); e.stopPropagation();
+      if (panel && !e.repeat) send(panel, '%(submit)s');
+    }
     return;
   }
-  if (e.ctrlKey || e.metaKey || e.altKey) return;
-  var cls = map[(e.key || '').toLowerCase()];
-  var b = cls && document.querySelector('button.' + cls);
-  if (b && !b.disabled) { e.preventDefault(); b.click(); }
+  if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+  var cls = keys[(e.key || '').toLowerCase()];
+  panel = document.querySelector('.fw-rating-panel');
+  if (cls && panel && send(panel, cls)) e.preventDefault();
+}, true);
+document.addEventListener('click', function (e) {
+  var b = e.target && e.target.closest ? e.target.closest('button') : null;
+  var panel = b && b.closest('.fw-rating-panel');
+  if (!panel) return;
+  for (var cls in actions) {
+    if (b.classList.contains(cls)) {
+      if (send(panel, cls)) { e.preventDefault(); e.stopPropagation(); }
+      return;
+    }
+  }
 }, true);})(this);"""
 HELP = (
-    '<div class="fw-muted">Keys: <b>U</b> thumbs up · <b>D</b> thumbs down · <b>S</b> skip · <b>Z</b> undo '
-    "(outside the text boxes; <b>Esc</b> leaves a text box). Ratings are saved to MLflow at once.</div>"
+    '<div class="fw-muted">Keys outside the text boxes: <b>U</b> thumbs up · <b>D</b> thumbs down · '
+    "<b>S</b> skip · <b>Z</b> undo. In a text box letters are just text: <b>Ctrl+Enter</b> saves "
+    "thumbs down with what you typed, <b>Esc</b> leaves the box. Ratings are saved to MLflow at once.</div>"
 )
 
 
 def key_listener_html() -> str:
-    import json
-
-    js = _KEY_JS % json.dumps(KEYS)
+    js = _KEY_JS % {
+        "keys": json.dumps(KEYS),
+        "actions": json.dumps(ACTIONS),
+        "keep": CHANNEL_KEEP,
+        "submit": SUBMIT,
+    }
     return f'<img src="data:," alt="" style="display:none" onerror="{html.escape(js, quote=True)}">'
 
 
@@ -118,10 +180,11 @@ class RatingPanel(widgets.VBox):
         self.item = html_widget("", "fw-item")
         self.corrections: dict[str, widgets.Textarea] = {}
         self.corrections_box = classed(widgets.VBox(), "fw-corrections")
-        self.comment = classed(
-            widgets.Textarea(placeholder="comment (optional)", layout=widgets.Layout(width="100%")),
-            "fw-comment",
-        )
+        self.comment = self._comment_box("")
+        self.comment_box = classed(widgets.VBox([self.comment]), "fw-comments")
+        self.channel = classed(widgets.Text(layout=widgets.Layout(display="none")), "fw-channel")
+        self._seq = 0  # the last channel event acted on
+        self._retired: list[widgets.Widget] = []
         self.up = button("Thumbs up  [U]", "fw-rate-up", "success")
         self.down = button("Thumbs down  [D]", "fw-rate-down", "danger")
         self.skip = button("Skip  [S]", "fw-skip")
@@ -132,7 +195,7 @@ class RatingPanel(widgets.VBox):
                     html_widget('<div class="fw-field">correction (edit the output if it is wrong)</div>'),
                     self.corrections_box,
                     html_widget('<div class="fw-field">comment</div>'),
-                    self.comment,
+                    self.comment_box,
                 ]
             ),
             "fw-editor",
@@ -147,6 +210,7 @@ class RatingPanel(widgets.VBox):
             self.status,
             html_widget(HELP, "fw-help"),
             html_widget(key_listener_html(), "fw-keys"),
+            self.channel,
         ]
         guard = guarded(self.status)
         self._lease_seconds = lease_seconds
@@ -159,7 +223,7 @@ class RatingPanel(widgets.VBox):
         self.reviewer.observe(guard(self._reviewer_changed), names="value")
         self.model.observe(guard(lambda _: self._load_versions(None)), names="value")
         self.version.observe(guard(lambda _: self._quiet or self._restart()), names="value")
-        self.comment.observe(guard(lambda _: self.queue and self.queue.renew()), names="value")
+        self.channel.observe(self._on_channel, names="value")
         guard(self._load_versions)(version)
 
     # --- queue plumbing ------------------------------------------------------------------
@@ -231,9 +295,13 @@ class RatingPanel(widgets.VBox):
             )
             self.editor.layout.display = "none"
             return
-        self.item.value = self._card(item)
         self.editor.layout.display = "flex"
         prefill = prefill or {}
+        # fresh boxes per item: a value the browser still holds back for the last item's boxes
+        # lands on those, never on this item's; the boxes of two items ago are long settled
+        for old in self._retired:
+            old.close()
+        self._retired = [*self.corrections.values(), self.comment]
         self.corrections = {
             k: classed(
                 widgets.Textarea(
@@ -244,13 +312,27 @@ class RatingPanel(widgets.VBox):
                 ),
                 "fw-correction",
                 f"fw-correction-{k}",
+                f"fw-for-{item.trace_id}",
             )
             for k, v in item.outputs.items()
         }
         for box in self.corrections.values():
             box.observe(lambda _: q.renew(), names="value")
         self.corrections_box.children = list(self.corrections.values())
-        self.comment.value = prefill.get("comment") or ""
+        self.comment = self._comment_box(prefill.get("comment") or "", item.trace_id)
+        self.comment_box.children = [self.comment]
+        self.item.value = self._card(item)  # last: the page tends to draw the card after the boxes
+
+    def _comment_box(self, value: str, trace_id: str = "") -> widgets.Textarea:
+        box = classed(
+            widgets.Textarea(
+                value=value, placeholder="comment (optional)", layout=widgets.Layout(width="100%")
+            ),
+            "fw-comment",
+            f"fw-for-{trace_id}",
+        )
+        box.observe(lambda _: self.queue and self.queue.renew(), names="value")
+        return box
 
     def _card(self, item: QueueItem) -> str:
         return (
@@ -264,13 +346,60 @@ class RatingPanel(widgets.VBox):
 
     # --- actions (buttons and keys) --------------------------------------------------------
 
-    def do_rate(self, rating: str) -> None:
+    def _on_channel(self, change: dict[str, Any]) -> None:
+        """Act on each new event the key/click listener sent (see the module's docstring), in order."""
+        try:
+            sent = json.loads(change["new"] or "{}")
+        except ValueError:
+            return
+        events = sent.get("events") if isinstance(sent, dict) else None
+        fresh = [
+            e
+            for e in events or []
+            if isinstance(e, dict) and isinstance(e.get("seq"), int) and e["seq"] > self._seq
+        ]
+        for event in sorted(fresh, key=lambda e: e["seq"]):
+            self._seq = event["seq"]
+            guarded(self.status)(self.act)(event)
+
+    def act(self, event: dict[str, Any]) -> None:
+        """One action with what the page showed when it was asked for: {action, trace, correction,
+        comment, reviewer}; an action on an item no longer shown is ignored."""
+        who = event.get("reviewer")
+        if isinstance(who, str) and who != self.reviewer.value:
+            self.reviewer.value = who  # typed just before; its own sync may still be on its way
+        action = event.get("action")
+        if action == "undo":
+            self.do_undo()
+            return
+        item = self._q().current
+        if event.get("trace") != (item.trace_id if item else None):
+            say(self.status, "info", "That key was meant for an item no longer shown; nothing was done.")
+            return
+        if action == "skip":
+            self.do_skip()
+        elif action in ("thumbs_up", "thumbs_down") and item is not None:
+            # null: the page had not drawn this item's boxes yet, so nothing was typed in them and
+            # the kernel's (pre-filled) values are the right ones
+            fixed, comment = event.get("correction"), event.get("comment")
+            values = (
+                {k: v for k, v in fixed.items() if k in item.outputs and isinstance(v, str)}
+                if isinstance(fixed, dict)
+                else None
+            )
+            self.do_rate(action, values, comment if isinstance(comment, str) else None)
+
+    def do_rate(self, rating: str, values: dict[str, str] | None = None, comment: str | None = None) -> None:
+        """Rate the item shown; `values` (the correction boxes' texts) and `comment` default to the
+        widgets' values in the kernel."""
         q = self._q()
         item = q.current
         if item is None:
             say(self.status, "info", "Nothing to rate.")
             return
-        receipt = q.rate(rating, corrections(self.corrections, item.outputs), self.comment.value)
+        boxes = {k: b.value for k, b in self.corrections.items()}
+        fixed = edited(boxes if values is None else values, item.outputs)
+        receipt = q.rate(rating, fixed, self.comment.value if comment is None else comment)
         extra = " with a correction" if receipt.corrected_output else ""
         word = "up" if rating == "thumbs_up" else "down"
         self._show()
