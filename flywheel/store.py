@@ -193,7 +193,9 @@ class Store:
     def fluent(self) -> Iterator[None]:
         """Point MLflow's process-wide ("fluent") tracking and registry URI at this store for the
         block, under one process-wide re-entrant lock; on exit put back both URIs and the
-        MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables exactly as they were.
+        MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables exactly as they were, and this
+        thread's active model (`mlflow.genai.evaluate(model_id=...)` and pyfunc loading set it; left
+        in place, the next store's runs and metrics would point at a model that store lacks).
 
         Wrap only MLflow calls in it (runs, log_model, genai.evaluate, pyfunc loading), never a
         long optimisation: every other store's fluent calls wait for it.
@@ -204,7 +206,8 @@ class Store:
             try:
                 mlflow.set_tracking_uri(self.tracking_uri)
                 mlflow.set_registry_uri(self.tracking_uri)
-                yield
+                with self.active_model_preserved():
+                    yield
             finally:
                 mlflow.set_tracking_uri(tracking)  # type: ignore[arg-type]  # None: back to unset
                 mlflow.set_registry_uri(registry)  # type: ignore[arg-type]
