@@ -7,10 +7,7 @@ uvicorn's 5 s default the supervisor killed and restarted slow workers in a loop
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import free_port as _port
+from processes import stop_group as _stop
 
 from flywheel.store import Store
 
@@ -27,23 +26,8 @@ WORKERS = 4
 BUSY_LOOPS = 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    """Signal the process group this test started (start_new_session) and reap it."""
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _wait_for(what: str, check: object, log: Path, timeout: float) -> None:

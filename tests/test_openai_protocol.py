@@ -305,7 +305,9 @@ def test_flywheel_serve_workers_on_the_stub(
     import sys
 
     from conftest import _reset, use_home
-    from test_server import _kill, _port, _wait
+    from processes import free_port as _port
+    from processes import stop_group as _kill
+    from processes import wait_until_up as _wait
 
     env = _lm_env(stub, DEFAULT_MODEL_STAGE="None")
     store = use_home(monkeypatch, tmp_path / "home", **env)

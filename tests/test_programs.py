@@ -342,7 +342,9 @@ def test_flywheel_serve_with_workers_serves_notebook_and_module_file_classes_fro
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from conftest import _reset, use_home
-    from test_server import _kill, _port, _wait
+    from processes import free_port as _port
+    from processes import stop_group as _kill
+    from processes import wait_until_up as _wait
 
     store = use_home(monkeypatch, tmp_path / "home", DEFAULT_MODEL_STAGE="None")
     project = tmp_path / "project"
