@@ -137,7 +137,6 @@ class Missing(Sink):
         return super().__call__([i for i in items if i.kind != "feedback"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_an_item_past_its_deadline_is_dead_lettered_and_counted(tmp_path: Path) -> None:
     import time
 
@@ -155,7 +154,6 @@ def test_an_item_past_its_deadline_is_dead_lettered_and_counted(tmp_path: Path) 
     assert box.backlog() == 2
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_delivered_rows_are_pruned(tmp_path: Path) -> None:
     box = box_for(tmp_path / "o.db", Sink())
     box.put("trace", "tr-x", {"n": "x", "model": "m", "version": "2"})
@@ -165,7 +163,6 @@ def test_delivered_rows_are_pruned(tmp_path: Path) -> None:
     assert box.delivered_model("tr-x") is None
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_a_failed_commit_is_logged_and_fails_its_waiters(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
