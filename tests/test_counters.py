@@ -3,8 +3,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from flywheel.counters import RequestCounters, prometheus
 
 
@@ -45,7 +43,6 @@ def test_prometheus_text_escapes_labels() -> None:
     assert "flywheel_outbox_backlog 3" in text and text.endswith("\n")
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_files_of_dead_processes_are_pruned_after_a_grace(tmp_path: Path) -> None:
     import os
     import time
