@@ -4,6 +4,11 @@ Stages and aliases are kept true at once: a version in stage Production also
 carries the alias `Production`, so `models:/name/Production` and
 `models:/name@Production` name the same version. One version holds a stage at
 a time; promoting into Staging or Production archives the previous holder.
+
+Promotion is atomic for readers: the alias moves to the target first (one write,
+and `resolve` asks the alias before the stage), then the target takes the stage,
+and only then is the previous holder archived, so a concurrent resolution sees
+the old version or the new one, never none.
 """
 
 from __future__ import annotations
@@ -309,13 +314,12 @@ def promote(name: str, version: str | int, stage: str, store: Store | None = Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # registry stages are deprecated in MLflow 3, still shown
         if stage in ("Staging", "Production"):
-            for other in list_versions(name, store):
-                if other.version != target.version and (other.stage == stage or stage in other.aliases):
-                    client.transition_model_version_stage(name, other.version, "Archived")
-                    if stage in other.aliases:
-                        client.delete_registered_model_alias(name, stage)
-            client.transition_model_version_stage(name, target.version, stage)
+            # the target first (the alias moves in one write), the previous holder after
             client.set_registered_model_alias(name, stage, target.version)
+            client.transition_model_version_stage(name, target.version, stage)
+            for other in list_versions(name, store):
+                if other.version != target.version and other.stage == stage:
+                    client.transition_model_version_stage(name, other.version, "Archived")
         else:
             client.transition_model_version_stage(name, target.version, stage)
             for held in ("Staging", "Production"):

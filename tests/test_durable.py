@@ -187,7 +187,6 @@ def test_kill_9_of_the_workers_under_load_loses_nothing_acknowledged(seeded: Sto
     assert flushed, runtime.outbox.last_error
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_promotion_under_concurrent_traffic_with_ttl_0_never_fails_a_request(seeded: Store) -> None:
     proc, url = _serve(2, FLYWHEEL_RESOLVE_TTL="0")
     statuses: list[int] = []

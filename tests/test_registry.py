@@ -282,7 +282,6 @@ def test_an_unreachable_tracking_server_is_one_clear_line(tmp_path: Path) -> Non
     assert out.stderr.strip().count("\n") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_promotion_never_leaves_the_stage_without_a_holder(
     fresh_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
