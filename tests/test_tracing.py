@@ -7,7 +7,6 @@ import sqlite3
 import time
 
 import mlflow
-import pytest
 
 from flywheel import trace_sql
 from flywheel.store import Store
@@ -93,7 +92,6 @@ def test_record_json_round_trip() -> None:
     assert TraceRecord(**payload) == record
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_trace_ids_are_time_ordered_uuid7_that_carry_their_creation_time() -> None:
     import re
     import uuid
