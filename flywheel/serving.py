@@ -3,7 +3,7 @@
 The program is resolved through the registry's cache (a promotion is seen
 within FLYWHEEL_RESOLVE_TTL), run under `dspy.context` with the server's LM
 (never global settings), and every answer becomes an MLflow trace whose id is
-returned at once; the trace itself is written durably by the outbox.
+returned with the answer, once the trace is committed to the durable outbox.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ async def apredict(
         raise LMFailure(f"the language model call failed: {message}") from None
     result = output_values(loaded.info, output)
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-    runtime.record_trace(TraceRecord.ok(trace_id, loaded.info, inputs, result, started_ns, time.time_ns()))
+    record = TraceRecord.ok(trace_id, loaded.info, inputs, result, started_ns, time.time_ns())
+    await runtime.commit_trace(record)  # committed before the answer: a 200 means durable
     return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms)
 
 

@@ -340,7 +340,6 @@ def test_python_client_sync(url: str) -> None:
         assert info.value.status_code == 404 and "Model not found" in info.value.detail
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_feedback_for_a_fresh_unknown_trace_is_202_then_lands(http: httpx.Client) -> None:
     import os
 
@@ -360,7 +359,6 @@ def test_feedback_for_a_fresh_unknown_trace_is_202_then_lands(http: httpx.Client
     assert [(a.value, a.source.source_id) for a in ratings] == [("thumbs_up", "early")]
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_openapi_documents_202_pending_and_503_with_retry_after(http: httpx.Client) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert {"200", "202", "404", "503"} <= set(paths["/feedback"]["post"]["responses"])

@@ -62,7 +62,6 @@ def _jokes(store: Store) -> None:
     registry.promote("jokes", "1", "Production", store)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_a_fresh_unknown_trace_id_is_pending_then_lands(fresh_store: Store) -> None:
     import time
 
@@ -88,7 +87,6 @@ def test_a_fresh_unknown_trace_id_is_pending_then_lands(fresh_store: Store) -> N
     assert values == {"user_rating": "thumbs_down", "corrected_output": {"joke": "Later."}}
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_feedback_whose_trace_never_appears_is_dead_lettered_and_counted(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,7 +107,6 @@ def test_feedback_whose_trace_never_appears_is_dead_lettered_and_counted(
     assert "flywheel_outbox_dead_letters 1" in prometheus(runtime.counters.report(), runtime.metrics_extra())
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_an_outage_is_answered_from_local_state(fresh_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow down: a cold runtime serves from disk, checks corrections against the fields it
     knows, and answers what it cannot know with Unavailable (503), never 404 or 422."""

@@ -40,7 +40,6 @@ def test_input_errors_name_the_field(demo_store: Store) -> None:
         predict("nope", {"topic": "x"})
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9, not built yet")
 def test_a_prediction_returns_only_once_its_trace_is_committed(demo_store: Store) -> None:
     from flywheel.outbox import Outbox
 

@@ -4,11 +4,13 @@
 a notebook, a test) and never closes it; `create_app()` (and the module's `app`,
 what `flywheel serve` and `uvicorn flywheel.http.api:app` run) builds its own
 runtime at startup and closes it at shutdown. Errors are mapped by class: every
-`FlywheelError` carries its HTTP status.
+`FlywheelError` carries its HTTP status; `Unavailable` (503) adds `Retry-After`.
+Every response names the worker process that answered (`X-Flywheel-Worker: <pid>`).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -25,8 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel import export, feedback, registry, serving
 from flywheel.counters import prometheus
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, Unavailable
 from flywheel.runtime import Runtime
+
+WORKER_HEADER = b"x-flywheel-worker"
 
 
 class PredictRequest(BaseModel):
@@ -55,7 +59,11 @@ class FeedbackRequest(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
-    status: Literal["success"]
+    status: Literal["success", "pending"] = Field(
+        description="`success` (200): the trace is known and the feedback is on disk; `pending` (202): "
+        "the trace id is well-formed and younger than FEEDBACK_WAIT but not known yet, the feedback is on "
+        "disk and lands once the trace does (or is dead-lettered after FEEDBACK_WAIT)"
+    )
     trace_id: str
     rating: str
     user_id: str
@@ -107,7 +115,40 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _flywheel_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, FlywheelError) else 500
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+class _WorkerHeader:
+    """Pure ASGI middleware (no per-request task): `X-Flywheel-Worker: <pid>` on every response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                pid = str(os.getpid()).encode()
+                message["headers"] = [*message.get("headers", []), (WORKER_HEADER, pid)]
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
+_ERROR = {
+    "description": "an error, in words",
+    "content": {"application/json": {"example": {"detail": "..."}}},
+}
+_UNAVAILABLE = {
+    "description": "MLflow is unreachable and this host cannot answer from durable local state; "
+    "retry after the `Retry-After` header's seconds",
+    "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
+    "content": {"application/json": {"example": {"detail": "..."}}},
+}
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -142,13 +183,24 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app.add_exception_handler(FlywheelError, _flywheel_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
+    app.add_middleware(_WorkerHeader)
     return app
 
 
 router = APIRouter()
 
 
-@router.post("/predict", response_model=PredictResponse, dependencies=[_key_check("predict")])
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[_key_check("predict")],
+    responses={
+        200: {"description": "answered; its trace is committed to this host's outbox"},
+        404: _ERROR | {"description": "unknown model, version, stage or alias"},
+        422: _ERROR | {"description": "missing, extra or empty input field"},
+        503: _UNAVAILABLE,
+    },
+)
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
     if len(refs) > 1:
@@ -164,7 +216,23 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
 
 
-@router.post("/feedback", response_model=FeedbackResponse, dependencies=[_key_check("feedback")])
+@router.post(
+    "/feedback",
+    response_model=FeedbackResponse,
+    dependencies=[_key_check("feedback")],
+    responses={
+        200: {"description": "the trace is known; the feedback is on disk and will reach MLflow"},
+        202: {
+            "model": FeedbackResponse,
+            "description": "status `pending`: the trace id is well-formed and younger than FEEDBACK_WAIT "
+            "but not known yet; the feedback is on disk, lands once the trace appears, or is "
+            "dead-lettered after FEEDBACK_WAIT",
+        },
+        404: _ERROR | {"description": "Trace not found: unknown and older than FEEDBACK_WAIT, or malformed"},
+        422: _ERROR | {"description": "bad rating, or a correction naming fields not output"},
+        503: _UNAVAILABLE,
+    },
+)
 async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackResponse:
     if not runtime.settings.feedback_enabled:
         raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
@@ -177,6 +245,9 @@ async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackR
         comment=body.comment,
         user_id=body.user_id,
     )
+    if receipt.pending:
+        pending = FeedbackResponse(status="pending", **receipt.to_dict())
+        return JSONResponse(pending.model_dump(), status_code=202)  # type: ignore[return-value]
     return FeedbackResponse(status="success", **receipt.to_dict())
 
 
@@ -245,10 +316,7 @@ async def metrics(
         format is None and "text/plain" in request.headers.get("accept", "")
     )
     if wants_text:
-        extra = {
-            "outbox_backlog": runtime.outbox.backlog(),
-            "loaded_models": len(runtime.programs.cached_versions()),
-        }
+        extra = runtime.metrics_extra()
         return PlainTextResponse(prometheus(report, extra), media_type="text/plain; version=0.0.4")
     return report
 
