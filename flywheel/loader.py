@@ -37,7 +37,7 @@ from flywheel.errors import ModelNotFound, Unavailable
 from flywheel.registry import VersionInfo
 from flywheel.store import Store, is_missing, quiet
 
-MEMORY, REGISTRY, DISK = "memory", "mlflow", "last-known-good"
+REGISTRY, FALLBACK = "mlflow", "last-known-good"  # where a resolution in memory came from
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class Loader:
                     f"has no last-known-good resolution of {name!r} ({key[1]})"
                 ) from None
             with self._lock:  # keep serving what was resolved last, and ask again after another TTL
-                self._resolved[key] = _Resolved(now, gen, known, DISK)
+                self._resolved[key] = _Resolved(now, gen, known, FALLBACK)
             return known
         with self._lock:
             self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
@@ -306,11 +306,6 @@ class Loader:
                 f"the output fields of {name!r} version {version} are not known on this host and the "
                 f"registry cannot be reached ({type(exc).__name__}: {exc})"
             ) from None
-
-    def serving_sources(self) -> dict[str, str]:
-        """`name@ref` -> where its current resolution came from (`mlflow` or `last-known-good`)."""
-        with self._lock:
-            return {f"{name}@{ref}": hit.source for (name, ref), hit in sorted(self._resolved.items())}
 
     def cached_versions(self) -> list[tuple[str, str]]:
         with self._lock:
