@@ -72,7 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
     from flywheel.http.server import serve_foreground
     from flywheel.store import connect
 
-    connect()  # a bad store is one clear line now, not a traceback in every worker
+    # a bad store is one clear line now, not a traceback in every worker; a host that connected
+    # before starts during an outage and serves from its last-known-good state
+    connect(allow_offline=True)
     serve_foreground(host=args.host, port=args.port, workers=args.workers)
     return 0
 

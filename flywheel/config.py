@@ -52,6 +52,7 @@ class Settings:
     program_threads: int = 8
     flywheel_experiment: str = "flywheel"
     flywheel_resolve_ttl: float = 2.0
+    feedback_wait: float = 300.0
     request_timeout: float = 30.0
     flywheel_predict_key: str | None = None
     flywheel_feedback_key: str | None = None
@@ -104,6 +105,7 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "api_workers": (int, 1, 64),
     "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
+    "feedback_wait": (float, 0, 7 * 86400),
     "request_timeout": (float, 0.001, 86400),
     "max_request_bytes": (int, 1024, 1 << 30),
     "max_field_chars": (int, 100, 1 << 30),
@@ -191,6 +193,8 @@ def apply_mlflow_client_settings() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # a worker fetching a model into last-known-good must not draw a progress bar into logs or cells
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # LiteLLM (imported by DSPy and mlflow.genai) would fetch a price list from the network
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

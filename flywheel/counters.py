@@ -2,7 +2,10 @@
 
 Each process keeps its counters in memory and a daemon thread writes them to
 FLYWHEEL_HOME/metrics/<pid>.json every half second while they change (and when
-asked to report), so /metrics in any worker sums every worker's numbers.
+asked to report), so /metrics in any worker sums every worker's numbers. The file
+of a process that no longer runs still counts for DEAD_FILE_GRACE seconds after
+its last write (a worker killed a moment ago), then a report deletes it, so a
+long-lived FLYWHEEL_HOME does not sum every process it ever ran.
 """
 
 from __future__ import annotations
@@ -16,6 +19,17 @@ from pathlib import Path
 from typing import Any
 
 _FLUSH_EVERY = 0.5
+DEAD_FILE_GRACE = 60.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 @dataclass
@@ -40,6 +54,7 @@ class RequestCounters:
     def start(self) -> None:
         """Flush every half second while dirty, so idle workers still report their last requests."""
         if self._thread is None:
+            self.flush()  # a reused pid's stale file from a dead process is replaced now
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="flywheel-metrics", daemon=True)
             self._thread.start()
@@ -87,7 +102,11 @@ class RequestCounters:
         """SPEC.md's /metrics JSON, summed over every process that served this FLYWHEEL_HOME."""
         self.flush()
         total = Counters()
+        now = time.time()
         for path in self.directory.glob("*.json"):
+            if path != self.path and self._expired(path, now):
+                path.unlink(missing_ok=True)
+                continue
             try:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
@@ -103,6 +122,16 @@ class RequestCounters:
             "average_latency_ms": round(total.latency_sum_ms / ok, 2) if ok else 0.0,
             "models_served": sorted(total.models_served),
         }
+
+    @staticmethod
+    def _expired(path: Path, now: float) -> bool:
+        """The file of a process that is gone and has not written for DEAD_FILE_GRACE seconds."""
+        if not path.stem.isdigit() or _alive(int(path.stem)):
+            return False
+        try:
+            return now - path.stat().st_mtime > DEAD_FILE_GRACE
+        except OSError:
+            return False
 
 
 def prometheus(report: dict[str, Any], extra: dict[str, float] | None = None) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "ProgramError",
     "ReviewError",
     "TraceNotFound",
+    "Unavailable",
 ]
 
 
@@ -143,3 +144,15 @@ class LoopError(FlywheelError, RuntimeError):
     """A turn cannot run yet (e.g. no rated feedback); the message says what is missing."""
 
     status = 409
+
+
+class Unavailable(FlywheelError, RuntimeError):
+    """What cannot be answered right now from durable local state while MLflow (or the local
+    outbox) is unreachable; the API answers 503 with `Retry-After`. Never a 404 or 422:
+    those are for what is known to be wrong."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)

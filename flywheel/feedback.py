@@ -8,20 +8,33 @@ same trace again overrides their earlier assessment (MLflow's override chain:
 the new one points at the old one, which becomes invalid) instead of piling
 up duplicates. Each submission carries its own id, so a replay never writes
 it twice.
+
+Which trace: one this host served is known locally (queued in the outbox, or
+recorded there as delivered) and is accepted at once by any worker, MLflow up or
+down. An unknown id is looked up in MLflow; when MLflow does not have it, a
+well-formed id younger than FEEDBACK_WAIT (trace ids carry their creation time)
+is accepted as *pending* (202): kept durably and delivered once its trace
+appears, or dead-lettered by the outbox at the id's time + FEEDBACK_WAIT. An
+older or malformed unknown id is TraceNotFound (404). When MLflow cannot be
+asked, a young id is pending and any other is Unavailable (503), never a 404.
+A correction is checked against the output fields this host knows (its memory,
+its last-known-good disk, the queued trace), else the registry's; a pending one
+is checked when its trace arrives.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flywheel import limits
-from flywheel.errors import FeedbackError, TraceNotFound
-from flywheel.outbox import Item
-from flywheel.store import Store
-from flywheel.tracing import served_call
+from flywheel.errors import FeedbackError, TraceNotFound, Unavailable
+from flywheel.outbox import Item, Outcome
+from flywheel.store import Store, is_missing
+from flywheel.tracing import is_trace_id, served_call, trace_time
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -41,6 +54,7 @@ class Receipt:
     comment: str | None
     queued: bool
     feedback_id: str = ""
+    pending: bool = False  # its trace is not known yet: accepted durably, lands when the trace does
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,20 +69,55 @@ class Receipt:
 
 
 def trace_model(runtime: Runtime, trace_id: str) -> tuple[str, str]:
-    """(model, version) of a trace, from the outbox when it is not in MLflow yet."""
+    """(model, version) of a trace, from the outbox when it is not in MLflow yet.
+
+    TraceNotFound when MLflow answers that it has no such flywheel trace; Unavailable
+    when it is unknown here and MLflow cannot be asked.
+    """
+    local = _local_trace(runtime, trace_id)
+    if local is not None:
+        return local[0], local[1]
+    found = _mlflow_trace(runtime, trace_id)
+    if found is None:
+        raise TraceNotFound(trace_id)
+    return found
+
+
+def _local_trace(runtime: Runtime, trace_id: str) -> tuple[str, str, list[str] | None] | None:
+    """(model, version, output fields if the record says) of a trace this host's outbox knows."""
     pending = runtime.outbox.pending_trace(trace_id)
     if pending is not None:
-        return pending["model"], pending["version"]
+        outputs = pending.get("outputs")
+        return pending["model"], pending["version"], list(outputs) if isinstance(outputs, dict) else None
     delivered = runtime.outbox.delivered_model(trace_id)
     if delivered is not None:  # known without asking MLflow, which may be down
-        return delivered
+        return delivered[0], delivered[1], None
+    return None
+
+
+def _mlflow_trace(runtime: Runtime, trace_id: str) -> tuple[str, str] | None:
+    """(model, version) from MLflow; None when MLflow has no such trace, TraceNotFound when it
+    has one flywheel did not write, Unavailable when MLflow does not answer."""
     try:
         call = served_call(runtime.store.tracking.get_trace_info(trace_id))
-    except Exception:
-        raise TraceNotFound(trace_id) from None
+    except Exception as exc:
+        if is_missing(exc):
+            return None
+        raise Unavailable(
+            f"trace {trace_id!r} is not known on this host and MLflow cannot be asked "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if call is None:
         raise TraceNotFound(trace_id)  # a trace, but not a flywheel prediction
     return call.model, call.version
+
+
+def _young(runtime: Runtime, trace_id: str, now: float) -> float | None:
+    """The creation time of an id young enough that its trace may still arrive, else None."""
+    created = trace_time(trace_id)
+    if created is None or now - created >= runtime.settings.feedback_wait:
+        return None
+    return created
 
 
 def normalize_correction(corrected: dict[str, Any] | str | None, outputs: list[str]) -> dict[str, Any] | None:
@@ -100,41 +149,116 @@ def submit(
     comment: str | None = None,
     user_id: str | None = None,
 ) -> Receipt:
-    """Validate and durably queue feedback; returns once it cannot be lost."""
+    """Validate and durably queue feedback; returns once it cannot be lost.
+
+    The receipt is `pending` when the trace is not known yet (the API's 202).
+    """
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
     if not trace_id or not trace_id.strip():
         raise FeedbackError("trace_id is empty")
-    model, version = trace_model(runtime, trace_id.strip())
-    outputs = runtime.programs.output_fields(model, version)
+    trace_id = trace_id.strip()
+    if not is_trace_id(trace_id):
+        raise TraceNotFound(trace_id)
+    now = time.time()
+    wait = runtime.settings.feedback_wait
+    local = _local_trace(runtime, trace_id)
+    model = version = None
+    local_outputs: list[str] | None = None
+    if local is not None:
+        model, version, local_outputs = local
+    else:
+        young = _young(runtime, trace_id, now)
+        try:
+            found = _mlflow_trace(runtime, trace_id)
+        except Unavailable:
+            if young is None:
+                raise  # cannot tell: 503, never a 404 because MLflow is down
+            found = None
+        if found is None and young is None:
+            raise TraceNotFound(trace_id)
+        if found is not None:
+            model, version = found
+    pending = model is None
+    if pending:
+        # unknown yet: checked against the trace's fields when it arrives (deliver)
+        correction = _shape_only(corrected_output)
+        deadline = (trace_time(trace_id) or now) + wait
+    else:
+        correction = None
+        if corrected_output is not None:
+            fields = _output_fields(runtime, model, version, local_outputs)
+            correction = normalize_correction(corrected_output, fields)
+        deadline = now + wait
     limit = runtime.settings.max_field_chars, runtime.settings.max_trace_chars
-    correction = limits.stored(normalize_correction(corrected_output, outputs), *limit)
+    correction = limits.stored(correction, *limit)
     comment = limits.stored((comment or "").strip() or None, *limit)
     user = (user_id or "").strip() or ANONYMOUS
     payload = {
         "feedback_id": uuid.uuid4().hex,
-        "trace_id": trace_id.strip(),
+        "trace_id": trace_id,
         "user_id": user,
         "rating": rating,
         "corrected_output": correction,
         "comment": comment,
     }
-    runtime.outbox.put_durable("feedback", payload["trace_id"], payload)
-    return Receipt(payload["trace_id"], rating, user, correction, comment, True, payload["feedback_id"])
+    if pending:
+        payload["unchecked"] = True
+    try:
+        runtime.outbox.put_durable("feedback", trace_id, payload, deadline=deadline)
+    except Exception as exc:
+        raise Unavailable(f"the feedback could not be committed to {runtime.outbox.path}: {exc}") from None
+    shown = correction if isinstance(correction, dict) or correction is None else None
+    return Receipt(trace_id, rating, user, shown, comment, True, payload["feedback_id"], pending)
 
 
-def deliver(store: Store, items: list[Item]) -> list[int]:
-    """Write queued feedback to MLflow; returns the outbox ids now stored (once each)."""
+def _output_fields(runtime: Runtime, model: str, version: str, local: list[str] | None) -> list[str]:
+    """The version's output fields: this host's memory or disk, the queued trace, the registry."""
+    try:
+        return runtime.programs.output_fields(model, version)
+    except Unavailable:
+        if local:
+            return local
+        raise
+
+
+def _shape_only(corrected: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+    """What can be checked of a correction before its program is known."""
+    if corrected is None or isinstance(corrected, str):
+        return corrected
+    if not isinstance(corrected, dict) or not corrected:
+        raise FeedbackError("corrected_output must name at least one output field")
+    return corrected
+
+
+def deliver(store: Store, items: list[Item]) -> Outcome:
+    """Write queued feedback to MLflow; returns the outbox ids now stored (once each).
+
+    Feedback whose trace is not in MLflow yet is left for a later pass (the outbox
+    dead-letters it after its deadline); MLflow not answering raises, so nothing is
+    dead-lettered during an outage. A pending correction that does not fit its trace's
+    output fields is a dead letter at once.
+    """
     from mlflow.entities import AssessmentSource, Feedback
 
     tracking = store.tracking
     done: list[int] = []
+    dead: dict[int, str] = {}
     for item in items:
         p = item.payload
         try:
             info = tracking.get_trace_info(p["trace_id"])
-        except Exception:
-            continue  # its trace is not in MLflow yet: retried on the next pass
+        except Exception as exc:
+            if is_missing(exc):
+                continue  # its trace is not in MLflow yet: retried on a later pass
+            raise
+        if p.get("unchecked") and p.get("corrected_output") is not None:
+            fields = _trace_fields(store, info)
+            try:
+                p = {**p, "corrected_output": normalize_correction(p["corrected_output"], fields)}
+            except FeedbackError as exc:
+                dead[item.id] = str(exc)
+                continue
         existing = list(info.assessments or [])
         already = {a.name for a in existing if (a.metadata or {}).get(FEEDBACK_ID) == p["feedback_id"]}
         source = AssessmentSource(source_type="HUMAN", source_id=p["user_id"])
@@ -153,7 +277,22 @@ def deliver(store: Store, items: list[Item]) -> list[int]:
             assessment.trace_id = p["trace_id"]
             tracking.create_assessment(assessment)
         done.append(item.id)
-    return done
+    return Outcome(done, dead)
+
+
+def _trace_fields(store: Store, info: Any) -> list[str]:
+    """The output fields of the program a stored trace records (its outputs, else its version's)."""
+    call = served_call(info)
+    if call is None:
+        return []
+    if call.outputs:
+        return list(call.outputs)
+    from flywheel import registry
+
+    try:
+        return registry.get_version(call.model, call.version, store).output_fields
+    except Exception:
+        return []
 
 
 def _latest_valid(assessments: list[Any], name: str, user: str) -> Any | None:

@@ -1,27 +1,43 @@
-"""Loading registered programs, with a time-limited resolution cache owned by one runtime.
+"""Loading registered programs, with a time-limited resolution cache owned by one runtime,
+and a last-known-good copy of both on disk.
 
 A `Loader` belongs to whoever built it (normally the `Runtime`), so two stores
 in one process never share or empty each other's caches. A reference (stage,
 alias, `latest`) is remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on
 how long another process's promotion takes to be seen here. A change made in
-this process (registry.generation) is seen at once. When the registry cannot
-be reached, the last resolution keeps serving.
+this process (registry.generation) is seen at once.
+
+Last known good: every resolution and every loaded version's artifacts are kept
+under FLYWHEEL_HOME/last-known-good (`LastKnownGood`), shared by the host's
+worker processes. On any registry error other than a definitive "not found" the
+loader keeps serving what it resolved last, from memory or, in a cold or
+restarted process, from disk; a reference this host never resolved, or a
+version whose artifacts it never fetched, is `Unavailable` (503), not a 404.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 import dspy
 import mlflow
 
 from flywheel import registry
-from flywheel.errors import ModelNotFound
+from flywheel.errors import ModelNotFound, Unavailable
 from flywheel.registry import VersionInfo
-from flywheel.store import Store, quiet
+from flywheel.store import Store, is_missing, quiet
+
+REGISTRY, FALLBACK = "mlflow", "last-known-good"  # where a resolution in memory came from
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,109 @@ class _Resolved:
     at: float
     generation: int
     info: VersionInfo
+    source: str = REGISTRY
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _info_dict(info: VersionInfo) -> dict[str, Any]:
+    data = asdict(info)
+    data["created_at"] = info.created_at.isoformat()
+    data["aliases"] = list(info.aliases)
+    return data
+
+
+def _info_from(data: dict[str, Any]) -> VersionInfo:
+    data = dict(data)
+    data["created_at"] = datetime.fromisoformat(data["created_at"])
+    data["aliases"] = tuple(data["aliases"])
+    return VersionInfo(**data)
+
+
+class LastKnownGood:
+    """Resolutions, version infos and model artifacts of one store, on this host's disk.
+
+    Files are replaced atomically (write, then rename), so the worker processes of a
+    host share them without locks.
+    """
+
+    def __init__(self, root: Path, store: Store) -> None:
+        self.root = root / _key(store.tracking_uri)
+        self.store = store
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
+        except OSError:
+            pass  # a full or read-only disk costs the fallback, never a request
+
+    def _read(self, path: Path) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def _ref_path(self, name: str, ref: str) -> Path:
+        return self.root / "refs" / f"{_key(name, ref)}.json"
+
+    def _version_path(self, name: str, version: str) -> Path:
+        return self.root / "versions" / _key(name) / f"{version}.json"
+
+    def remember(self, name: str, ref: str, info: VersionInfo) -> None:
+        self._write(self._ref_path(name, ref), {"name": name, "ref": ref, "info": _info_dict(info)})
+        self.remember_version(info)
+
+    def remember_version(self, info: VersionInfo) -> None:
+        path = self._version_path(info.name, info.version)
+        if self._read(path) != _info_dict(info):
+            self._write(path, _info_dict(info))
+
+    def resolution(self, name: str, ref: str) -> VersionInfo | None:
+        data = self._read(self._ref_path(name, ref))
+        try:
+            return _info_from(data["info"]) if data else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def version(self, name: str, version: str) -> VersionInfo | None:
+        data = self._read(self._version_path(name, version))
+        try:
+            return _info_from(data) if data else None
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def model_dir(self, info: VersionInfo) -> Path:
+        return self.root / "models" / _key(info.name) / info.version
+
+    def fetch(self, info: VersionInfo) -> Path:
+        """The version's model directory on disk, downloaded once per host."""
+        target = self.model_dir(info)
+        if (target / "MLmodel").exists():
+            return target
+        staging = target.parent / f".{info.version}.{os.getpid()}.{threading.get_ident()}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            # a models:/ URI resolves in the fluent registry: this store's
+            with self.store.fluent(), quiet("mlflow.tracking.fluent"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = mlflow.artifacts.download_artifacts(artifact_uri=info.uri, dst_path=str(staging))
+            local = Path(got)
+            if not (local / "MLmodel").exists():
+                raise FileNotFoundError(f"{info.uri} has no MLmodel file")
+            try:
+                local.rename(target)
+            except OSError:
+                if not (target / "MLmodel").exists():  # not another process winning the race
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
 
 class Loader:
@@ -50,10 +169,12 @@ class Loader:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.lkg = LastKnownGood(store.settings.flywheel_home / "last-known-good", store)
         self._lock = threading.Lock()
         self._programs: dict[tuple[str, str], LoadedProgram] = {}
         self._resolved: dict[tuple[str, str], _Resolved] = {}
         self._loading: dict[tuple[str, str], threading.Lock] = {}
+        self._served: dict[tuple[str, str], LoadedProgram] = {}  # per reference: what it served last
 
     def _ref_key(self, ref: str | int | None) -> str:
         return str(ref if ref is not None else self.store.settings.default_model_stage)
@@ -66,7 +187,11 @@ class Loader:
         )
 
     def resolve(self, name: str, ref: str | int | None = None) -> VersionInfo:
-        """registry.resolve, remembered for FLYWHEEL_RESOLVE_TTL seconds."""
+        """registry.resolve, remembered for FLYWHEEL_RESOLVE_TTL seconds and kept on disk.
+
+        On a registry error (anything but "not found"): the last resolution, from memory
+        or from this host's disk; Unavailable when there is none.
+        """
         key = (name, self._ref_key(ref))
         now = time.monotonic()
         gen = registry.generation(self.store, name)
@@ -78,14 +203,20 @@ class Loader:
             info = registry.resolve(name, ref, self.store)
         except ModelNotFound:
             raise
-        except Exception:
-            if hit is None:
-                raise
-            with self._lock:  # the registry is unreachable: keep serving what was resolved last,
-                self._resolved[key] = _Resolved(now, gen, hit.info)  # and ask again after another TTL
-            return hit.info
+        except Exception as exc:
+            known = hit.info if hit is not None else self.lkg.resolution(*key)
+            if known is None:
+                raise Unavailable(
+                    f"the model registry cannot be reached ({type(exc).__name__}: {exc}) and this host "
+                    f"has no last-known-good resolution of {name!r} ({key[1]})"
+                ) from None
+            with self._lock:  # keep serving what was resolved last, and ask again after another TTL
+                self._resolved[key] = _Resolved(now, gen, known, FALLBACK)
+            return known
         with self._lock:
-            self._resolved[key] = _Resolved(now, gen, info)
+            self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
+        if hit is None or hit.info != info or hit.source != REGISTRY:
+            self.lkg.remember(name, key[1], info)
         return info
 
     def peek(self, name: str, ref: str | int | None) -> LoadedProgram | None:
@@ -106,13 +237,30 @@ class Loader:
     def load(self, name: str, ref: str | int | None = None) -> LoadedProgram:
         """The program a reference names, loaded once per version and shared between threads.
 
-        Loads through pyfunc's loader, which (unlike `mlflow.dspy.load_model`) leaves
-        the global dspy.settings and tracing callbacks alone and works off the main thread.
+        Loads from this host's last-known-good copy of the version (fetched once) through
+        pyfunc's loader, which (unlike `mlflow.dspy.load_model`) leaves the global
+        dspy.settings and tracing callbacks alone and works off the main thread. When a
+        newly resolved version cannot be fetched (the registry is busy or down), the
+        version this reference served last keeps serving.
         """
         info = self.resolve(name, ref)
+        served_key = (name, self._ref_key(ref))
         key = (info.name, info.version)
+        try:
+            loaded = self._load_version(info, key)
+        except Unavailable:
+            with self._lock:
+                previous = self._served.get(served_key)
+            if previous is None:
+                raise
+            return previous
+        with self._lock:
+            self._served[served_key] = loaded
+        return loaded
+
+    def _load_version(self, info: VersionInfo, key: tuple[str, str]) -> LoadedProgram:
         if not self.store.settings.model_cache_enabled:
-            return LoadedProgram(info, load_program(self.store, info))
+            return LoadedProgram(info, self._load_program(info))
         with self._lock:
             if key in self._programs:
                 return self._programs[key]
@@ -121,21 +269,44 @@ class Loader:
             with self._lock:
                 if key in self._programs:
                     return self._programs[key]
-            loaded = LoadedProgram(info, load_program(self.store, info))
+            loaded = LoadedProgram(info, self._load_program(info))
             with self._lock:
                 self._programs[key] = loaded
             return loaded
 
+    def _load_program(self, info: VersionInfo) -> dspy.Module:
+        try:
+            path = self.lkg.fetch(info)
+        except Exception as exc:
+            if is_missing(exc):
+                raise ModelNotFound(info.name, f"version {info.version}") from None
+            raise Unavailable(
+                f"version {info.version} of {info.name!r} is not on this host and cannot be fetched "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+        self.lkg.remember_version(info)
+        return load_program(self.store, info, path)
+
     def output_fields(self, name: str, version: str) -> list[str]:
-        """A version's output fields: from the cache when loaded, so it works while MLflow is down."""
+        """A version's output fields, from what this host knows first (memory, then its disk), so
+        it works while MLflow is down; [] for a version the registry says does not exist.
+        Unavailable when neither this host nor the registry can tell."""
         with self._lock:
             loaded = self._programs.get((name, str(version)))
         if loaded is not None:
             return loaded.info.output_fields
+        known = self.lkg.version(name, str(version))
+        if known is not None:
+            return known.output_fields
         try:
             return registry.get_version(name, version, self.store).output_fields
-        except Exception:
-            return []  # unknown or unreachable: corrections are then not checked field by field
+        except ModelNotFound:
+            return []
+        except Exception as exc:
+            raise Unavailable(
+                f"the output fields of {name!r} version {version} are not known on this host and the "
+                f"registry cannot be reached ({type(exc).__name__}: {exc})"
+            ) from None
 
     def cached_versions(self) -> list[tuple[str, str]]:
         with self._lock:
@@ -146,10 +317,12 @@ class Loader:
             self._programs.clear()
             self._resolved.clear()
             self._loading.clear()
+            self._served.clear()
 
 
-def load_program(store: Store, info: VersionInfo) -> dspy.Module:
-    """Load one version's DSPy program through pyfunc, leaving global and per-thread MLflow state alone."""
+def load_program(store: Store, info: VersionInfo, path: Path | None = None) -> dspy.Module:
+    """Load one version's DSPy program through pyfunc (from `path`, a local copy, when given),
+    leaving global and per-thread MLflow state alone."""
     with (
         store.fluent(),  # a models:/ URI resolves in the fluent registry: this store's
         store.active_model_preserved(),
@@ -157,7 +330,7 @@ def load_program(store: Store, info: VersionInfo) -> dspy.Module:
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
-        pyfunc = mlflow.pyfunc.load_model(info.uri)
+        pyfunc = mlflow.pyfunc.load_model(str(path) if path is not None else info.uri)
     program = store.unwrap_pyfunc(pyfunc)
     if not isinstance(program, dspy.Module):
         raise TypeError(f"{info.uri} is not a DSPy program logged with the mlflow.dspy flavor")

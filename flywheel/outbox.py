@@ -2,31 +2,47 @@
 
 Every trace and every piece of feedback is first committed to a sqlite file
 under FLYWHEEL_HOME (WAL: a commit survives the process being killed), then a
-background thread delivers it to MLflow in batches and deletes it. When MLflow
-is unreachable items wait and are replayed when it is back. Delivery is
-idempotent (traces are upserted by id, feedback carries its own id), so a
-replay after a crash between "written" and "deleted" adds nothing twice.
+background thread delivers it to MLflow in batches and deletes it. Commits are
+grouped: one thread commits whatever is queued, at once when someone waits for it
+(`put(urgent=True)`, a /predict or /feedback about to answer) and every 20 ms
+otherwise, so concurrent requests share one transaction. When MLflow is
+unreachable items wait and are replayed when it is back. Delivery is idempotent
+(traces are upserted by id, feedback carries its own id), so a replay after a
+crash between "written" and "deleted" adds nothing twice.
 
 Several worker processes share the file: a delivering process claims a batch
 first; a claim older than CLAIM_SECONDS (its process died) is taken over.
+
+An item a deliverer does not store (feedback whose trace is not in MLflow yet) is
+retried with a growing delay; one with a deadline is moved to the `dead` table
+(a dead letter, counted by `dead_letters()`) once the deadline has passed while
+MLflow answered, unless an item of an earlier kind for the same trace still waits
+here. Rows of `delivered` (what feedback checks without MLflow) are pruned after
+DELIVERED_KEEP_SECONDS. A failed commit is logged; its waiters get the error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("flywheel.outbox")
+
 CLAIM_SECONDS = 30.0
 BATCH = 500
-COMMIT_EVERY = 0.02  # a trace is on disk within 20 ms of its answer; feedback before its 200
+COMMIT_EVERY = 0.02  # an item nobody waits for is on disk within 20 ms; urgent ones at once
+RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # delay before an undelivered item is tried again, doubling
+DELIVERED_KEEP_SECONDS = 7 * 86400  # how long `delivered` remembers a trace's model for feedback
+PRUNE_EVERY = 600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,7 +60,22 @@ CREATE TABLE IF NOT EXISTS delivered (
     version TEXT NOT NULL DEFAULT '',
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    trace_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created REAL NOT NULL,
+    died REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+_COLUMNS = {  # added after the first release: files written before get them on open
+    ("delivered", "version"): "TEXT NOT NULL DEFAULT ''",
+    ("items", "deadline"): "REAL",
+    ("items", "tries"): "INTEGER NOT NULL DEFAULT 0",
+    ("items", "next_try"): "REAL NOT NULL DEFAULT 0",
+}
 
 
 @dataclass(frozen=True)
@@ -53,10 +84,24 @@ class Item:
     kind: str
     trace_id: str
     payload: dict[str, Any]
+    deadline: float | None = None
+    tries: int = 0
+
+
+class Outcome(list[int]):
+    """What a deliverer may return instead of a plain list of the ids stored: the same list,
+    plus `dead`, the ids that can never be stored, each with the reason (dead letters at once)."""
+
+    def __init__(self, done: Iterable[int] = (), dead: dict[int, str] | None = None) -> None:
+        super().__init__(done)
+        self.dead = dict(dead or {})
 
 
 Deliver = Callable[[list[Item]], list[int]]
-"""Writes a batch of one kind to its destination; returns the ids now stored (idempotently)."""
+"""Writes a batch of one kind to its destination; returns the ids now stored (idempotently).
+Raising means the destination is unreachable: the batch waits, nothing is dead-lettered."""
+
+_Pending = tuple[str, str, str, "float | None", "Future[int]"]
 
 
 def _alive(pid: int) -> bool:
@@ -70,29 +115,38 @@ def _alive(pid: int) -> bool:
 
 
 class Outbox:
-    """Group-committed durable queue; each kind's registered deliverer is called off-thread."""
+    """Group-committed durable queue; each kind's registered deliverer is called off-thread.
 
-    def __init__(self, path: Path, interval: float = 0.25) -> None:
+    `grace`: seconds MLflow must have answered (since this process started or since an
+    outage ended) before anything is dead-lettered, so other hosts can replay their backlog
+    first.
+    """
+
+    def __init__(self, path: Path, interval: float = 0.25, grace: float = 0.0) -> None:
         self.path = path
         self._deliverers: dict[str, Deliver] = {}
         self.interval = interval
+        self.grace = grace
         self.owner = f"{os.getpid()}-{id(self):x}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         db = self._db()
         db.executescript(_SCHEMA)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(delivered)")}
-        if "version" not in columns:  # files written before `version` was recorded
-            db.execute("ALTER TABLE delivered ADD COLUMN version TEXT NOT NULL DEFAULT ''")
-        self._pending: list[tuple[str, str, str, Future[int]]] = []
+        for (table, column), kind in _COLUMNS.items():
+            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        self._pending: list[_Pending] = []
         self._cond = threading.Condition()
+        self._urgent = False
         self._drain_lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the committer; None: commit inline
+        self._delivery: threading.Thread | None = None
         self.connected = True
         self.last_error: str | None = None
         self._backoff = 0.0
+        self._reachable_since: float | None = None
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -108,34 +162,43 @@ class Outbox:
         (traces before the feedback that needs them)."""
         self._deliverers[kind] = deliver
 
-    def deliver(self, items: list[Item]) -> list[int]:
-        done: list[int] = []
-        for kind, deliver in self._deliverers.items():
-            batch = [i for i in items if i.kind == kind]
-            if batch:
-                done += deliver(batch)
-        return done
-
     # --- producers ---------------------------------------------------------------------
 
-    def put(self, kind: str, trace_id: str, payload: dict[str, Any], urgent: bool = False) -> Future[int]:
-        """Queue an item; the future resolves once it is committed to disk.
+    def put(
+        self,
+        kind: str,
+        trace_id: str,
+        payload: dict[str, Any],
+        urgent: bool = False,
+        deadline: float | None = None,
+    ) -> Future[int]:
+        """Queue an item; the future resolves once it is committed to disk (or fails with the
+        commit's error, which is logged).
 
         Items are group-committed every COMMIT_EVERY seconds; `urgent` wakes the
-        writer at once (someone is waiting for the commit).
+        committer at once (someone is waiting for the commit). `deadline` (Unix time):
+        after it an item its deliverer does not store becomes a dead letter.
         """
         future: Future[int] = Future()
         with self._cond:
-            self._pending.append((kind, trace_id, json.dumps(payload, default=str), future))
+            self._pending.append((kind, trace_id, json.dumps(payload, default=str), deadline, future))
             if urgent:
-                self._cond.notify()
+                self._urgent = True
+                self._cond.notify_all()
         if self._thread is None:  # no background thread (tests, scripts): commit now
             self._commit_pending()
         return future
 
-    def put_durable(self, kind: str, trace_id: str, payload: dict[str, Any], timeout: float = 30) -> int:
+    def put_durable(
+        self,
+        kind: str,
+        trace_id: str,
+        payload: dict[str, Any],
+        timeout: float = 30,
+        deadline: float | None = None,
+    ) -> int:
         """Queue an item and return only once it is on disk (what a 200 for feedback promises)."""
-        return self.put(kind, trace_id, payload, urgent=True).result(timeout)
+        return self.put(kind, trace_id, payload, urgent=True, deadline=deadline).result(timeout)
 
     def _commit_pending(self) -> None:
         # Items stay in _pending until committed, so pending_trace() never misses one in flight.
@@ -143,25 +206,38 @@ class Outbox:
             with self._cond:
                 batch = list(self._pending)
             if batch:
-                self._commit(batch)
-                with self._cond:
-                    del self._pending[: len(batch)]
+                try:
+                    self._commit(batch)
+                finally:
+                    with self._cond:
+                        del self._pending[: len(batch)]
 
-    def _commit(self, batch: list[tuple[str, str, str, Future[int]]]) -> None:
+    def _commit(self, batch: list[_Pending]) -> None:
         db = self._db()
         try:
             db.execute("BEGIN IMMEDIATE")
             ids = []
             now = time.time()
-            for kind, trace_id, payload, _ in batch:
+            for kind, trace_id, payload, deadline, _ in batch:
                 cur = db.execute(
-                    "INSERT INTO items(kind, trace_id, payload, created) VALUES (?, ?, ?, ?)",
-                    (kind, trace_id, payload, now),
+                    "INSERT INTO items(kind, trace_id, payload, created, deadline) VALUES (?, ?, ?, ?, ?)",
+                    (kind, trace_id, payload, now, deadline),
                 )
                 ids.append(cur.lastrowid)
             db.execute("COMMIT")
         except BaseException as exc:
-            db.execute("ROLLBACK") if db.in_transaction else None
+            log.error(
+                "outbox: commit of %d item(s) to %s failed: %s: %s",
+                len(batch),
+                self.path,
+                type(exc).__name__,
+                exc,
+            )
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             for *_, future in batch:
                 future.set_exception(exc)
             return
@@ -171,14 +247,20 @@ class Outbox:
     # --- queries -----------------------------------------------------------------------
 
     def backlog(self) -> int:
+        """Items waiting for delivery (dead letters are not counted)."""
         (count,) = self._db().execute("SELECT COUNT(*) FROM items").fetchone()
         with self._cond:
             return int(count) + len(self._pending)
 
+    def dead_letters(self) -> int:
+        """Items given up on (see the module's docstring); kept in the `dead` table for inspection."""
+        (count,) = self._db().execute("SELECT COUNT(*) FROM dead").fetchone()
+        return int(count)
+
     def pending_trace(self, trace_id: str) -> dict[str, Any] | None:
         """The queued trace record with this id, if it is still waiting for MLflow."""
         with self._cond:
-            for kind, tid, payload, _ in self._pending:
+            for kind, tid, payload, *_ in self._pending:
                 if kind == "trace" and tid == trace_id:
                     return dict(json.loads(payload))
         row = (
@@ -196,6 +278,11 @@ class Outbox:
             .fetchone()
         )
         return (row[0], row[1]) if row else None
+
+    def prune(self, keep_seconds: float = DELIVERED_KEEP_SECONDS) -> int:
+        """Forget delivered traces older than `keep_seconds`; returns how many rows went."""
+        cur = self._db().execute("DELETE FROM delivered WHERE at < ?", (time.time() - keep_seconds,))
+        return int(cur.rowcount or 0)
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -215,17 +302,19 @@ class Outbox:
         try:
             db.execute(
                 "UPDATE items SET claimed_by=?, claimed_at=? WHERE id IN (SELECT id FROM items "
-                "WHERE claimed_by IS NULL OR claimed_at < ? ORDER BY id LIMIT ?)",
-                (self.owner, now, now - CLAIM_SECONDS, BATCH),
+                "WHERE (claimed_by IS NULL OR claimed_at < ?) AND next_try <= ? ORDER BY id LIMIT ?)",
+                (self.owner, now, now - CLAIM_SECONDS, now, BATCH),
             )
             rows = db.execute(
-                "SELECT id, kind, trace_id, payload FROM items WHERE claimed_by=? ORDER BY id", (self.owner,)
+                "SELECT id, kind, trace_id, payload, deadline, tries FROM items WHERE claimed_by=? "
+                "ORDER BY id",
+                (self.owner,),
             ).fetchall()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return [Item(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+        return [Item(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
 
     def drain_once(self) -> int:
         """Deliver one claimed batch; returns how many items reached MLflow."""
@@ -237,34 +326,106 @@ class Outbox:
         items = self._claim()
         if not items:
             return 0
-        try:
-            done = set(self.deliver(items))
-        except Exception as exc:
+        done: set[int] = set()
+        dead: dict[int, str] = {}
+        tried: set[int] = set()
+        error: Exception | None = None
+        for kind, deliver in self._deliverers.items():
+            batch = [i for i in items if i.kind == kind]
+            if not batch:
+                continue
+            try:
+                result = deliver(batch)
+            except Exception as exc:  # unreachable: this batch and the kinds after it wait
+                error = exc
+                break
+            tried.update(i.id for i in batch)
+            done.update(result)
+            dead.update(getattr(result, "dead", {}))
+        if error is None:
+            self.connected, self.last_error = True, None
+            if self._reachable_since is None:
+                self._reachable_since = time.monotonic()
+        else:
+            if self.connected:
+                log.warning(
+                    "outbox: delivery to MLflow failed (%s: %s); queued items are kept in %s",
+                    type(error).__name__,
+                    error,
+                    self.path,
+                )
             self.connected = False
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self._release(items)
-            raise
-        self.connected, self.last_error = True, None
-        db = self._db()
-        now = time.time()
-        delivered = [i for i in items if i.id in done]
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in delivered])
-        db.executemany(
-            "INSERT OR REPLACE INTO delivered(trace_id, model, version, at) VALUES (?, ?, ?, ?)",
-            [
-                (i.trace_id, i.payload.get("model", ""), i.payload.get("version", ""), now)
-                for i in delivered
-                if i.kind == "trace"
-            ],
-        )
-        db.execute("COMMIT")
-        self._release([i for i in items if i.id not in done])
+            self.last_error = f"{type(error).__name__}: {error}"
+            self._reachable_since = None
+        self._settle(items, done, dead, tried, may_expire=error is None and self._past_grace())
+        if error is not None:
+            raise error
         return len(done)
 
-    def _release(self, items: list[Item]) -> None:
-        if items:
-            self._db().executemany("UPDATE items SET claimed_by=NULL WHERE id=?", [(i.id,) for i in items])
+    def _past_grace(self) -> bool:
+        since = self._reachable_since
+        return since is not None and time.monotonic() - since >= self.grace
+
+    def _settle(
+        self, items: list[Item], done: set[int], dead: dict[int, str], tried: set[int], may_expire: bool
+    ) -> None:
+        """Delete what was stored, dead-letter what never will be, schedule the rest's retry."""
+        db = self._db()
+        now = time.time()
+        kinds = list(self._deliverers)
+        by_id = {i.id: i for i in items}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            delivered = [by_id[i] for i in done if i in by_id]
+            db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in delivered])
+            db.executemany(
+                "INSERT OR REPLACE INTO delivered(trace_id, model, version, at) VALUES (?, ?, ?, ?)",
+                [
+                    (i.trace_id, i.payload.get("model", ""), i.payload.get("version", ""), now)
+                    for i in delivered
+                    if i.kind == "trace"
+                ],
+            )
+            waiting = [i for i in items if i.id not in done and i.id not in dead]
+            for item in waiting:
+                expired = item.deadline is not None and item.deadline < now
+                if not (may_expire and expired and item.id in tried):
+                    continue
+                earlier = kinds[: kinds.index(item.kind)] if item.kind in kinds else []
+                if (
+                    earlier
+                    and db.execute(
+                        f"SELECT 1 FROM items WHERE trace_id=? AND kind IN ({','.join('?' * len(earlier))}) "
+                        "LIMIT 1",
+                        (item.trace_id, *earlier),
+                    ).fetchone()
+                ):
+                    continue  # what it needs is still queued here: it may yet arrive
+                dead[item.id] = "not delivered by its deadline: its trace never reached MLflow"
+            gone = [by_id[i] for i in dead if i in by_id]
+            db.executemany(
+                "INSERT OR REPLACE INTO dead(id, kind, trace_id, payload, created, died, reason) "
+                "SELECT id, kind, trace_id, payload, created, ?, ? FROM items WHERE id=?",
+                [(now, dead[i.id], i.id) for i in gone],
+            )
+            db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in gone])
+            retry = [i for i in items if i.id not in done and i.id not in dead]
+            db.executemany(
+                "UPDATE items SET claimed_by=NULL, tries=tries+?, next_try=? WHERE id=?",
+                [
+                    (1, now + min(RETRY_FIRST * 2**i.tries, RETRY_MAX), i.id)
+                    if i.id in tried
+                    else (0, 0, i.id)
+                    for i in retry
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        for item in gone:
+            log.warning("outbox: dead letter %s %s (%s)", item.kind, item.trace_id, dead[item.id])
 
     def deliver_available(self, max_batches: int | None = None) -> bool:
         """Deliver the batches this process can claim now, without waiting for ones another
@@ -290,43 +451,61 @@ class Outbox:
                 return False
             time.sleep(0.1)
 
-    # --- background thread -------------------------------------------------------------
+    # --- background threads ------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="flywheel-outbox", daemon=True)
+        self._thread = threading.Thread(target=self._commit_loop, name="flywheel-outbox-commit", daemon=True)
+        self._delivery = threading.Thread(target=self._deliver_loop, name="flywheel-outbox", daemon=True)
         self._thread.start()
+        self._delivery.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        thread, self._thread = self._thread, None
+        thread, delivery, self._thread, self._delivery = self._thread, self._delivery, None, None
         if thread is None:
             return
         self._stop.set()
         with self._cond:
-            self._cond.notify()
+            self._cond.notify_all()
         thread.join(timeout)
+        if delivery is not None:
+            delivery.join(timeout)
         self._commit_pending()
         try:
             self.drain_once()
         except Exception:
             pass  # stays on disk for the next start
 
-    def _run(self) -> None:
-        # Commit often (cheap, local) and deliver in bigger batches (each MLflow write has a fixed cost).
-        next_drain = 0.0
+    def _commit_loop(self) -> None:
+        # Commit at once when someone waits (one transaction for all who do), else every 20 ms.
         while not self._stop.is_set():
             with self._cond:
-                self._cond.wait(COMMIT_EVERY)
-            self._commit_pending()
+                if not self._urgent:
+                    self._cond.wait(COMMIT_EVERY)
+                self._urgent = False
+            try:
+                self._commit_pending()
+            except Exception:  # _commit logs and fails its waiters; never let the committer die
+                log.exception("outbox: committer error")
+
+    def _deliver_loop(self) -> None:
+        # Deliver in bigger batches than commits (each MLflow write has a fixed cost).
+        next_prune = 0.0
+        while not self._stop.wait(self.interval):
             now = time.monotonic()
-            if now < max(next_drain, self._backoff):
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY
+                try:
+                    self.prune()
+                except sqlite3.Error as exc:
+                    log.warning("outbox: pruning delivered rows failed: %s", exc)
+            if now < self._backoff:
                 continue
-            next_drain = now + self.interval
             try:
                 while self.drain_once() and not self._stop.is_set():
-                    self._commit_pending()
+                    pass
                 self._backoff = 0.0
             except Exception:
                 self._backoff = time.monotonic() + 1.0  # MLflow down: retry every second

@@ -15,6 +15,7 @@ EXIT_DELIVERY_SECONDS or left durable in outbox.db with one log line.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import threading
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import feedback, limits, tracing
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
+from flywheel.errors import Unavailable
 from flywheel.loader import Loader
 from flywheel.outbox import Outbox
 
@@ -58,13 +60,15 @@ class Runtime:
         from flywheel.store import connect
 
         self.settings = settings or (store.settings if store is not None else get_settings())
-        self.store: Store = store or connect(self.settings)
+        # a host that connected before starts during an outage, from last-known-good state
+        self.store: Store = store or connect(self.settings, allow_offline=True)
         self.lm: dspy.BaseLM = lm or configured_lm(self.settings)
         self._serving_lm: tuple[Any, bool, Any] | None = None
         self._pool: ProgramPool | None = None
         self.programs = Loader(self.store)
         home = self.settings.flywheel_home
-        self.outbox = Outbox(home / "outbox.db")
+        # nothing is dead-lettered until MLflow has answered for FEEDBACK_WAIT: other hosts replay first
+        self.outbox = Outbox(home / "outbox.db", grace=self.settings.feedback_wait)
         self.outbox.register("trace", partial(tracing.deliver, self.store))
         self.outbox.register("feedback", partial(feedback.deliver, self.store))
         self.counters = RequestCounters(home / "metrics")
@@ -151,13 +155,32 @@ class Runtime:
     # --- what the API and notebooks call --------------------------------------------------
 
     def record_trace(self, record: tracing.TraceRecord) -> None:
+        """Queue a trace without waiting for its commit (a failed prediction's: nothing acknowledges it)."""
         if self.settings.mlflow_enabled:
-            payload = record.to_dict()
-            limit = self.settings.max_field_chars, self.settings.max_trace_chars
-            payload["inputs"] = limits.stored(payload["inputs"], *limit)
-            payload["outputs"] = limits.stored(payload["outputs"], *limit)
-            payload["error"] = limits.stored(payload["error"], *limit)
-            self.outbox.put("trace", record.trace_id, payload)
+            self.outbox.put("trace", record.trace_id, self._trace_payload(record))
+
+    def _trace_payload(self, record: tracing.TraceRecord) -> dict[str, Any]:
+        """The record as the outbox stores it: fields past MAX_FIELD_CHARS/MAX_TRACE_CHARS cut."""
+        payload = record.to_dict()
+        limit = self.settings.max_field_chars, self.settings.max_trace_chars
+        payload["inputs"] = limits.stored(payload["inputs"], *limit)
+        payload["outputs"] = limits.stored(payload["outputs"], *limit)
+        payload["error"] = limits.stored(payload["error"], *limit)
+        return payload
+
+    async def commit_trace(self, record: tracing.TraceRecord) -> None:
+        """Queue a trace and wait, without blocking the event loop, until it is committed to the
+        outbox: what a 200 from /predict promises. Concurrent requests share one group commit.
+        Unavailable (503) when the commit fails (it is logged by the outbox)."""
+        if not self.settings.mlflow_enabled:
+            return
+        future = self.outbox.put("trace", record.trace_id, self._trace_payload(record), urgent=True)
+        try:
+            await asyncio.wrap_future(future)
+        except Exception as exc:
+            raise Unavailable(
+                f"the prediction's trace could not be committed to {self.outbox.path}: {exc}"
+            ) from None
 
     async def apredict(
         self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None
@@ -205,14 +228,32 @@ class Runtime:
         return run_gate(model, candidate, rows, store=self.store, lm=kwargs.pop("lm", self.lm), **kwargs)
 
     def health(self) -> dict[str, Any]:
+        """SPEC.md's /health plus the outbox backlog, its dead letters, and what is served from:
+        `mlflow`, or `last-known-good` (this host's disk and memory) while MLflow does not answer."""
         connected = self.outbox.connected and self._mlflow_answers()
+        detail = None
+        if not connected:
+            detail = (
+                f"{self.outbox.last_error or 'MLflow does not answer'}; serving last-known-good "
+                f"resolutions and models from {self.programs.lkg.root}"
+            )
         return {
             "status": "healthy" if connected else "degraded",
             "mlflow_connected": connected,
             "loaded_models_count": len(self.programs.cached_versions()),
             "uptime_seconds": round(time.monotonic() - self.started_at, 1),
             "outbox_backlog": self.outbox.backlog(),
-            "detail": None if connected else (self.outbox.last_error or "MLflow does not answer"),
+            "dead_letters": self.outbox.dead_letters(),
+            "serving_from": "mlflow" if connected else "last-known-good",
+            "detail": detail,
+        }
+
+    def metrics_extra(self) -> dict[str, float]:
+        """Gauges /metrics adds in Prometheus form beside the request counters."""
+        return {
+            "outbox_backlog": self.outbox.backlog(),
+            "outbox_dead_letters": self.outbox.dead_letters(),
+            "loaded_models": len(self.programs.cached_versions()),
         }
 
     def _mlflow_answers(self) -> bool:

@@ -3,7 +3,7 @@
 The program is resolved through the registry's cache (a promotion is seen
 within FLYWHEEL_RESOLVE_TTL), run under `dspy.context` with the server's LM
 (never global settings), and every answer becomes an MLflow trace whose id is
-returned at once; the trace itself is written durably by the outbox.
+returned with the answer, once the trace is committed to the durable outbox.
 
 Any dspy.Module is served. One with its own `aforward` (Predict, ChainOfThought,
 ReAct, or a class of yours that defines it) runs on the event loop. One with
@@ -190,11 +190,10 @@ async def apredict(
         _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder)
         raise error from None
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-    runtime.record_trace(
-        TraceRecord.ok(
-            trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), **recorder.summary()
-        )
+    record = TraceRecord.ok(
+        trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), **recorder.summary()
     )
+    await runtime.commit_trace(record)  # committed before the answer: a 200 means durable
     return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms)
 
 

@@ -14,12 +14,19 @@ in one process never write into each other.
 Every MLflow internal flywheel touches is reached through one named function
 here (see MLFLOW_INTERNALS); tests/test_store.py fails, naming the internal,
 when an MLflow release moves one. docs/dependencies.md says how to move the pin.
+
+`connect(allow_offline=True)` (what a server's runtime uses) starts while the
+tracking server is down, from the experiment id this host recorded under
+FLYWHEEL_HOME/last-known-good the last time it connected: a worker restarted
+during an outage serves from last-known-good state instead of failing to start.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -242,10 +249,13 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"cannot reach the MLflow tracking server at {uri}: {exc}") from None
 
 
-def connect(settings: Settings | None = None) -> Store:
+def connect(settings: Settings | None = None, *, allow_offline: bool = False) -> Store:
     """The configured store, with flywheel's experiment made sure of.
 
     MLflow's process-wide URI is left alone: use `Store.client`, or `Store.fluent()` for fluent calls.
+    `allow_offline`: when the store cannot be reached but this host has connected to it
+    before, return a store with the recorded experiment id (not cached, so the next
+    `connect` asks again) instead of raising ConfigError.
     """
     settings = settings or get_settings()
     key = (settings.mlflow_tracking_uri, settings.flywheel_experiment)
@@ -255,15 +265,63 @@ def connect(settings: Settings | None = None) -> Store:
             return store
         uri = settings.mlflow_tracking_uri
         apply_mlflow_client_settings()
-        if settings.is_embedded:
-            settings.artifact_root.mkdir(parents=True, exist_ok=True)
-        else:
-            check_reachable(uri)
-        with quiet("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
-            experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
+        try:
+            if settings.is_embedded:
+                settings.artifact_root.mkdir(parents=True, exist_ok=True)
+            else:
+                check_reachable(uri)
+            with quiet("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
+                experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
+        except ConfigError as exc:
+            known = _recorded_experiment(settings) if allow_offline else None
+            if known is None:
+                raise
+            logging.getLogger("flywheel.store").warning(
+                "%s; starting from last-known-good state (experiment %s)", exc, known
+            )
+            return Store(uri, known, settings)
         store = Store(uri, experiment_id, settings)
+        _record_experiment(settings, experiment_id)
         _connected[key] = store
         return store
+
+
+def _experiments_file(settings: Settings) -> Any:
+    return settings.flywheel_home / "last-known-good" / "experiments.json"
+
+
+def _recorded_experiment(settings: Settings) -> str | None:
+    try:
+        known = json.loads(_experiments_file(settings).read_text())
+    except (OSError, ValueError):
+        return None
+    value = known.get(f"{settings.mlflow_tracking_uri} {settings.flywheel_experiment}")
+    return str(value) if value else None
+
+
+def _record_experiment(settings: Settings, experiment_id: str) -> None:
+    if _recorded_experiment(settings) == experiment_id:
+        return
+    path = _experiments_file(settings)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[f"{settings.mlflow_tracking_uri} {settings.flywheel_experiment}"] = experiment_id
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: no offline start, nothing else lost
+
+
+def is_missing(exc: BaseException) -> bool:
+    """MLflow answered that the thing does not exist (as opposed to not answering at all)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
 
 @contextmanager

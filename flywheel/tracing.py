@@ -28,7 +28,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
+import os
+import re
+import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -152,8 +154,38 @@ def model_filter(model: str, version: str | int | None = None) -> str:
     return flt if version is None else f"{flt} AND tags.`{VERSION_TAG}` = '{int(version)}'"
 
 
-def new_trace_id() -> str:
-    return "tr-" + uuid.uuid4().hex
+_TRACE_ID = re.compile(r"^tr-[0-9a-f]{32}$")
+_FUTURE_SLACK = 60.0  # seconds a trace id's clock may run ahead of ours
+
+
+def new_trace_id(at: float | None = None) -> str:
+    """`tr-` and a UUIDv7 in 32 hex digits: 48 bits of Unix milliseconds, then random bits.
+
+    The id carries its creation time (`trace_time`), so feedback for an id this host
+    does not know yet can be told apart: young (its trace may still arrive) or stale.
+    `at` (seconds) is for tests.
+    """
+    millis = int((time.time() if at is None else at) * 1000) & (2**48 - 1)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis << 80) | (0x7 << 76) | ((rand >> 62) & 0xFFF) << 64 | (0b10 << 62) | (rand & (2**62 - 1))
+    return f"tr-{value:032x}"
+
+
+def is_trace_id(trace_id: str) -> bool:
+    """Well-formed: `tr-` and 32 lowercase hex digits (flywheel's and MLflow's form)."""
+    return bool(_TRACE_ID.match(trace_id))
+
+
+def trace_time(trace_id: str) -> float | None:
+    """When a time-ordered (UUIDv7) trace id was made, in Unix seconds; None for any other id
+    (a random UUIDv4 id of an older flywheel, a malformed one, or one dated in the future)."""
+    if not is_trace_id(trace_id):
+        return None
+    digits = trace_id[3:]
+    if digits[12] != "7" or digits[16] not in "89ab":
+        return None
+    at = int(digits[:12], 16) / 1000
+    return at if at <= time.time() + _FUTURE_SLACK else None
 
 
 @dataclass(frozen=True)
@@ -296,7 +328,8 @@ class TraceRecord:
             events.append(Event("exception", exception, timestamp=max(self.end_ns, self.start_ns)))
         otel = ReadableSpan(
             name=SPAN_NAME,
-            context=build_otel_context(int(self.trace_id[3:], 16), int(self.trace_id[3:19], 16) or 1),
+            # the span id from the id's random half (its first half is the time, shared within a ms)
+            context=build_otel_context(int(self.trace_id[3:], 16), int(self.trace_id[19:], 16) or 1),
             parent=None,
             start_time=self.start_ns,
             end_time=max(self.end_ns, self.start_ns),

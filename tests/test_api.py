@@ -341,6 +341,33 @@ def test_python_client_sync(url: str) -> None:
         assert info.value.status_code == 404 and "Model not found" in info.value.detail
 
 
+def test_feedback_for_a_fresh_unknown_trace_is_202_then_lands(http: httpx.Client) -> None:
+    import os
+
+    from flywheel.tracing import TraceRecord, new_trace_id
+
+    early = new_trace_id()
+    r = http.post("/feedback", json={"trace_id": early, "rating": "thumbs_up", "user_id": "early"})
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "pending" and r.json()["trace_id"] == early
+    assert r.headers["x-flywheel-worker"] == str(os.getpid())
+    stale = new_trace_id(at=time.time() - 2 * 86400)
+    assert http.post("/feedback", json={"trace_id": stale, "rating": "thumbs_up"}).status_code == 404
+    now = time.time_ns()
+    info = registry.get_version(JOKES, "2")
+    get_runtime().record_trace(TraceRecord.ok(early, info, {"topic": "late"}, {"joke": "j"}, now, now))
+    ratings = [a for a in _assessments(early) if a.name == "user_rating"]
+    assert [(a.value, a.source.source_id) for a in ratings] == [("thumbs_up", "early")]
+
+
+def test_openapi_documents_202_pending_and_503_with_retry_after(http: httpx.Client) -> None:
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"200", "202", "404", "503"} <= set(paths["/feedback"]["post"]["responses"])
+    assert "503" in paths["/predict"]["post"]["responses"]
+    doc = (ROOT / "docs" / "api.md").read_text()
+    assert "202" in doc and "503" in doc and "Retry-After" in doc and "FEEDBACK_WAIT" in doc
+
+
 def test_api_keys_protect_predict_feedback_and_admin(
     tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:

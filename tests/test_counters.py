@@ -41,3 +41,21 @@ def test_prometheus_text_escapes_labels() -> None:
     )
     assert 'flywheel_model_served{model="we\\"ird"} 1' in text
     assert "flywheel_outbox_backlog 3" in text and text.endswith("\n")
+
+
+def test_files_of_dead_processes_are_pruned_after_a_grace(tmp_path: Path) -> None:
+    import os
+    import time
+
+    record = {"request_count": 5, "error_count": 0, "latency_sum_ms": 50.0, "models_served": ["gone"]}
+    long_dead = tmp_path / "99999990.json"  # no such process (beyond any pid_max)
+    long_dead.write_text(json.dumps(record))
+    an_hour_ago = time.time() - 3600
+    os.utime(long_dead, (an_hour_ago, an_hour_ago))
+    just_died = tmp_path / "99999991.json"  # its last numbers still count for a while
+    just_died.write_text(json.dumps(record))
+    metrics = RequestCounters(tmp_path)
+    metrics.record("a", 10.0, error=False)
+    report = metrics.report()
+    assert report["request_count"] == 6 and report["models_served"] == ["a", "gone"]
+    assert not long_dead.exists() and just_died.exists()

@@ -51,3 +51,100 @@ def test_delivered_assessments_are_human_and_replay_safe(demo_store_rw: Store) -
     )
     assert feedback.deliver(runtime.store, [item]) == [1]
     assert len(tracking.get_trace_info(trace_id).assessments) == 2
+
+
+def _jokes(store: Store) -> None:
+    import dspy
+
+    from flywheel import registry
+
+    registry.register_program(dspy.Predict("topic -> joke"), "jokes", store=store)
+    registry.promote("jokes", "1", "Production", store)
+
+
+def test_a_fresh_unknown_trace_id_is_pending_then_lands(fresh_store: Store) -> None:
+    import time
+
+    from flywheel import registry
+    from flywheel.tracing import TraceRecord, new_trace_id
+
+    _jokes(fresh_store)
+    runtime = get_runtime()
+    early = new_trace_id()  # served by another host, say, whose trace is not in MLflow yet
+    receipt = submit_feedback(early, "thumbs_down", corrected_output={"joke": "Later."}, user_id="ed")
+    assert receipt.pending and receipt.queued
+    with pytest.raises(errors.TraceNotFound):
+        submit_feedback(new_trace_id(at=time.time() - 2 * 86400), "thumbs_up")  # too old to still come
+    with pytest.raises(errors.TraceNotFound):
+        submit_feedback("tr-not-an-id", "thumbs_up")
+    assert runtime.outbox.dead_letters() == 0
+    now = time.time_ns()
+    info = registry.get_version("jokes", "1", fresh_store)
+    runtime.record_trace(TraceRecord.ok(early, info, {"topic": "t"}, {"joke": "j"}, now, now))
+    assert runtime.outbox.flush(timeout=30), runtime.outbox.last_error
+    assessments = runtime.store.tracking.get_trace_info(early).assessments
+    values = {a.name: feedback.assessment_value(a) for a in assessments}
+    assert values == {"user_rating": "thumbs_down", "corrected_output": {"joke": "Later."}}
+
+
+def test_feedback_whose_trace_never_appears_is_dead_lettered_and_counted(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from conftest import use_home
+
+    from flywheel.counters import prometheus
+    from flywheel.tracing import new_trace_id
+
+    _jokes(use_home(monkeypatch, tmp_path / "home", FEEDBACK_WAIT="1"))
+    runtime = get_runtime()
+    assert submit_feedback(new_trace_id(), "thumbs_up").pending
+    time.sleep(1.2)
+    assert runtime.outbox.flush(timeout=30), "the dead letter still counts as backlog"
+    assert runtime.outbox.dead_letters() == 1
+    assert runtime.health()["dead_letters"] == 1
+    assert "flywheel_outbox_dead_letters 1" in prometheus(runtime.counters.report(), runtime.metrics_extra())
+
+
+def test_an_outage_is_answered_from_local_state(fresh_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow down: a cold runtime serves from disk, checks corrections against the fields it
+    knows, and answers what it cannot know with Unavailable (503), never 404 or 422."""
+    import uuid
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from flywheel import registry
+    from flywheel.runtime import Runtime
+    from flywheel.tracing import new_trace_id
+
+    _jokes(fresh_store)
+    with Runtime(store=fresh_store) as warm:
+        served = warm.predict("jokes", {"topic": "cat"})
+        assert warm.outbox.flush()
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise MlflowException("Connection refused", error_code="INTERNAL_ERROR")
+
+    for name in ("resolve", "get_version", "list_versions"):
+        monkeypatch.setattr(registry, name, down)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", down)
+    monkeypatch.setattr(fresh_store.tracking, "get_trace_info", down)
+    cold = Runtime(store=fresh_store).start()  # a restarted worker: nothing in memory
+    try:
+        assert cold.predict("jokes", {"topic": "dog"}).model_version == "1"
+        receipt = cold.submit_feedback(served.trace_id, "thumbs_down", corrected_output={"joke": "Better."})
+        assert not receipt.pending and receipt.corrected_output == {"joke": "Better."}
+        with pytest.raises(errors.FeedbackError, match=r"\(outputs: joke\)"):
+            cold.submit_feedback(served.trace_id, "thumbs_down", corrected_output={"pun": "x"})
+        with pytest.raises(errors.Unavailable):
+            cold.submit_feedback("tr-" + uuid.uuid4().hex, "thumbs_up")  # cannot tell: 503, not 404
+        assert cold.submit_feedback(new_trace_id(), "thumbs_up").pending  # young: kept durably
+        with pytest.raises(errors.Unavailable):
+            cold.predict("never-served-here", {"topic": "x"})
+        assert cold.outbox.deliver_available() is False  # the new trace is written, feedback waits
+        assert cold.outbox.backlog() == 2
+    finally:
+        cold.close(timeout=0)
+    assert errors.Unavailable.status == 503

@@ -163,3 +163,51 @@ def test_a_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str) -> N
     assert alive.flush(timeout=10) and sink.seen == ["orphan"]
     assert time.monotonic() - started < outbox_module.CLAIM_SECONDS
     assert alive.backlog() == 0
+
+
+class Missing(Sink):
+    """A destination where feedback's trace never appears: nothing of kind feedback is stored."""
+
+    def __call__(self, items: list[Item]) -> list[int]:
+        return super().__call__([i for i in items if i.kind != "feedback"])
+
+
+def test_an_item_past_its_deadline_is_dead_lettered_and_counted(tmp_path: Path) -> None:
+    import time
+
+    box = box_for(tmp_path / "o.db", Missing())
+    box.put("feedback", "tr-never", {"n": "lost"}, deadline=time.time() + 0.3)
+    box.put("feedback", "tr-later", {"n": "waits"}, deadline=time.time() + 0.3)
+    box.put("trace", "tr-later", {"n": "trace"})  # its trace is still queued here
+    box._deliverers["trace"] = lambda items: []  # ... and cannot be written yet
+    assert box.flush(timeout=0.2) is False and box.dead_letters() == 0
+    time.sleep(0.4)
+    box.deliver_available()
+    time.sleep(0.6)  # past the per-item retry delay
+    box.deliver_available()
+    assert box.dead_letters() == 1  # only the one whose trace is nowhere
+    assert box.backlog() == 2
+
+
+def test_delivered_rows_are_pruned(tmp_path: Path) -> None:
+    box = box_for(tmp_path / "o.db", Sink())
+    box.put("trace", "tr-x", {"n": "x", "model": "m", "version": "2"})
+    assert box.flush() and box.delivered_model("tr-x") == ("m", "2")
+    assert box.prune(keep_seconds=3600) == 0
+    assert box.prune(keep_seconds=0) == 1
+    assert box.delivered_model("tr-x") is None
+
+
+def test_a_failed_commit_is_logged_and_fails_its_waiters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    box = box_for(tmp_path / "o.db", Sink())
+    with sqlite3.connect(tmp_path / "o.db") as db:
+        db.execute("DROP TABLE items")  # every insert now fails
+    with caplog.at_level("ERROR", logger="flywheel.outbox"):
+        future = box.put("trace", "tr-1", {"n": "a"})
+    with pytest.raises(sqlite3.OperationalError):
+        future.result(5)
+    assert any("commit" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)

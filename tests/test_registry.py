@@ -203,3 +203,30 @@ def test_an_unreachable_tracking_server_is_one_clear_line(tmp_path: Path) -> Non
         "flywheel: configuration error: cannot reach the MLflow tracking server at http://127.0.0.1:9"
     )
     assert out.stderr.strip().count("\n") == 0
+
+
+def test_promotion_never_leaves_the_stage_without_a_holder(
+    fresh_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for joke in ("one", "two"):
+        _register(fresh_store, joke)
+    registry.promote("jokes", "1", "Production", fresh_store)
+    client = fresh_store.client
+    seen: list[str | None] = []
+    steps = ("transition_model_version_stage", "set_registered_model_alias", "delete_registered_model_alias")
+    for method in steps:
+        original = getattr(client, method)
+
+        def step(*args: object, _original=original, **kwargs: object) -> object:
+            result = _original(*args, **kwargs)
+            try:  # what a request resolving right now gets
+                seen.append(registry.resolve("jokes", "Production", fresh_store).version)
+            except registry.ModelNotFound:
+                seen.append(None)
+            return result
+
+        monkeypatch.setattr(client, method, step)
+    after = registry.promote("jokes", "2", "Production", fresh_store)
+    assert None not in seen and seen[-1] == "2", seen
+    assert after.stage == "Production" and after.aliases == ("Production",)
+    assert registry.get_version("jokes", "1", fresh_store).stage == "Archived"

@@ -236,6 +236,8 @@ def test_outage_degrades_then_replays_everything_exactly_once(
             "loaded_models_count": 1,
             "uptime_seconds": 0,
             "outbox_backlog": 0,
+            "dead_letters": 0,
+            "serving_from": "mlflow",
             "detail": None,
         }
         tracking = runtime.store.tracking

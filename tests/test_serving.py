@@ -38,3 +38,14 @@ def test_input_errors_name_the_field(demo_store_rw: Store) -> None:
         predict("joke-generator", ["x"])
     with pytest.raises(ModelNotFound):
         predict("nope", {"topic": "x"})
+
+
+def test_a_prediction_returns_only_once_its_trace_is_committed(demo_store: Store) -> None:
+    from flywheel.outbox import Outbox
+
+    runtime = get_runtime()  # started: the outbox commits from its own thread
+    other = Outbox(runtime.outbox.path)  # what another worker process sees: only the file
+    for i in range(20):
+        answer = predict("support-router", {"ticket": f"Where is parcel {i}?"})
+        on_disk = other.pending_trace(answer.trace_id) or other.delivered_model(answer.trace_id)
+        assert on_disk, f"prediction {i} answered before its trace was committed"

@@ -88,3 +88,23 @@ def test_record_json_round_trip() -> None:
     record = _record(3)
     payload = json.loads(json.dumps(record.to_dict()))  # as the outbox stores it
     assert TraceRecord(**payload) == record
+
+
+def test_trace_ids_are_time_ordered_uuid7_that_carry_their_creation_time() -> None:
+    import re
+    import uuid
+
+    from flywheel.tracing import trace_time
+
+    before = time.time()
+    ids = [new_trace_id() for _ in range(50)]
+    after = time.time()
+    for trace_id in ids:
+        assert re.fullmatch(r"tr-[0-9a-f]{32}", trace_id)
+        assert uuid.UUID(trace_id[3:]).version == 7
+        assert before - 0.002 <= trace_time(trace_id) <= after + 0.002
+    assert [trace_time(i) for i in ids] == sorted(trace_time(i) for i in ids)
+    old = new_trace_id(at=before - 3600)
+    assert abs(trace_time(old) - (before - 3600)) < 0.002
+    assert trace_time("tr-" + uuid.uuid4().hex) is None  # a random id carries no time
+    assert trace_time("tr-0000") is None and trace_time("nope") is None

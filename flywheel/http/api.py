@@ -4,11 +4,13 @@
 a notebook, a test) and never closes it; `create_app()` (and the module's `app`,
 what `flywheel serve` and `uvicorn flywheel.http.api:app` run) builds its own
 runtime at startup and closes it at shutdown. Errors are mapped by class: every
-`FlywheelError` carries its HTTP status.
+`FlywheelError` carries its HTTP status; `Unavailable` (503) adds `Retry-After`.
+Every response names the worker process that answered (`X-Flywheel-Worker: <pid>`).
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -26,8 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel import export, feedback, limits, registry, serving
 from flywheel.config import Settings
 from flywheel.counters import prometheus
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, Unavailable
 from flywheel.runtime import Runtime
+
+WORKER_HEADER = b"x-flywheel-worker"
 
 
 class _Checked(BaseModel):
@@ -69,7 +73,11 @@ class FeedbackRequest(_Checked):
 
 
 class FeedbackResponse(BaseModel):
-    status: Literal["success"]
+    status: Literal["success", "pending"] = Field(
+        description="`success` (200): the trace is known and the feedback is on disk; `pending` (202): "
+        "the trace id is well-formed and younger than FEEDBACK_WAIT but not known yet, the feedback is on "
+        "disk and lands once the trace does (or is dead-lettered after FEEDBACK_WAIT)"
+    )
     trace_id: str
     rating: str
     user_id: str
@@ -98,14 +106,23 @@ _WHY = {
     413: "the request body is larger than MAX_REQUEST_BYTES",
     422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
     502: "the language model (or the program around it) failed",
-    503: "the server is at API_LIMIT_CONCURRENCY; retry later",
+    503: "MLflow is unreachable and this host cannot answer from durable local state (retry after "
+    "the Retry-After header's seconds), or the server is at API_LIMIT_CONCURRENCY",
     504: "the prediction took longer than REQUEST_TIMEOUT",
 }
 
 
+_RETRY_AFTER = {"description": "seconds, when MLflow is unreachable", "schema": {"type": "integer"}}
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for the error statuses a route can answer, all as ErrorResponse."""
-    return {status: {"model": ErrorResponse, "description": _WHY[status]} for status in statuses}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        responses[status] = {"model": ErrorResponse, "description": _WHY[status]}
+        if status == 503:
+            responses[status]["headers"] = {"Retry-After": _RETRY_AFTER}
+    return responses
 
 
 def _runtime(request: Request) -> Runtime:
@@ -187,7 +204,28 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _flywheel_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, FlywheelError) else 500
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+
+class _WorkerHeader:
+    """Pure ASGI middleware (no per-request task): `X-Flywheel-Worker: <pid>` on every response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                pid = str(os.getpid()).encode()
+                message["headers"] = [*message.get("headers", []), (WORKER_HEADER, pid)]
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -223,6 +261,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app.add_exception_handler(FlywheelError, _flywheel_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
+    app.add_middleware(_WorkerHeader)
     return app
 
 
@@ -233,7 +272,10 @@ router = APIRouter()
     "/predict",
     response_model=PredictResponse,
     dependencies=[_key_check("predict")],
-    responses=_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
+    responses={
+        200: {"description": "answered; its trace is committed to this host's outbox"},
+        **_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
+    },
 )
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     refs = [r for r in (body.version, body.stage, body.alias) if r]
@@ -255,9 +297,12 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     response_model=FeedbackResponse,
     dependencies=[_key_check("feedback")],
     responses={
+        200: {"description": "the trace is known; the feedback is on disk and will reach MLflow"},
         202: {
             "model": FeedbackResponse,
-            "description": "accepted while its trace is still pending: stored once the trace is",
+            "description": "status `pending`: the trace id is well-formed and younger than FEEDBACK_WAIT "
+            "but not known yet; the feedback is on disk, lands once the trace appears, or is "
+            "dead-lettered after FEEDBACK_WAIT",
         },
         **_errors(400, 401, 403, 404, 413, 422, 503),
     },
@@ -274,6 +319,9 @@ async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackR
         comment=body.comment,
         user_id=body.user_id,
     )
+    if receipt.pending:
+        pending = FeedbackResponse(status="pending", **receipt.to_dict())
+        return JSONResponse(pending.model_dump(), status_code=202)  # type: ignore[return-value]
     return FeedbackResponse(status="success", **receipt.to_dict())
 
 
@@ -379,10 +427,7 @@ async def metrics(
         format is None and "text/plain" in request.headers.get("accept", "")
     )
     if wants_text:
-        extra = {
-            "outbox_backlog": runtime.outbox.backlog(),
-            "loaded_models": len(runtime.programs.cached_versions()),
-        }
+        extra = runtime.metrics_extra()
         return PlainTextResponse(prometheus(report, extra), media_type="text/plain; version=0.0.4")
     return report
 
