@@ -40,7 +40,7 @@ def test_input_errors_name_the_field(demo_store_rw: Store) -> None:
         predict("nope", {"topic": "x"})
 
 
-def test_a_prediction_returns_only_once_its_trace_is_committed(demo_store: Store) -> None:
+def test_a_prediction_returns_only_once_its_trace_is_committed(demo_store_rw: Store) -> None:
     from flywheel.outbox import Outbox
 
     runtime = get_runtime()  # started: the outbox commits from its own thread
