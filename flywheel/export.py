@@ -93,13 +93,13 @@ def _reviewer(assessment: Any) -> str | None:
     return source.source_id if source is not None else None
 
 
-def row_from_trace(info: Any) -> dict[str, Any] | None:
+def row_from_trace(info: Any, tracking: Any = None) -> dict[str, Any] | None:
     """One training row: input fields, output fields (correction wins), then provenance.
 
     The newest valid rating decides whose feedback the row is: its correction and comment
     are that reviewer's, never another reviewer's who disagreed.
     """
-    call = served_call(info)
+    call = served_call(info, tracking)  # tracking: reads a field too long for its tag from the span
     assessments = list(info.assessments or [])
     rating = _latest(assessments, RATING)
     if call is None or rating is None:
@@ -144,7 +144,7 @@ def export_rows(
     runtime.outbox.deliver_available()  # include what was just rated, without stalling
     rows: list[dict[str, Any]] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
-        row = row_from_trace(info)
+        row = row_from_trace(info, runtime.store.tracking)
         if row is None or (rating != "any" and row["rating"] != rating):
             continue
         if not with_corrected:

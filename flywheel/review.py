@@ -190,7 +190,7 @@ class ReviewQueue:
                 if claimed is not None:
                     if allow_skipped and claimed in self.skipped:
                         self.skipped.remove(claimed)
-                    self.current = _item(by_id[claimed])
+                    self.current = _item(by_id[claimed], self.runtime.store.tracking)
                     return self.current
         self.leases.release(self.session)
         return None
@@ -267,8 +267,8 @@ class ReviewQueue:
         return self.current
 
 
-def _item(info: Any) -> QueueItem:
-    call = served_call(info)
+def _item(info: Any, tracking: Any = None) -> QueueItem:
+    call = served_call(info, tracking)
     assert call is not None  # the search filtered on flywheel's own tags
     return QueueItem(info.trace_id, call.model, call.version, call.inputs, call.outputs, info.request_time)
 

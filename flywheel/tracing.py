@@ -28,6 +28,11 @@ MODEL_KEY_TAG = "flywheel.model_key"  # a hash of the name: user text never ente
 VERSION_TAG = "flywheel.model_version"
 INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
+TRUNCATED_TAG = "flywheel.truncated"  # names the field tags cut short: read those from the root span
+TAG_CHARS = 4000
+"""The longest inputs/outputs tag flywheel stores: MLflow's REST client cuts trace tags at 4,096
+characters without saying so, and PostgreSQL's tag column holds 8,000 (sqlite has no limit)."""
+TRUNCATION_MARK = "...[truncated]"
 SPAN_NAME = "predict"
 _PREVIEW = 1000
 _log = logging.getLogger("flywheel.tracing")
@@ -47,17 +52,32 @@ class ServedCall:
     outputs: dict[str, Any]
 
 
-def served_call(info: Any) -> ServedCall | None:
-    """The prediction a TraceInfo records, or None for a trace flywheel did not write."""
+def served_call(info: Any, tracking: Any = None) -> ServedCall | None:
+    """The prediction a TraceInfo records, or None for a trace flywheel did not write.
+
+    Fields too long for a tag (TRUNCATED_TAG names them) are read from the trace's root span
+    through `tracking` (the tracking store); without it they come back as {}.
+    """
     tags = info.tags or {}
     if MODEL_TAG not in tags:
         return None
-    return ServedCall(
-        tags[MODEL_TAG],
-        tags.get(VERSION_TAG, ""),
-        json.loads(tags.get(INPUTS_TAG) or "{}"),
-        json.loads(tags.get(OUTPUTS_TAG) or "{}"),
-    )
+    cut = set(filter(None, tags.get(TRUNCATED_TAG, "").split(",")))
+    fields = {
+        tag: {} if tag in cut else json.loads(tags.get(tag) or "{}") for tag in (INPUTS_TAG, OUTPUTS_TAG)
+    }
+    if cut and tracking is not None:
+        root = next(s for s in tracking.get_trace(info.trace_id).data.spans if s.parent_id is None)
+        full = {INPUTS_TAG: root.inputs, OUTPUTS_TAG: root.outputs}
+        fields.update({tag: full[tag] or {} for tag in cut if tag in full})
+    return ServedCall(tags[MODEL_TAG], tags.get(VERSION_TAG, ""), fields[INPUTS_TAG], fields[OUTPUTS_TAG])
+
+
+def _tag_value(value: Any) -> tuple[str, bool]:
+    """A field's JSON for its tag, cut to TAG_CHARS (marked) when longer; and whether it was cut."""
+    text = json.dumps(value, default=str)
+    if len(text) <= TAG_CHARS:
+        return text, False
+    return text[: TAG_CHARS - len(TRUNCATION_MARK)] + TRUNCATION_MARK, True
 
 
 def model_filter(model: str, version: str | int | None = None) -> str:
@@ -110,16 +130,23 @@ class TraceRecord:
         return asdict(self)
 
     def tags(self) -> dict[str, str]:
-        """Trace tags: export reads inputs and outputs from here, never from span bodies."""
+        """Trace tags: export reads inputs and outputs from here, and from the span body only for
+        a field longer than TAG_CHARS (cut, marked, and named in TRUNCATED_TAG)."""
         tags = {
             MODEL_TAG: self.model,
             MODEL_KEY_TAG: model_key(self.model),
             VERSION_TAG: self.version,
-            INPUTS_TAG: json.dumps(self.inputs, default=str),
             "mlflow.traceName": SPAN_NAME,
         }
-        if self.outputs is not None:
-            tags[OUTPUTS_TAG] = json.dumps(self.outputs, default=str)
+        cut = []
+        for tag, value in ((INPUTS_TAG, self.inputs), (OUTPUTS_TAG, self.outputs)):
+            if tag == OUTPUTS_TAG and value is None:
+                continue
+            tags[tag], truncated = _tag_value(value)
+            if truncated:
+                cut.append(tag)
+        if cut:
+            tags[TRUNCATED_TAG] = ",".join(cut)
         return tags
 
     def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:

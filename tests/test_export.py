@@ -7,10 +7,13 @@ import io
 import json
 
 import dspy
+import pytest
 
 from flywheel import export
 from flywheel.runtime import export_rows, predict, submit_feedback
 from flywheel.store import Store
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 
 def test_rows_formats_dataframe_and_examples(demo_store_rw: Store) -> None:

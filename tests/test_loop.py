@@ -22,6 +22,8 @@ from flywheel.runtime import get_runtime, loop, predict, reset_runtime
 from flywheel.runtime import submit_feedback as submit
 from flywheel.store import Store
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 @pytest.fixture
 def store(fresh_store: Store) -> Iterator[Store]:
