@@ -63,6 +63,7 @@ def test_loop_needs_feedback_and_can_be_cancelled(store: Store) -> None:
     assert [v.version for v in registry.list_versions(ROUTER_MODEL, store)] == [before]
 
 
+@pytest.mark.backends("sqlite")  # the loop stays light on PostgreSQL: the two tests above
 def test_one_turn_improves_heldout_accuracy_of_production(store: Store) -> None:
     seed_demo(store, progress=lambda line: None)
     runtime = get_runtime()
@@ -92,6 +93,7 @@ def test_one_turn_improves_heldout_accuracy_of_production(store: Store) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.backends("sqlite")
 def test_simulation_rises_over_turns_and_plots(store: Store, tmp_path: Path) -> None:
     seed_demo(store, progress=lambda line: None)
     records = run_simulation(turns=3, traffic=16, report=None)
