@@ -105,16 +105,17 @@ def postgres_bin() -> Path:
     """The directory of initdb/pg_ctl: FLYWHEEL_TEST_PG_BIN, else the newest Debian cluster
     binaries, else initdb on PATH. pytest.fail (never skip) when there is none."""
     override = os.environ.get("FLYWHEEL_TEST_PG_BIN")
-    candidates = [Path(override)] if override else []
-    debian = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin"),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    candidates += debian
-    on_path = shutil.which("initdb")
-    if on_path and not override:
-        candidates.append(Path(on_path).parent)
+    if override:
+        candidates = [Path(override)]
+    else:
+        candidates = sorted(
+            Path("/usr/lib/postgresql").glob("*/bin"),
+            key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+            reverse=True,
+        )
+        on_path = shutil.which("initdb")
+        if on_path:
+            candidates.append(Path(on_path).parent)
     for directory in candidates:
         if (directory / "initdb").is_file() and (directory / "pg_ctl").is_file():
             return directory

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import _reset, use_home
-from pg import TrackingServer, deploy_command, free_port, spawn, stop, wait_healthy
+from pg import BIN, TrackingServer, deploy_command, free_port, spawn, stop, wait_healthy
 
 from flywheel.store import Store
 
@@ -41,7 +41,8 @@ class Hosts:
             model=model,
             version=version,
         )
-        done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        env = {**os.environ, **env, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
 
     def delivered(self, trace_id: str) -> bool:
@@ -96,7 +97,7 @@ def hosts(mlflow_on_postgres: TrackingServer, tmp_path_factory: pytest.TempPathF
                 procs[name] = spawn(argv, env, home / f"{name}.log")
                 clients.append(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
             for name, client in zip(procs, clients, strict=True):
-                wait_healthy(f"{client.base_url}health", timeout=180, proc=procs[name])
+                wait_healthy(str(client.base_url.join("/health")), timeout=180, proc=procs[name])
             yield Hosts(clients[0], clients[1], procs, server, store, home)
             _reset()
     finally:
