@@ -1,7 +1,8 @@
 """Rated traces of one model -> training rows (corrections applied) -> DataFrame / CSV / JSON / Examples.
 
-Export reads trace *infos* only (tags and assessments), never span bodies:
-serving stores each prediction's input and output fields as trace tags. It
+Export reads trace *infos* (tags and assessments), not span bodies: serving
+stores each prediction's input and output fields as trace tags (a field longer
+than tracing.TAG_CHARS is cut there, marked, and read from its span). It
 asks MLflow only for traces that carry a `user_rating`, and pages by
 timestamp (keyset) rather than by offset, so the cost grows with the rated
 traces it returns, not with every trace ever served.
