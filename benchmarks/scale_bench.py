@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="clients over both hosts")
     parser.add_argument("--workers", type=int, default=2, help="flywheel serve workers per host")
     parser.add_argument("--ttl", type=float, default=2.0, help="FLYWHEEL_RESOLVE_TTL on the hosts")
+    parser.add_argument("--drain-limit", type=float, default=300, help="seconds to wait for the outboxes")
     args = parser.parse_args()
 
     cluster = pg.start_cluster()
@@ -143,12 +144,17 @@ def main() -> None:
         for t in threads:
             t.join()
         load_end = time.monotonic()
-        at_end = sum(httpx.get(f"{u}/health", timeout=30).json()["outbox_backlog"] for u in hosts)
-        while sum(httpx.get(f"{u}/health", timeout=30).json()["outbox_backlog"] for u in hosts) > 0:
-            time.sleep(0.2)
-        drained = time.monotonic()
         stop.set()
         prober.join()
+
+        def waiting() -> int:
+            return sum(httpx.get(f"{u}/health", timeout=30).json()["outbox_backlog"] for u in hosts)
+
+        at_end = left = waiting()
+        while left > 0 and time.monotonic() < load_end + args.drain_limit:
+            time.sleep(0.2)
+            left = waiting()
+        drained = time.monotonic()
 
         ids = [t for r in results.values() for t in r["trace_ids"]]
         stored = delivered(cluster, server.database, ids)
@@ -166,6 +172,7 @@ def main() -> None:
               " promotion visible after |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         limit = 2 * each / 0.1
+        unfinished = "" if left == 0 else f" ({left} still queued)"
         p50 = max(r["p50_ms"] for r in results.values())
         p99 = max(r["p99_ms"] for r in results.values())
         worst = max(d for d, _ in delays.values())
@@ -173,7 +180,8 @@ def main() -> None:
             f"| 2 x `flywheel serve --workers {args.workers}` | {rps:.0f} | "
             f"{rps / limit:.0%} of {limit:.0f} | "
             f"{p50:.0f} | {p99:.0f} | {errors} | {stored / (drained - began):.0f} | {at_end} "
-            f"({max(backlog, default=0)}) | {drained - load_end:.1f} s | {stored / max(1, len(ids)):.1%} | "
+            f"({max(backlog, default=0)}) | {drained - load_end:.1f} s{unfinished} | "
+            f"{stored / max(1, len(ids)):.1%} | "
             f"{worst:.1f} s (TTL {args.ttl:g} s) |"
         )
         per_host = ", ".join(
