@@ -144,6 +144,11 @@ def main() -> None:
         for t in threads:
             t.join()
         load_end = time.monotonic()
+        # the probe runs on until every host answers with the new version (or 60 s more)
+        while time.monotonic() < load_end + 60 and not all(
+            any(u == url and v == "2" and a > promoted_at for a, u, v in seen) for url in hosts
+        ):
+            time.sleep(0.1)
         stop.set()
         prober.join()
 
@@ -162,11 +167,9 @@ def main() -> None:
         errors = sum(r["errors"] for r in results.values())
         rps = sum(r["rps"] for r in results.values())
         delays = {}
-        for url in hosts:
-            old_after = [a for a, u, v in seen if u == url and v == "1" and a > promoted_at]
+        for url in hosts:  # from the CLI's return to the first answer with the new version
             new_after = [a for a, u, v in seen if u == url and v == "2" and a > promoted_at]
-            last_old = max(old_after, default=promoted_at)
-            delays[url] = (last_old - promoted_at, bool(new_after))
+            delays[url] = (min(new_after, default=float("nan")) - promoted_at, bool(new_after))
         print("\n| hosts | req/s (both) | share of the limit | p50 ms | p99 ms | errors |"
               " traces/s delivered | backlog at end of load (peak) | drained after | traces in MLflow |"
               " promotion visible after |")
