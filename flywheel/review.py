@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import feedback
 from flywheel.errors import ReviewError
 from flywheel.feedback import FEEDBACK_ID, RATING
-from flywheel.tracing import model_filter, served_call
+from flywheel.tracing import complete_calls, model_filter, served_call
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -190,7 +190,7 @@ class ReviewQueue:
                 if claimed is not None:
                     if allow_skipped and claimed in self.skipped:
                         self.skipped.remove(claimed)
-                    self.current = _item(by_id[claimed])
+                    self.current = _item(by_id[claimed], self.runtime.store.tracking)
                     return self.current
         self.leases.release(self.session)
         return None
@@ -267,9 +267,12 @@ class ReviewQueue:
         return self.current
 
 
-def _item(info: Any) -> QueueItem:
+def _item(info: Any, tracking: Any = None) -> QueueItem:
+    """The card for one trace: complete fields, read from the root span only where a tag was cut."""
     call = served_call(info)
     assert call is not None  # the search filtered on flywheel's own tags
+    if call.truncated and tracking is not None:
+        call = complete_calls(tracking, [info]).get(info.trace_id, call)
     return QueueItem(info.trace_id, call.model, call.version, call.inputs, call.outputs, info.request_time)
 
 

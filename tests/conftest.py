@@ -1,4 +1,10 @@
-"""Shared fixtures: every test store is a real sqlite MLflow store in a temp directory."""
+"""Shared fixtures: every test store is a real MLflow store: embedded sqlite in a temp directory, or
+(in modules marked `pytest.mark.backends("sqlite", "postgres")`) also a tracking server on PostgreSQL.
+
+A module marked `backends(...)` runs each test that takes a store fixture once per backend; a test's
+own `backends(...)` marker narrows that (say, to "sqlite" for a heavy test). The PostgreSQL backend
+is one `mlflow server` per session (tests/pg.py) whose database is emptied for each fresh store.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ import pytest
 
 from flywheel import store
 from flywheel.config import get_settings
+
+pytest_plugins = ["pg"]  # tests/pg.py: the session's PostgreSQL and tracking server
+BACKENDS = ("sqlite", "postgres")
 
 _ENV_NAMES = [
     "MLFLOW_TRACKING_URI",
@@ -102,17 +111,59 @@ def _fingerprint(s: store.Store) -> dict[str, Any]:
     return {"versions": versions, "traces": sorted(traces), "outbox": waiting}
 
 
-def _seed(mp: pytest.MonkeyPatch, home: Path) -> store.Store:
+def _seed(mp: pytest.MonkeyPatch, home: Path, **env: str) -> store.Store:
     from flywheel.demo.seed import seed_demo
 
-    s = use_home(mp, home)
+    s = use_home(mp, home, **env)
     seed_demo(s, progress=lambda line: None)
     return s
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is None or "backend" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(BACKENDS)
+    assert not unknown, f"unknown backends {unknown}; known: {BACKENDS}"
+    metafunc.parametrize("backend", marker.args, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """The MLflow backend of this module's stores: "sqlite" (embedded; the default) or "postgres"
+    (the session's tracking server on PostgreSQL)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+def _backend_env(request: pytest.FixtureRequest, backend: str, owner: str | None = None) -> dict[str, str]:
+    """Settings pointing a store at `backend`; for "postgres" the server's database is emptied first
+    (a module-scoped store passes `owner` to keep it until `_release`)."""
+    if backend == "sqlite":
+        return {}
+    server = request.getfixturevalue("mlflow_on_postgres")
+    server.reset(owner)
+    return {"MLFLOW_TRACKING_URI": server.url}
+
+
+def _release(request: pytest.FixtureRequest, backend: str) -> None:
+    if backend == "postgres":
+        request.getfixturevalue("mlflow_on_postgres").release()
+
+
 @pytest.fixture
-def fresh_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[store.Store]:
-    yield use_home(monkeypatch, tmp_path / "home")
+def artifact_dir(backend: str, request: pytest.FixtureRequest) -> Callable[[store.Store], Path]:
+    """`artifact_dir(store)`: the directory where this backend keeps the store's artifacts."""
+    if backend == "postgres":
+        server = request.getfixturevalue("mlflow_on_postgres")
+        return lambda s: server.artifacts
+    return lambda s: s.settings.artifact_root
+
+
+@pytest.fixture
+def fresh_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, request: pytest.FixtureRequest
+) -> Iterator[store.Store]:
+    yield use_home(monkeypatch, tmp_path / "home", **_backend_env(request, backend))
     _reset()
 
 
@@ -150,7 +201,9 @@ def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Sto
 
 
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
+def demo_store(
+    tmp_path_factory: pytest.TempPathFactory, backend: str, request: pytest.FixtureRequest
+) -> Iterator[store.Store]:
     """A store seeded with the demo, shared by a module's read-only tests.
 
     Read-only is checked: when a module's tests predict, rate or promote on it, its teardown
@@ -159,7 +212,8 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store
     from flywheel.runtime import reset_runtime
 
     with pytest.MonkeyPatch.context() as mp:
-        s = _seed(mp, tmp_path_factory.mktemp("demo") / "home")
+        env = _backend_env(request, backend, owner=f"demo_store of {request.node.nodeid}")
+        s = _seed(mp, tmp_path_factory.mktemp("demo") / "home", **env)
         before = _fingerprint(s)
         try:
             yield s
@@ -167,15 +221,22 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store
             after = _fingerprint(s)
         finally:
             _reset()
+            _release(request, backend)
         assert after == before, "a test wrote to the read-only demo_store: give it demo_store_rw"
 
 
 @pytest.fixture(scope="module")
-def demo_store_rw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[store.Store]:
+def demo_store_rw(
+    tmp_path_factory: pytest.TempPathFactory, backend: str, request: pytest.FixtureRequest
+) -> Iterator[store.Store]:
     """A store seeded with the demo that a module's tests write to (predictions, ratings, promotions)."""
     with pytest.MonkeyPatch.context() as mp:
-        yield _seed(mp, tmp_path_factory.mktemp("demo-rw") / "home")
-        _reset()
+        env = _backend_env(request, backend, owner=f"demo_store_rw of {request.node.nodeid}")
+        try:
+            yield _seed(mp, tmp_path_factory.mktemp("demo-rw") / "home", **env)
+        finally:
+            _reset()
+            _release(request, backend)
 
 
 class _Refusing:

@@ -8,6 +8,8 @@ from flywheel import errors, feedback
 from flywheel.runtime import get_runtime, predict, submit_feedback
 from flywheel.store import Store
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 def test_submit_validates(demo_store_rw: Store) -> None:
     trace_id = predict("support-router", {"ticket": "Parcel lost"}).trace_id

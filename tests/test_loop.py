@@ -24,6 +24,8 @@ from flywheel.runtime import get_runtime, loop, predict, reset_runtime
 from flywheel.runtime import submit_feedback as submit
 from flywheel.store import Store
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 @pytest.fixture
 def store(fresh_store: Store) -> Iterator[Store]:
@@ -63,6 +65,7 @@ def test_loop_needs_feedback_and_can_be_cancelled(store: Store) -> None:
     assert [v.version for v in registry.list_versions(ROUTER_MODEL, store)] == [before]
 
 
+@pytest.mark.backends("sqlite")  # the loop stays light on PostgreSQL: the two tests above
 def test_turns_promote_only_on_evidence_from_a_growing_held_out_set(store: Store) -> None:
     start = _router(store, k=0)  # no demos: routes everything to billing, a clear win to beat
     runtime = get_runtime()
@@ -133,6 +136,7 @@ def test_a_turn_with_the_lm_down_keeps_production_and_is_inconclusive(
 
 
 @pytest.mark.slow
+@pytest.mark.backends("sqlite")
 def test_simulation_never_lowers_production_and_plots(store: Store, tmp_path: Path) -> None:
     seed_demo(store, progress=lambda line: None)
     records = run_simulation(turns=2, traffic=24, dev_fraction=0.5, seed=1, report=None)

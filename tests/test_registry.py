@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dspy
@@ -14,6 +15,8 @@ import pytest
 from flywheel import registry
 from flywheel.loader import Loader
 from flywheel.store import Store
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +33,9 @@ def _register(store: Store, joke: str, **tags: str) -> registry.VersionInfo:
     )
 
 
-def test_register_records_version_description_tags_and_fields(fresh_store: Store) -> None:
+def test_register_records_version_description_tags_and_fields(
+    fresh_store: Store, artifact_dir: Callable[[Store], Path]
+) -> None:
     v1 = _register(fresh_store, "one", optimizer="LabeledFewShot", score="0.5", dataset="d1")
     v2 = _register(fresh_store, "two")
     assert (v1.version, v2.version) == ("1", "2")
@@ -44,9 +49,9 @@ def test_register_records_version_description_tags_and_fields(fresh_store: Store
     assert [v.version for v in listed] == ["2", "1"]
     models = registry.list_models(fresh_store)
     assert [m.name for m in models] == ["jokes"] and models[0].latest_version == "2"
-    # the artifacts stay under FLYWHEEL_HOME, never in a stray ./mlruns
+    # the artifacts stay under FLYWHEEL_HOME (or the tracking server's), never in a stray ./mlruns
     assert not (Path.cwd() / "mlruns").exists()
-    assert any(fresh_store.settings.artifact_root.rglob("MLmodel"))
+    assert any(artifact_dir(fresh_store).rglob("MLmodel"))
 
 
 def test_resolve_every_reference_form(fresh_store: Store) -> None:
@@ -101,19 +106,30 @@ def test_promote_archives_previous_holder_and_keeps_stage_and_alias_in_step(
         registry.promote("jokes", "7", "Staging", fresh_store)
 
 
-def test_no_api_key_reaches_the_store(fresh_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_api_key_reaches_the_store(
+    fresh_store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    artifact_dir: Callable[[Store], Path],
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
     env_secret, passed_secret = "sk-env-secret-2f9c1d", "sk-passed-secret-77ab02"
     monkeypatch.setenv("OPENAI_API_KEY", env_secret)
     lm = dspy.LM("openai/gpt-4o-mini", api_key=passed_secret, api_base="http://127.0.0.1:9")
     registry.register_program(_program("one"), "jokes", lm=lm, store=fresh_store)
     with dspy.context(lm=lm):  # the global/contextual LM path too
         registry.register_program(_program("two"), "jokes", store=fresh_store)
-    files = [p for p in fresh_store.settings.flywheel_home.rglob("*") if p.is_file()]
+    places = {fresh_store.settings.flywheel_home, artifact_dir(fresh_store)}
+    files = [p for place in places for p in place.rglob("*") if p.is_file()]
     assert len(files) > 5
     for path in files:
         data = path.read_bytes()
         assert env_secret.encode() not in data, path
         assert passed_secret.encode() not in data, path
+    if backend == "postgres":  # the database itself: every row of every table
+        rows = request.getfixturevalue("mlflow_on_postgres").dump_text()
+        assert "jokes" in rows  # the registered model: the dump holds the store
+        assert env_secret not in rows and passed_secret not in rows
     # the LM itself survived without its key, so `mlflow models serve` can still use it
     saved = Loader(fresh_store).load("jokes", "1")
     assert saved.program is not None

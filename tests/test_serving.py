@@ -11,6 +11,8 @@ from flywheel.errors import ModelNotFound
 from flywheel.runtime import get_runtime, predict
 from flywheel.store import Store
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 
 def test_predict_by_every_reference_and_traced(demo_store_rw: Store) -> None:
     by_stage = predict("joke-generator", {"topic": "coffee"})

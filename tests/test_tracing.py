@@ -5,10 +5,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import uuid
+
+import pytest
+from pg import PostgresCluster
 
 from flywheel import trace_sql
 from flywheel.store import Store
-from flywheel.tracing import TraceRecord, model_key, new_trace_id, write_traces
+from flywheel.tracing import (
+    INPUTS_TAG,
+    TAG_CHARS,
+    TRUNCATED_TAG,
+    TraceRecord,
+    _write_public,
+    complete_calls,
+    model_key,
+    new_trace_id,
+    write_traces,
+)
 
 
 def _record(i: int, model: str = 'it\'s "quoted"') -> TraceRecord:
@@ -39,8 +53,6 @@ def test_batched_and_public_paths_write_the_same_rows(fresh_store: Store) -> Non
     fast, slow = _record(1), _record(1)
     slow = TraceRecord(**{**fast.__dict__, "trace_id": slow.trace_id})
     assert write_traces(tracking, fresh_store.experiment_id, [fast]) == [fast.trace_id]
-    from flywheel.tracing import _write_public
-
     _write_public(tracking, fresh_store.experiment_id, [slow])
     db = fresh_store.tracking_uri.removeprefix("sqlite:///")
     fast_rows, slow_rows = _rows(db, fast.trace_id), _rows(db, slow.trace_id)
@@ -108,3 +120,58 @@ def test_trace_ids_are_time_ordered_uuid7_that_carry_their_creation_time() -> No
     assert abs(trace_time(old) - (before - 3600)) < 0.002
     assert trace_time("tr-" + uuid.uuid4().hex) is None  # a random id carries no time
     assert trace_time("tr-0000") is None and trace_time("nope") is None
+
+
+# --- the batched path on PostgreSQL (MLflow's SQL store on a database of the session's cluster) ----
+
+
+@pytest.fixture(scope="module")
+def pg_store(postgres: PostgresCluster, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    from mlflow import MlflowClient
+
+    from flywheel.config import get_settings
+
+    database = f"direct_{uuid.uuid4().hex[:10]}"
+    with postgres.connect() as db:  # type: ignore[attr-defined]
+        db.execute(f'CREATE DATABASE "{database}"')
+    uri = postgres.uri(database)
+    artifacts = tmp_path_factory.mktemp("pg-artifacts").as_uri()
+    experiment_id = MlflowClient(tracking_uri=uri).create_experiment("direct", artifact_location=artifacts)
+    return Store(uri, experiment_id, get_settings())
+
+
+def _pg_rows(postgres: PostgresCluster, store: Store, trace_id: str) -> dict[str, list[tuple]]:
+    out = {}
+    with postgres.connect(store.tracking_uri.rsplit("/", 1)[1]) as db:  # type: ignore[attr-defined]
+        for table, column in [
+            ("trace_info", "request_id"),
+            ("trace_tags", "request_id"),
+            ("trace_request_metadata", "request_id"),
+            ("spans", "trace_id"),
+        ]:
+            rows = db.execute(f"SELECT * FROM {table} WHERE {column} = %s", (trace_id,)).fetchall()
+            out[table] = sorted(tuple(str(v).replace(trace_id, "ID") for v in row) for row in rows)
+    return out
+
+
+def test_batched_path_on_postgresql_writes_what_the_public_path_writes(
+    pg_store: Store, postgres: PostgresCluster
+) -> None:
+    tracking = pg_store.tracking
+    assert trace_sql.supports(tracking)
+    long_topic = "x" * 9000  # longer than PostgreSQL's 8,000-character tag column
+    fast = TraceRecord(**{**_record(1).__dict__, "inputs": {"topic": long_topic}})
+    slow = TraceRecord(**{**fast.__dict__, "trace_id": new_trace_id()})
+    trace_sql.write_batch(tracking, [fast.to_mlflow(pg_store.experiment_id)])  # no silent fallback
+    assert write_traces(tracking, pg_store.experiment_id, [fast]) == []  # already there: idempotent
+    _write_public(tracking, pg_store.experiment_id, [slow])
+    fast_rows = _pg_rows(postgres, pg_store, fast.trace_id)
+    slow_rows = _pg_rows(postgres, pg_store, slow.trace_id)
+    for table in fast_rows:
+        assert len(fast_rows[table]) == len(slow_rows[table]) > 0, table
+    assert fast_rows["trace_tags"] == slow_rows["trace_tags"]
+    assert fast_rows["trace_request_metadata"] == slow_rows["trace_request_metadata"]
+    info = tracking.get_trace_info(fast.trace_id)
+    assert info.tags[TRUNCATED_TAG] == "inputs" and len(info.tags[INPUTS_TAG]) <= TAG_CHARS
+    call = complete_calls(tracking, [info])[fast.trace_id]  # the complete fields, from the root span
+    assert call.inputs == {"topic": long_topic} and call.outputs == {"joke": "j1"}
