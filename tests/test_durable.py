@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -241,13 +242,11 @@ def _mlflow_server(tmp_path: Path, port: int) -> list[str]:
 
 
 def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
     """A real `mlflow server` goes away (about 30-60 s here, not a full minute on purpose: the
     worker restart inside it is what takes time); every prediction is answered, feedback with a
     correction is checked locally, what cannot be answered is 503 with Retry-After."""
-    from conftest import use_home
-
     from flywheel.demo.seed import seed_demo
     from flywheel.feedback import assessment_value
     from flywheel.runtime import get_runtime
@@ -257,7 +256,7 @@ def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
     proc = None
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
-        store = use_home(monkeypatch, tmp_path / "home", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+        store = make_store(tmp_path / "home", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
         seed_demo(store, progress=lambda line: None)
         proc, url = _serve(2)  # two: uvicorn runs one worker without a supervisor to restart it
         _wait_for_workers(url, 2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from flywheel import errors, feedback
@@ -64,6 +67,7 @@ def _jokes(store: Store) -> None:
     registry.promote("jokes", "1", "Production", store)
 
 
+@pytest.mark.backends("sqlite")  # the outbox's logic; across hosts on PostgreSQL: tests/test_scale.py
 def test_a_fresh_unknown_trace_id_is_pending_then_lands(fresh_store: Store) -> None:
     import time
 
@@ -90,16 +94,14 @@ def test_a_fresh_unknown_trace_id_is_pending_then_lands(fresh_store: Store) -> N
 
 
 def test_feedback_whose_trace_never_appears_is_dead_lettered_and_counted(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
     import time
-
-    from conftest import use_home
 
     from flywheel.counters import prometheus
     from flywheel.tracing import new_trace_id
 
-    _jokes(use_home(monkeypatch, tmp_path / "home", FEEDBACK_WAIT="1"))
+    _jokes(make_store(tmp_path / "home", FEEDBACK_WAIT="1"))
     runtime = get_runtime()
     assert submit_feedback(new_trace_id(), "thumbs_up").pending
     time.sleep(1.2)
@@ -109,6 +111,7 @@ def test_feedback_whose_trace_never_appears_is_dead_lettered_and_counted(
     assert "flywheel_outbox_dead_letters 1" in prometheus(runtime.counters.report(), runtime.metrics_extra())
 
 
+@pytest.mark.backends("sqlite")  # MLflow is patched down: the backend plays no part
 def test_an_outage_is_answered_from_local_state(fresh_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """MLflow down: a cold runtime serves from disk, checks corrections against the fields it
     knows, and answers what it cannot know with Unavailable (503), never 404 or 422."""
