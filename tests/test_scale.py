@@ -162,7 +162,6 @@ def test_export_through_either_host_returns_every_rated_row(hosts: Hosts) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs the 202 pending path of issue 9")
 def test_feedback_for_a_trace_not_yet_delivered_is_pending_then_lands_once(hosts: Hosts) -> None:
     trace_id = _predict(hosts.a, ROUTER, {"ticket": "Where is my refund"})["trace_id"]
     os.killpg(hosts.procs["a"].pid, signal.SIGSTOP)  # host A cannot deliver its trace for now
