@@ -1,7 +1,8 @@
 """Helpers for tests that start real processes (`flywheel serve`, `mlflow server`).
 
 One copy instead of one per test module: a free port, waiting until a URL answers,
-and stopping the process group a test started with `start_new_session=True`.
+stopping the process group a test started with `start_new_session=True`, and the
+command line of a throw-away `mlflow server`. tests/pg.py builds on these.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -21,10 +24,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until_up(url: str, timeout: float = 90) -> None:
-    """Return once `url` answers 200; TimeoutError after `timeout` seconds."""
+def wait_until_up(url: str, timeout: float = 90, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Return once `url` answers 200; TimeoutError after `timeout` seconds, RuntimeError as soon as
+    `proc` (the process meant to answer) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
@@ -45,3 +51,21 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def mlflow_server_command(home: Path, port: int) -> list[str]:
+    """A one-worker `mlflow server` on an sqlite file and an artifact folder under `home`."""
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{home / 'server.db'}",
+        "--artifacts-destination",
+        str(home / "artifacts"),
+        "--workers",
+        "1",
+    ]

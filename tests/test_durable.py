@@ -21,7 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_server import BIN, _kill, _port, _spawn, _wait
+from processes import free_port as _port
+from processes import mlflow_server_command
+from processes import stop_group as _kill
+from processes import wait_until_up as _wait
+from test_server import _spawn
 
 from flywheel import registry
 from flywheel.store import Store
@@ -224,23 +228,6 @@ def test_promotion_under_concurrent_traffic_with_ttl_0_never_fails_a_request(see
     assert versions == {"1", "2"}
 
 
-def _mlflow_server(tmp_path: Path, port: int) -> list[str]:
-    return [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--workers",
-        "1",
-    ]
-
-
 def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
     tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
@@ -252,7 +239,7 @@ def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
     from flywheel.runtime import get_runtime
 
     port = _port()
-    mlflow_server = _spawn(_mlflow_server(tmp_path, port))
+    mlflow_server = _spawn(mlflow_server_command(tmp_path, port))
     proc = None
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
@@ -319,7 +306,7 @@ def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
         never_served = client.post("/predict", json={"model": "support-router", "inputs": {"ticket": "x"}})
         assert never_served.status_code == 503 and "retry-after" in never_served.headers, never_served.text
 
-        mlflow_server = _spawn(_mlflow_server(tmp_path, port))
+        mlflow_server = _spawn(mlflow_server_command(tmp_path, port))
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
         runtime = get_runtime()
         assert runtime.outbox.flush(timeout=120), runtime.outbox.last_error

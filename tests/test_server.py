@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import free_port as _port
+from processes import mlflow_server_command
 from processes import stop_group as _kill
 from processes import wait_until_up as _wait
 
@@ -184,21 +185,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
     from flywheel.runtime import get_runtime
 
     port = _port()
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
-    server_cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        backend,
-        "--artifacts-destination",
-        str(tmp_path / "artifacts"),
-        "--workers",
-        "1",
-    ]
+    server_cmd = mlflow_server_command(tmp_path, port)
     mlflow_server = _spawn(server_cmd)
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
