@@ -179,6 +179,15 @@ def make_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., store.
     _reset()
 
 
+@pytest.fixture(scope="module")
+def make_module_store() -> Iterator[Callable[..., store.Store]]:
+    """`make_module_store(home, **env)`: `make_store` for module-scoped fixtures (a store shared by a
+    module's tests); every server, cache and runtime is reset after the module."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield lambda home, **env: use_home(mp, home, **env)
+        _reset()
+
+
 @pytest.fixture
 def empty_home(tmp_path: Path) -> Callable[[str], Path]:
     """`empty_home(name)`: tmp_path/name holding an empty, migrated MLflow database (settings untouched)."""

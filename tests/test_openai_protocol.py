@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from flywheel.compile import compile_program
 from flywheel.gate import gate
 from flywheel.http.server import start_background, stop_background
 from flywheel.runtime import get_runtime
+from flywheel.store import Store
 
 ROWS = [
     {"country": "France", "capital": "Paris"},
@@ -60,26 +61,26 @@ def _lm_env(stub: OpenAIStub, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module", params=["auto", "litellm"])
 def served(
-    request: pytest.FixtureRequest, stub: OpenAIStub, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    stub: OpenAIStub,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_module_store: Callable[..., Store],
 ) -> Iterator[str]:
     """A store on the stub with the zoo registered, served by the background server."""
-    from conftest import _reset, use_home
-
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp(f"proto-{request.param}") / "home"
-        store = use_home(
-            mp, home, **_lm_env(stub, FLYWHEEL_LM_ENGINE=request.param, DEFAULT_MODEL_STAGE="None")
-        )
-        registry.register_program(zoo.capital_qa(), "capital", store=store)
-        registry.register_program(zoo.summarize_pipeline(), "pipeline", store=store)
-        registry.register_program(
-            zoo.capital_agent(), "agent", store=store, output_fields=["answer", "trajectory"]
-        )
-        registry.register_program(zoo.typed_facts(), "facts", store=store)
-        stub.reset()
-        yield start_background(port=0)
-        stop_background()
-        _reset()
+    # one store per engine; make_module_store resets everything after the module
+    home = tmp_path_factory.mktemp(f"proto-{request.param}") / "home"
+    store = make_module_store(
+        home, **_lm_env(stub, FLYWHEEL_LM_ENGINE=request.param, DEFAULT_MODEL_STAGE="None")
+    )
+    registry.register_program(zoo.capital_qa(), "capital", store=store)
+    registry.register_program(zoo.summarize_pipeline(), "pipeline", store=store)
+    registry.register_program(
+        zoo.capital_agent(), "agent", store=store, output_fields=["answer", "trajectory"]
+    )
+    registry.register_program(zoo.typed_facts(), "facts", store=store)
+    stub.reset()
+    yield start_background(port=0)
+    stop_background()
 
 
 def _post(url: str, model: str, inputs: dict) -> httpx.Response:
@@ -223,13 +224,13 @@ def _files_containing(root: Path, secrets: list[str]) -> list[tuple[str, str]]:
 
 
 def test_compile_gate_and_serving_against_the_stub_store_no_secret(
-    stub: OpenAIStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stub: OpenAIStub, tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
-    from conftest import _reset, use_home
+    from flywheel.runtime import reset_runtime
 
     password, header = "pa55w0rd-7f3a9c", "hdr-secret-5d21e8"
     api_base = f"http://stubuser:{password}@127.0.0.1:{stub.port}/v1"  # a gateway behind basic auth
-    store = use_home(monkeypatch, tmp_path / "home", **_lm_env(stub, FLYWHEEL_LM_API_BASE=api_base))
+    store = make_store(tmp_path / "home", **_lm_env(stub, FLYWHEEL_LM_API_BASE=api_base))
     stub.reset(basic=("stubuser", password))
     try:
         compiled = compile_program(
@@ -278,7 +279,7 @@ def test_compile_gate_and_serving_against_the_stub_store_no_secret(
         assert runtime.outbox.flush()
         runtime.close()
     finally:
-        _reset()
+        reset_runtime()  # closed: whatever it queued is written before the files are searched
     assert _files_containing(store.settings.flywheel_home, [KEY, password, header]) == []
 
 
@@ -297,20 +298,19 @@ def test_error_messages_lose_the_credentials_a_client_quotes() -> None:
 
 @pytest.mark.slow
 def test_flywheel_serve_workers_on_the_stub(
-    stub: OpenAIStub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stub: OpenAIStub, tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
     """`flywheel serve --workers 2` processes serve a forward-only program through the protocol."""
     import os
     import subprocess
     import sys
 
-    from conftest import _reset, use_home
     from processes import free_port as _port
     from processes import stop_group as _kill
     from processes import wait_until_up as _wait
 
     env = _lm_env(stub, DEFAULT_MODEL_STAGE="None")
-    store = use_home(monkeypatch, tmp_path / "home", **env)
+    store = make_store(tmp_path / "home", **env)
     registry.register_program(zoo.capital_qa(), "capital", store=store)
     port = _port()
     url = f"http://127.0.0.1:{port}"
@@ -350,4 +350,3 @@ def test_flywheel_serve_workers_on_the_stub(
     finally:
         _kill(proc)
         stub.reset()
-        _reset()

@@ -18,7 +18,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dspy
@@ -47,15 +47,13 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def zoo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    from conftest import _reset, use_home
-
-    with pytest.MonkeyPatch.context() as mp:
-        store = use_home(mp, tmp_path_factory.mktemp("zoo") / "home", DEFAULT_MODEL_STAGE="None")
-        for name, (build, kwargs) in MODELS.items():
-            registry.register_program(build(), name, store=store, **kwargs)
-        yield store
-        _reset()
+def zoo_store(
+    tmp_path_factory: pytest.TempPathFactory, make_module_store: Callable[..., Store]
+) -> Store:
+    store = make_module_store(tmp_path_factory.mktemp("zoo") / "home", DEFAULT_MODEL_STAGE="None")
+    for name, (build, kwargs) in MODELS.items():
+        registry.register_program(build(), name, store=store, **kwargs)
+    return store
 
 
 @pytest.fixture(scope="module")
@@ -339,14 +337,13 @@ flywheel.register_program(shop_programs.build(), "file-shop")
 
 @pytest.mark.slow
 def test_flywheel_serve_with_workers_serves_notebook_and_module_file_classes_from_elsewhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
-    from conftest import _reset, use_home
     from processes import free_port as _port
     from processes import stop_group as _kill
     from processes import wait_until_up as _wait
 
-    store = use_home(monkeypatch, tmp_path / "home", DEFAULT_MODEL_STAGE="None")
+    store = make_store(tmp_path / "home", DEFAULT_MODEL_STAGE="None")
     project = tmp_path / "project"
     project.mkdir()
     (project / "shop_programs.py").write_text(_USER_MODULE)
@@ -391,4 +388,3 @@ def test_flywheel_serve_with_workers_serves_notebook_and_module_file_classes_fro
             assert b.status_code == 200 and b.json()["result"] == {"aisle": "fruit"}, b.text
     finally:
         _kill(proc)
-        _reset()

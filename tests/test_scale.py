@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import _reset, use_home
 from pg import BIN, TrackingServer, deploy_command, free_port, spawn, stop, wait_healthy
 
 from flywheel.store import Store
@@ -70,7 +69,11 @@ def drained(client: httpx.Client) -> bool:
 
 
 @pytest.fixture(scope="module")
-def hosts(mlflow_on_postgres: TrackingServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+def hosts(
+    mlflow_on_postgres: TrackingServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    make_module_store: Callable[..., Store],
+) -> Iterator[Hosts]:
     from flywheel.demo.seed import seed_demo
 
     server = mlflow_on_postgres
@@ -79,27 +82,25 @@ def hosts(mlflow_on_postgres: TrackingServer, tmp_path_factory: pytest.TempPathF
     procs: dict[str, subprocess.Popen[bytes]] = {}
     clients: list[httpx.Client] = []
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            store = use_home(mp, home / "seed", MLFLOW_TRACKING_URI=server.url)
-            seed_demo(store, progress=lambda line: None)
-            for name in ("a", "b"):
-                port = free_port()
-                env, argv = deploy_command(
-                    "api-host",
-                    mlflow_host="127.0.0.1",
-                    mlflow_port=server.url.rsplit(":", 1)[1],
-                    flywheel_home=str(home / name),
-                    resolve_ttl=f"{TTL:g}",
-                    api_bind="127.0.0.1",
-                    api_port=str(port),
-                    api_workers="2",
-                )
-                procs[name] = spawn(argv, env, home / f"{name}.log")
-                clients.append(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
-            for name, client in zip(procs, clients, strict=True):
-                wait_healthy(str(client.base_url.join("/health")), timeout=180, proc=procs[name])
-            yield Hosts(clients[0], clients[1], procs, server, store, home)
-            _reset()
+        store = make_module_store(home / "seed", MLFLOW_TRACKING_URI=server.url)
+        seed_demo(store, progress=lambda line: None)
+        for name in ("a", "b"):
+            port = free_port()
+            env, argv = deploy_command(
+                "api-host",
+                mlflow_host="127.0.0.1",
+                mlflow_port=server.url.rsplit(":", 1)[1],
+                flywheel_home=str(home / name),
+                resolve_ttl=f"{TTL:g}",
+                api_bind="127.0.0.1",
+                api_port=str(port),
+                api_workers="2",
+            )
+            procs[name] = spawn(argv, env, home / f"{name}.log")
+            clients.append(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60))
+        for name, client in zip(procs, clients, strict=True):
+            wait_healthy(str(client.base_url.join("/health")), timeout=180, proc=procs[name])
+        yield Hosts(clients[0], clients[1], procs, server, store, home)
     finally:
         for client in clients:
             client.close()
