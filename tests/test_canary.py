@@ -1,0 +1,164 @@
+"""Canary and shadow traffic through the one serving path, on a real MLflow store with the offline LM."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from flywheel import audit, canary, export, registry, serving
+from flywheel.errors import InputError, ModelNotFound
+from flywheel.review import ReviewQueue
+from flywheel.runtime import Runtime, get_runtime
+from flywheel.store import Store
+from flywheel.tracing import SHADOW_OF_TAG, model_filter, shadow_filter
+
+MODEL = "joke-generator"  # the demo: v2 in Production, v1 the older one
+
+
+async def _many(runtime: Runtime, n: int, keys: list[str | None]) -> list[serving.Prediction]:
+    out: list[serving.Prediction] = []
+    for start in range(0, n, 200):  # concurrent requests share the outbox's group commits
+        batch = [
+            serving.apredict(runtime, MODEL, {"topic": f"cat {i}"}, routing_key=keys[i % len(keys)])
+            for i in range(start, min(n, start + 200))
+        ]
+        out += await asyncio.gather(*batch)
+    return out
+
+
+@pytest.fixture
+def canary_on(demo_store_rw: Store) -> Store:
+    registry.set_alias(MODEL, "canary", "1", demo_store_rw, actor="ann", reason="try v1 again")
+    canary.set_canary(demo_store_rw, MODEL, "canary", 0.10, actor="ann", reason="10% canary")
+    yield demo_store_rw
+    canary.set_canary(demo_store_rw, MODEL, None, 0.0, actor="ann", reason="end")
+
+
+def test_a_ten_percent_canary_gets_seven_to_thirteen_percent(canary_on: Store) -> None:
+    runtime = get_runtime()
+    answers = asyncio.run(_many(runtime, 2000, [None]))
+    on_canary = [a for a in answers if a.route == canary.CANARY]
+    share = len(on_canary) / len(answers)
+    assert 0.07 <= share <= 0.13, share
+    # the response says which version answered, and the route agrees with it
+    assert {a.model_version for a in on_canary} == {"1"}
+    assert {a.model_version for a in answers if a.route == canary.STABLE} == {"2"}
+    assert runtime.outbox.flush()
+    info = runtime.store.tracking.get_trace_info(on_canary[0].trace_id)
+    assert info.tags["flywheel.route"] == "canary" and info.tags["flywheel.model_version"] == "1"
+
+
+def test_the_same_key_always_gets_the_same_version(canary_on: Store) -> None:
+    runtime = get_runtime()
+    keys: list[str | None] = [f"user-{i}" for i in range(200)]
+    first = asyncio.run(_many(runtime, 400, keys))  # each key twice
+    by_key: dict[str, set[str]] = {}
+    for i, answer in enumerate(first):
+        by_key.setdefault(str(keys[i % len(keys)]), set()).add(answer.model_version)
+    assert all(len(v) == 1 for v in by_key.values()), "a key was served by two versions"
+    assert {next(iter(v)) for v in by_key.values()} == {"1", "2"}  # both sides have keys
+    # and the side follows the key's fixed point, not the order of requests
+    for key, versions in by_key.items():
+        expected = "1" if canary.key_point(MODEL, key) < 0.10 else "2"
+        assert versions == {expected}
+
+
+def test_an_explicit_reference_bypasses_the_canary(canary_on: Store) -> None:
+    runtime = get_runtime()
+    plan = runtime.traffic.get(MODEL)
+    assert plan.canary_ref == "canary" and plan.share == 0.10
+    # keys that the canary would take: an explicit reference is still served as asked
+    canary_keys = [k for k in (f"k{i}" for i in range(500)) if canary.key_point(MODEL, k) < 0.10][:20]
+    assert canary_keys
+    for key in canary_keys:
+        for ref, version in (("Production", "2"), ("2", "2"), ("champion", "2")):
+            answer = runtime.predict(MODEL, {"topic": "dog"}, ref, routing_key=key)
+            assert (answer.model_version, answer.route) == (version, canary.EXPLICIT)
+        assert runtime.predict(MODEL, {"topic": "dog"}, routing_key=key).model_version == "1"
+
+
+def test_a_canary_change_is_audited_and_bad_plans_are_refused(canary_on: Store) -> None:
+    entries = audit.timeline(canary_on, MODEL)
+    change = next(e for e in entries if e.action == "canary")
+    assert change.actor == "ann" and change.reason == "10% canary"
+    assert change.evidence["share"] == 0.10 and change.evidence["resolves_to"] == "1"
+    alias = next(e for e in entries if e.action == "alias")
+    assert alias.version == "1" and alias.evidence["alias"] == "canary"
+    assert canary_on.client.get_run(change.run_id).data.tags["flywheel.audit.action"] == "canary"
+    with pytest.raises(InputError):
+        canary.set_canary(canary_on, MODEL, "canary", 1.5)
+    with pytest.raises(ModelNotFound):
+        canary.set_canary(canary_on, MODEL, "no-such-alias", 0.5)
+    assert canary.plan_of(canary_on, MODEL).share == 0.10  # a refused change changes nothing
+
+
+def test_a_mangled_plan_tag_means_no_canary() -> None:
+    assert canary.TrafficPlan.from_tags({canary.CANARY_TAG: "{not json"}).share == 0.0
+    assert canary.TrafficPlan.from_tags({canary.CANARY_TAG: '{"ref": "c", "share": "nan"}'}).share == 0.0
+    assert canary.TrafficPlan.from_tags({canary.CANARY_TAG: '{"ref": "c", "share": 0.2}'}).share == 0.2
+    assert canary.choose(canary.TrafficPlan("c", 0.0), MODEL, "k") == canary.STABLE
+
+
+def test_shadow_traces_are_linked_tagged_and_absent_from_export_queue_and_figures(
+    demo_store_rw: Store,
+) -> None:
+    store = demo_store_rw
+    canary.set_shadow(store, MODEL, "1", actor="bo", reason="compare v1 on live inputs")
+    runtime = get_runtime()
+    try:
+        answers = [runtime.predict(MODEL, {"topic": f"shadow {i}"}) for i in range(5)]
+    finally:
+        canary.set_shadow(store, MODEL, None, actor="bo", reason="done")
+    assert all(a.model_version == "2" for a in answers)  # the shadow's answer is never returned
+    assert runtime.outbox.flush()
+    shadows, _ = store.tracking.search_traces(
+        locations=[store.experiment_id], filter_string=shadow_filter(MODEL), max_results=100
+    )
+    linked = {s.tags[SHADOW_OF_TAG]: s for s in shadows}
+    assert set(linked) >= {a.trace_id for a in answers}
+    one = linked[answers[0].trace_id]
+    assert one.tags["flywheel.route"] == "shadow" and one.tags["flywheel.model_version"] == "1"
+    shadow_ids = {s.trace_id for s in shadows}
+    # rate a shadow and its Production trace: only the Production one is exported
+    for trace_id in (one.trace_id, answers[0].trace_id):
+        runtime.submit_feedback(trace_id, "thumbs_up", user_id="bo")
+    assert runtime.outbox.flush()
+    rows = export.export_rows(runtime, MODEL, rating="any")
+    exported = {r["trace_id"] for r in rows}
+    assert answers[0].trace_id in exported and not exported & shadow_ids
+    # the review queue and the live figures read the model's traces by the same filter
+    all_model, _ = store.tracking.search_traces(
+        locations=[store.experiment_id], filter_string=model_filter(MODEL), max_results=5000
+    )
+    assert not {i.trace_id for i in all_model} & shadow_ids
+    queue = ReviewQueue(runtime, MODEL, reviewer="cy")
+    try:
+        # every item the queue can ever show (its candidate pages), and the first few it shows
+        candidates = {i.trace_id for page in queue._pages(rated=False, cap=100_000) for i in page}
+        assert {a.trace_id for a in answers[1:]} <= candidates and not candidates & shadow_ids
+        item = queue.next()
+        for _ in range(5):
+            assert item is not None and item.trace_id not in shadow_ids
+            item = queue.skip()
+    finally:
+        queue.close()
+    figures = canary.live_figures(store, MODEL)
+    assert sum(f.requests for f in figures.values()) == len(all_model)
+
+
+def test_live_figures_count_errors_latency_and_ratings(demo_store_rw: Store) -> None:
+    runtime = get_runtime()
+    answers = [runtime.predict("support-router", {"ticket": f"refund {i}"}) for i in range(6)]
+    for answer, rating in zip(answers, ["thumbs_up"] * 4 + ["thumbs_down"] * 2, strict=True):
+        runtime.submit_feedback(answer.trace_id, rating, user_id="dee")
+    assert runtime.outbox.flush()
+    figures = canary.live_figures(demo_store_rw, "support-router")
+    version = answers[0].model_version
+    mine = figures[version]
+    assert mine.requests >= 6 and mine.thumbs_up >= 4 and mine.thumbs_down >= 2
+    assert mine.p50_ms is not None and mine.p99_ms is not None and mine.p50_ms <= mine.p99_ms
+    low, high = mine.up_interval()
+    assert 0 <= low < mine.up_rate < high <= 1
+    report = canary.live_report(runtime, "support-router")
+    assert any(v["version"] == version and v["thumbs_up_interval"] for v in report["versions"])
