@@ -75,8 +75,7 @@ class Prediction:
             "trace_id": self.trace_id,
             "model_version": self.model_version,
             "latency_ms": self.latency_ms,
-            "route": self.route,
-        }
+        }  # the SPEC's shape; the API sends `route` as the X-Flywheel-Route header
 
 
 class CallRecorder(BaseCallback, UsageTracker):

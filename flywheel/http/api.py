@@ -68,10 +68,6 @@ class PredictResponse(BaseModel):
     trace_id: str
     model_version: str
     latency_ms: float
-    route: Literal["stable", "canary", "explicit"] = Field(
-        description="`explicit`: the request named a version, stage or alias; `canary`: the model's "
-        "canary share took it; `stable`: the default stage answered"
-    )
 
 
 class Audited(_Checked):
@@ -315,7 +311,17 @@ router = APIRouter()
     response_model=PredictResponse,
     dependencies=[_key_check("predict")],
     responses={
-        200: {"description": "answered; its trace is committed to this host's outbox"},
+        200: {
+            "description": "answered; its trace is committed to this host's outbox. `model_version` is "
+            "the version that answered; the header says why",
+            "headers": {
+                "X-Flywheel-Route": {
+                    "description": "`explicit`: the request named a version, stage or alias; `canary`: "
+                    "the model's canary share took it; `stable`: the default stage answered",
+                    "schema": {"type": "string", "enum": ["stable", "canary", "explicit"]},
+                }
+            },
+        },
         **_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
     },
 )
@@ -334,7 +340,8 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
         raise
     runtime.counters.record(body.model, (time.perf_counter() - started) * 1000, error=False)
     # already the PredictResponse shape: skip a second validation pass on the hot path
-    return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
+    headers = {"X-Flywheel-Route": prediction.route}
+    return JSONResponse(prediction.to_dict(), headers=headers)  # type: ignore[return-value]
 
 
 @router.post(
