@@ -197,13 +197,13 @@ class LiveFigures:
         return self.thumbs_down / self.rated if self.rated else None
 
     def up_interval(self, alpha: float = 0.05) -> tuple[float, float] | None:
-        """Wilson interval of the thumbs-up rate (statsmodels), None without ratings."""
+        """Wilson interval of the thumbs-up rate (scipy), None without ratings."""
         if not self.rated:
             return None
-        from statsmodels.stats.proportion import proportion_confint
+        from scipy.stats import binomtest
 
-        low, high = proportion_confint(self.thumbs_up, self.rated, alpha=alpha, method="wilson")
-        return float(low), float(high)
+        ci = binomtest(self.thumbs_up, self.rated).proportion_ci(1 - alpha, method="wilson")
+        return float(ci.low), float(ci.high)
 
     def to_dict(self) -> dict[str, Any]:
         interval = self.up_interval()

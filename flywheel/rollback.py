@@ -12,8 +12,9 @@ the judged version, nothing is done.
 
 The watcher compares the new Production's live error rate and thumbs-down rate (its
 traffic since the promotion) with the previous version's (its traffic in
-WATCH_BASELINE_WINDOW before the promotion) using statsmodels' two-proportion test
-against WATCH_MARGIN. Too little traffic, or figures it cannot read, is
+WATCH_BASELINE_WINDOW before the promotion): it rolls back when the lower bound of a
+one-sided (1 - WATCH_ALPHA) bootstrap interval of the difference (scipy) is above
+WATCH_MARGIN. Too little traffic, or figures it cannot read, is
 `inconclusive`: it never acts on zeros.
 """
 
@@ -109,19 +110,31 @@ class Verdict:
         }
 
 
-def worse_beyond(new: tuple[int, int], old: tuple[int, int], margin: float) -> float:
-    """One-sided p-value that the new rate (count, n) exceeds the old one by more than `margin`.
+def worse_beyond(new: tuple[int, int], old: tuple[int, int], alpha: float, seed: int = 0) -> float:
+    """The lower bound of a one-sided (1 - alpha) interval of new rate - old rate ((count, n) each).
 
-    statsmodels' score test for two independent proportions against a difference of `margin`;
-    NaN (a degenerate table: all or none on both sides) counts as not shown.
+    `scipy.stats.bootstrap` over the two independent 0/1 samples (percentile method: it stays
+    defined when a side has no events at all), seeded so a verdict can be reproduced. The new
+    version is shown worse beyond a margin when this bound exceeds it.
     """
-    from statsmodels.stats.proportion import test_proportions_2indep
+    import numpy as np
+    from scipy.stats import bootstrap
 
-    result = test_proportions_2indep(
-        new[0], new[1], old[0], old[1], value=margin, compare="diff", alternative="larger", method="score"
+    def sample(count: int, n: int) -> Any:
+        return np.r_[np.ones(count), np.zeros(n - count)]
+
+    result = bootstrap(
+        (sample(*new), sample(*old)),
+        lambda a, b, axis: a.mean(axis=axis) - b.mean(axis=axis),
+        confidence_level=1 - alpha,
+        alternative="greater",
+        method="percentile",
+        n_resamples=5000,
+        vectorized=True,
+        random_state=seed,
     )
-    p = float(result.pvalue)
-    return p if math.isfinite(p) else 1.0
+    low = float(result.confidence_interval.low)
+    return low if math.isfinite(low) else -1.0
 
 
 def judge(new: LiveFigures | None, old: LiveFigures | None, settings: Any) -> tuple[str, str, dict[str, Any]]:
@@ -146,10 +159,13 @@ def judge(new: LiveFigures | None, old: LiveFigures | None, settings: Any) -> tu
         checks.append(("thumbs-down rate", (new.thumbs_down, new.rated), (old.thumbs_down, old.rated)))
     worse = []
     for name, a, b in checks:
-        p = worse_beyond(a, b, settings.watch_margin)
-        evidence[f"{name} p-value"] = p
-        if p < settings.watch_alpha:
-            worse.append(f"{name} {a[0] / a[1]:.1%} vs {b[0] / b[1]:.1%} (p={p:.2g})")
+        low = worse_beyond(a, b, settings.watch_alpha)
+        evidence[f"{name} difference lower bound"] = round(low, 4)
+        if low > settings.watch_margin:
+            worse.append(
+                f"{name} {a[0] / a[1]:.1%} vs {b[0] / b[1]:.1%} (worse by at least {low:.1%} "
+                f"at {1 - settings.watch_alpha:.0%} confidence)"
+            )
     if worse:
         return ROLLBACK, "worse than the previous version beyond the margin: " + "; ".join(worse), evidence
     if not enough_ratings:
