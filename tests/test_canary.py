@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -162,3 +163,74 @@ def test_live_figures_count_errors_latency_and_ratings(demo_store_rw: Store) -> 
     assert 0 <= low < mine.up_rate < high <= 1
     report = canary.live_report(runtime, "support-router")
     assert any(v["version"] == version and v["thumbs_up_interval"] for v in report["versions"])
+
+
+def test_the_api_sets_the_plan_routes_by_key_and_reports_live_figures(demo_store_rw: Store) -> None:
+    import httpx
+
+    from flywheel.http.server import start_background, stop_background
+
+    url = start_background(port=0)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            path = f"/models/{MODEL}/canary"
+            assert http.put(path, json={"ref": "canary", "share": 2}).status_code == 422
+            assert http.put(path, json={"ref": "nope", "share": 0.5}).status_code == 404
+            assert http.put("/models/nope/canary", json={"ref": "1", "share": 0.5}).status_code == 404
+            plan = http.put(path, json={"ref": "1", "share": 0.5, "actor": "eve", "reason": "half"})
+            assert plan.status_code == 200 and plan.json()["plan"]["share"] == 0.5
+            key = next(k for k in (f"u{i}" for i in range(100)) if canary.key_point(MODEL, k) < 0.5)
+            body = {"model": MODEL, "inputs": {"topic": "cat"}, "user_id": key}
+            answers = [http.post("/predict", json=body) for _ in range(5)]
+            assert {(a.json()["model_version"], a.headers["x-flywheel-route"]) for a in answers} == {
+                ("1", "canary")
+            }
+            pinned = http.post("/predict", json={**body, "version": "2"})
+            assert (pinned.json()["model_version"], pinned.headers["x-flywheel-route"]) == ("2", "explicit")
+            assert set(pinned.json()) == {"result", "trace_id", "model_version", "latency_ms"}  # the SPEC's
+            live = http.get(f"/models/{MODEL}/live").json()
+            assert live["plan"] == {"canary": "1", "share": 0.5, "shadow": None}
+            assert any(v["version"] == "1" and v["requests"] >= 5 for v in live["versions"])
+            assert http.get("/models/nope/live").status_code == 404
+            assert http.get(f"/models/{MODEL}/live", params={"since_ms": -1}).status_code == 422
+            trail = http.get(f"/models/{MODEL}/audit", params={"limit": 1}).json()["entries"]
+            assert trail[0]["action"] == "canary" and trail[0]["actor"] == "eve"
+            assert http.put(path, json={"ref": None, "share": 0}).json()["plan"]["canary"] is None
+            # shadow on, then a pairwise preference on the answered and the shadow trace
+            assert http.put(f"/models/{MODEL}/shadow", json={"ref": "1"}).status_code == 200
+            answered = http.post("/predict", json={"model": MODEL, "inputs": {"topic": "owls"}}).json()
+            runtime = get_runtime()
+            assert runtime.outbox.flush()
+            shadow_id = None
+            for _ in range(50):  # the shadow runs after the answer
+                found, _ = runtime.store.tracking.search_traces(
+                    locations=[runtime.store.experiment_id],
+                    filter_string=shadow_filter(MODEL, answered["trace_id"]),
+                    max_results=5,
+                )
+                if found:
+                    shadow_id = found[0].trace_id
+                    break
+                runtime.outbox.flush()
+                import time
+
+                time.sleep(0.2)
+            assert shadow_id is not None
+            http.put(f"/models/{MODEL}/shadow", json={"ref": None})
+            pair = {"trace_a": answered["trace_id"], "trace_b": shadow_id, "preferred": "B", "user_id": "fay"}
+            assert http.post("/feedback/preference", json=pair).status_code == 200
+            same = {**pair, "trace_b": answered["trace_id"]}
+            assert http.post("/feedback/preference", json=same).status_code == 422
+            unknown = {**pair, "trace_b": "tr-" + "0" * 32}
+            assert http.post("/feedback/preference", json=unknown).status_code == 404
+            assert http.post("/feedback/preference", json={**pair, "preferred": "C"}).status_code == 422
+    finally:
+        stop_background()
+    assert runtime.outbox.flush()
+    for trace_id, side, won in ((answered["trace_id"], "A", False), (shadow_id, "B", True)):
+        info = runtime.store.tracking.get_trace_info(trace_id)
+        pref = [a for a in info.assessments if a.name == "pairwise_preference"]
+        assert len(pref) == 1
+        value = pref[0].value if isinstance(pref[0].value, dict) else json.loads(pref[0].value)
+        assert value["side"] == side and value["won"] is won and value["preferred"] == "B"
+        assert not [a for a in info.assessments if a.name == "user_rating"]  # no rating written

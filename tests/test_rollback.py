@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,3 +204,41 @@ def test_cli_rollback_and_audit(store: Store) -> None:
         [*cmd, "audit", MODEL, "--limit", "5"], env=env, capture_output=True, text=True, timeout=120
     )
     assert shown.returncode == 0 and "rollback" in shown.stdout and "cli-user: bad jokes" in shown.stdout
+
+
+def test_api_rollback_needs_the_admin_key_and_happens_once(
+    tmp_path: Path, make_store: Callable[..., Store]
+) -> None:
+    import httpx
+
+    from flywheel.http.server import start_background, stop_background
+
+    own = make_store(tmp_path / "home", FLYWHEEL_ADMIN_KEY="a-key")
+    for answer in ("old", "new"):
+        registry.register_program(_program(answer), MODEL, store=own)
+    registry.promote(MODEL, "1", "Production", own)
+    registry.promote(MODEL, "2", "Production", own)
+    url = start_background(port=0)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            path = f"/models/{MODEL}/rollback"
+            assert http.post(path).status_code == 401
+            assert http.post(path, headers={"X-API-Key": "wrong"}).status_code == 403
+            admin = {"X-API-Key": "a-key"}
+            stale = http.post(path, json={"expected_version": "1"}, headers=admin)
+            assert stale.status_code == 409 and "not 1" in stale.json()["detail"]
+            assert http.post(path, json={"bogus": 1}, headers=admin).status_code == 422
+            assert http.post("/models/nope/rollback", headers=admin).status_code == 404
+            done = http.post(path, json={"expected_version": "2", "reason": "p99 doubled"}, headers=admin)
+            assert done.status_code == 200, done.text
+            assert (
+                done.json()["version"]["version"] == "1" and done.json()["version"]["stage"] == "Production"
+            )
+            again = http.post(path, json={"expected_version": "2"}, headers=admin)
+            assert again.status_code == 409
+            trail = http.get(f"/models/{MODEL}/audit").json()["entries"]
+            assert trail[0]["action"] == "rollback" and trail[0]["reason"] == "p99 doubled"
+            assert trail[0]["actor"] == "api" and trail[0]["evidence"]["rolled_back"] == "2"
+    finally:
+        stop_background()
+    assert registry.resolve(MODEL, "Production", own).version == "1"
