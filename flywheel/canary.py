@@ -291,3 +291,64 @@ def live_report(runtime: Runtime, model: str, since_ms: int | None = None) -> di
     plan = plan_of(runtime.store, model)
     ordered = sorted(figures.values(), key=lambda f: int(f.version) if f.version.isdigit() else 0)
     return {"model": model, "plan": plan.to_dict(), "versions": [f.to_dict() for f in ordered]}
+
+
+# --- pairs for the A/B review of a shadow ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShadowPair:
+    """A = the answer served (Production), B = the shadow's answer on the same inputs."""
+
+    inputs: dict[str, Any]
+    a_trace: str
+    a_version: str
+    a_outputs: dict[str, Any]
+    b_trace: str
+    b_version: str
+    b_outputs: dict[str, Any]
+
+
+def shadow_pairs(
+    runtime: Runtime, model: str, reviewer: str | None = None, limit: int = 20
+) -> list[ShadowPair]:
+    """Shadow traces (oldest first) with their answered trace, that `reviewer` has not compared yet.
+
+    Failed shadow runs are left out (there is no answer to prefer); so is a pair whose answered
+    trace is not in MLflow (yet).
+    """
+    from flywheel.feedback import PREFERENCE
+    from flywheel.tracing import served_call, shadow_filter
+
+    runtime.outbox.deliver_available(max_batches=20)
+    tracking = runtime.store.tracking
+    infos, _ = tracking.search_traces(
+        locations=[runtime.store.experiment_id],
+        filter_string=f"{shadow_filter(model)} AND trace.status = 'OK'",
+        max_results=500,
+        order_by=["timestamp_ms ASC"],
+    )
+    pairs = []
+    for info in infos:
+        done = [
+            a
+            for a in info.assessments or []
+            if a.name == PREFERENCE
+            and a.valid is not False
+            and (reviewer is None or (a.source is not None and a.source.source_id == reviewer))
+        ]
+        if done:
+            continue
+        try:
+            answered = tracking.get_trace_info(info.tags["flywheel.shadow_of"])
+        except Exception:
+            continue
+        a, b = served_call(answered), served_call(info)
+        if a is None or b is None:
+            continue
+        pairs.append(
+            ShadowPair(b.inputs, answered.trace_id, a.version, a.outputs, info.trace_id, b.version, b.outputs)
+        )
+        if len(pairs) >= limit:
+            break
+    return pairs

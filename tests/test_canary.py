@@ -234,3 +234,35 @@ def test_the_api_sets_the_plan_routes_by_key_and_reports_live_figures(demo_store
         value = pref[0].value if isinstance(pref[0].value, dict) else json.loads(pref[0].value)
         assert value["side"] == side and value["won"] is won and value["preferred"] == "B"
         assert not [a for a in info.assessments if a.name == "user_rating"]  # no rating written
+
+
+def test_the_pairwise_panel_records_a_preference_on_both_traces(demo_store_rw: Store) -> None:
+    from flywheel.ui.widgets import pairwise_panel
+
+    runtime = get_runtime()
+    canary.set_shadow(demo_store_rw, MODEL, "1", actor="gus")
+    try:
+        served = [runtime.predict(MODEL, {"topic": t}) for t in ("ants", "bees")]
+    finally:
+        canary.set_shadow(demo_store_rw, MODEL, None, actor="gus")
+    assert runtime.outbox.flush()
+    pairs = canary.shadow_pairs(runtime, MODEL, "gus", limit=100)
+    assert {p.a_trace for p in pairs} >= {s.trace_id for s in served}
+    assert all(p.a_version == "2" and p.b_version == "1" for p in pairs)
+    panel = pairwise_panel(MODEL, "gus", runtime=runtime)
+    compared = []
+    while panel.current is not None and len(compared) < 100:
+        pair = panel.current
+        assert pair.a_trace in panel.card.value and pair.b_trace in panel.card.value
+        panel.buttons["fw-prefer-b"].click()  # the handler the button (and key B) runs
+        compared.append(pair)
+    assert len(compared) == len(pairs) and "No shadow answers waiting" in panel.card.value
+    assert runtime.outbox.flush()
+    for pair in compared[:2]:
+        for trace_id, won in ((pair.a_trace, False), (pair.b_trace, True)):
+            info = runtime.store.tracking.get_trace_info(trace_id)
+            (pref,) = [a for a in info.assessments if a.name == "pairwise_preference"]
+            value = pref.value if isinstance(pref.value, dict) else json.loads(pref.value)
+            assert value["won"] is won and pref.source.source_id == "gus"
+    assert canary.shadow_pairs(runtime, MODEL, "gus") == []  # nothing twice for the same reviewer
+    assert canary.shadow_pairs(runtime, MODEL, "hal")  # another reviewer still has them
