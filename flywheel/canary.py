@@ -87,21 +87,38 @@ def choose(plan: TrafficPlan, model: str, key: str | None) -> str:
 
 
 class TrafficPlans:
-    """A runtime's view of every model's plan: one registry read per model per resolve TTL."""
+    """A runtime's view of every model's plan: one registry read per model per resolve TTL.
+
+    Stale-while-revalidate: once a model's plan has been read, a request never waits for
+    the registry again (an outage would otherwise stall every request for MLflow's timeout);
+    a stale plan is served while one background read refreshes it. A change made in this
+    process (`registry.generation`) is read at once, and the very first read of a model
+    waits for it (`apredict` runs that in a thread, off the event loop).
+    """
 
     def __init__(self, store: Store, ttl: float) -> None:
         self.store = store
         self.ttl = ttl
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, int, TrafficPlan]] = {}
+        self._refreshing: set[str] = set()
+
+    def peek(self, model: str) -> TrafficPlan | None:
+        """The plan without waiting: fresh or stale (refreshed in the background); None when this
+        runtime never read it or this process changed it since (call `get`, in a thread)."""
+        with self._lock:
+            seen = self._seen.get(model)
+        if seen is None or seen[1] != registry.generation(self.store, model):
+            return None
+        if time.monotonic() - seen[0] >= self.ttl:
+            self._refresh_in_background(model)
+        return seen[2]
 
     def get(self, model: str) -> TrafficPlan:
-        """The plan, or the last one read when the registry does not answer (none if never read)."""
+        """The plan, read now (the last one read when the registry does not answer; none if never)."""
         generation = registry.generation(self.store, model)
         with self._lock:
             seen = self._seen.get(model)
-        if seen is not None and seen[1] == generation and time.monotonic() - seen[0] < self.ttl:
-            return seen[2]
         try:
             plan = TrafficPlan.from_tags(registry.model_tags(model, self.store))
         except Exception as exc:  # unknown model (serving says so) or MLflow down: no routing
@@ -110,6 +127,21 @@ class TrafficPlans:
         with self._lock:
             self._seen[model] = (time.monotonic(), generation, plan)
         return plan
+
+    def _refresh_in_background(self, model: str) -> None:
+        with self._lock:
+            if model in self._refreshing:
+                return
+            self._refreshing.add(model)
+
+        def refresh() -> None:
+            try:
+                self.get(model)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(model)
+
+        threading.Thread(target=refresh, name="flywheel-traffic-plan", daemon=True).start()
 
 
 def _actor_reason(actor: str | None, reason: str) -> dict[str, Any]:

@@ -182,7 +182,7 @@ async def apredict(
     route = canary.EXPLICIT
     plan = None
     if ref is None:
-        plan = runtime.traffic.get(model)
+        plan = runtime.traffic.peek(model) or await asyncio.to_thread(runtime.traffic.get, model)
         route = canary.choose(plan, model, routing_key)
     if route == canary.CANARY and plan is not None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -212,7 +213,6 @@ def test_the_api_sets_the_plan_routes_by_key_and_reports_live_figures(demo_store
                     shadow_id = found[0].trace_id
                     break
                 runtime.outbox.flush()
-                import time
 
                 time.sleep(0.2)
             assert shadow_id is not None
@@ -266,3 +266,23 @@ def test_the_pairwise_panel_records_a_preference_on_both_traces(demo_store_rw: S
             assert value["won"] is won and pref.source.source_id == "gus"
     assert canary.shadow_pairs(runtime, MODEL, "gus") == []  # nothing twice for the same reviewer
     assert canary.shadow_pairs(runtime, MODEL, "hal")  # another reviewer still has them
+
+
+def test_a_plan_is_read_once_per_ttl_and_a_local_change_at_once(demo_store_rw: Store) -> None:
+    plans = canary.TrafficPlans(demo_store_rw, ttl=3600)
+    assert plans.peek(MODEL) is None  # never read: the caller reads it (in a thread)
+    assert plans.get(MODEL).share == 0.0 and plans.peek(MODEL) == canary.TrafficPlan()
+    canary.set_canary(demo_store_rw, MODEL, "1", 0.3)
+    try:
+        assert plans.peek(MODEL) is None  # changed in this process: not served stale
+        assert plans.get(MODEL).share == 0.3
+        # a stale plan is served at once and refreshed behind the request
+        stale = canary.TrafficPlans(demo_store_rw, ttl=0)
+        stale._seen[MODEL] = (0.0, registry.generation(demo_store_rw, MODEL), canary.TrafficPlan())
+        assert stale.peek(MODEL) == canary.TrafficPlan()
+        deadline = time.monotonic() + 10
+        while stale._seen[MODEL][2].share != 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stale._seen[MODEL][2].share == 0.3
+    finally:
+        canary.set_canary(demo_store_rw, MODEL, None, 0)

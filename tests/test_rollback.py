@@ -242,3 +242,27 @@ def test_api_rollback_needs_the_admin_key_and_happens_once(
     finally:
         stop_background()
     assert registry.resolve(MODEL, "Production", own).version == "1"
+
+
+def test_watchers_in_two_serving_runtimes_roll_back_once_by_themselves(store: Store) -> None:
+    promoted_at = int(_promote_fresh(store))
+    _traffic(store, "1", 150, 3, promoted_at - 10_000)
+    _traffic(store, "2", 150, 75, promoted_at + 1)
+    before = sum(e.action == "rollback" for e in audit.timeline(store, MODEL))
+    watching = _settings_store(_watching(store), watch_enabled=True, watch_interval=0.2)
+    hosts = [
+        Runtime(store=Store(store.tracking_uri, store.experiment_id, watching.settings)).start()
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while registry.resolve(MODEL, "Production", store).version != "1" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # both kept looking after the rollback
+    finally:
+        for runtime in hosts:
+            runtime.close()
+    assert registry.resolve(MODEL, "Production", store).version == "1"
+    assert sum(e.action == "rollback" for e in audit.timeline(store, MODEL)) == before + 1
+    verdicts = [r._watcher.last[MODEL] for r in hosts]  # the watcher records its last verdict
+    assert all(v.judged == "1" and v.decision == rollback.KEEP for v in verdicts), verdicts
