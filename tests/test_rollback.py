@@ -211,6 +211,7 @@ def test_api_rollback_needs_the_admin_key_and_happens_once(
 ) -> None:
     import httpx
 
+    from flywheel.http.client import APIError, Client
     from flywheel.http.server import start_background, stop_background
 
     own = make_store(tmp_path / "home", FLYWHEEL_ADMIN_KEY="a-key")
@@ -239,6 +240,14 @@ def test_api_rollback_needs_the_admin_key_and_happens_once(
             trail = http.get(f"/models/{MODEL}/audit").json()["entries"]
             assert trail[0]["action"] == "rollback" and trail[0]["reason"] == "p99 doubled"
             assert trail[0]["actor"] == "api" and trail[0]["evidence"]["rolled_back"] == "2"
+        # the Python client: promote again, roll back with it, read the trail
+        registry.promote(MODEL, "2", "Production", own)
+        with Client(url, api_key="a-key") as client:
+            assert client.rollback(MODEL, expected_version="2", reason="again")["version"]["version"] == "1"
+            with pytest.raises(APIError) as refused:
+                client.rollback(MODEL, expected_version="2")
+            assert refused.value.status_code == 409
+            assert client.audit(MODEL, limit=1)[0]["actor"] == "client"
     finally:
         stop_background()
     assert registry.resolve(MODEL, "Production", own).version == "1"
