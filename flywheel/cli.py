@@ -55,7 +55,7 @@ def _models(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from flywheel import registry
 
-    info = registry.promote(args.name, args.version, args.stage)
+    info = registry.promote(args.name, args.version, args.stage, actor=_actor(args), reason=args.reason or "")
     print(f"{info.name} version {info.version} -> {info.stage} (aliases: {', '.join(info.aliases)})")
     return 0
 
@@ -63,7 +63,9 @@ def _promote(args: argparse.Namespace) -> int:
 def _alias(args: argparse.Namespace) -> int:
     from flywheel import registry
 
-    info = registry.set_alias(args.name, args.alias, args.version)
+    info = registry.set_alias(
+        args.name, args.alias, args.version, actor=_actor(args), reason=args.reason or ""
+    )
     print(f"{info.name} version {info.version} aliases: {', '.join(info.aliases)}")
     return 0
 
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("stage")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
     p.set_defaults(handler=_promote)
     p = sub.add_parser("serve", help="run the HTTP API in the foreground (API_HOST/API_PORT/API_WORKERS)")
     p.add_argument("--host", default=None)
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("alias")
     p.add_argument("version")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
     p.set_defaults(handler=_alias)
     p = sub.add_parser(
         "rollback", help="put the version the current Production replaced back into Production"

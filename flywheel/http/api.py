@@ -447,7 +447,9 @@ async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
     responses=_errors(400, 401, 403, 404, 413, 422, 503),
 )
 async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
-    info = await run_in_threadpool(runtime.promote, name, body.version, body.stage)
+    info = await run_in_threadpool(
+        partial(registry.promote, name, body.version, body.stage, runtime.store, actor="api")
+    )
     return {"status": "success", "model": name, "version": info.to_dict()}
 
 
