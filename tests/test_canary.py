@@ -42,6 +42,7 @@ def test_a_ten_percent_canary_gets_seven_to_thirteen_percent(canary_on: Store) -
     answers = asyncio.run(_many(runtime, 2000, [None]))
     on_canary = [a for a in answers if a.route == canary.CANARY]
     share = len(on_canary) / len(answers)
+    print(f"canary share: {len(on_canary)} of {len(answers)} = {share:.3f}")
     assert 0.07 <= share <= 0.13, share
     # the response says which version answered, and the route agrees with it
     assert {a.model_version for a in on_canary} == {"1"}

@@ -182,6 +182,7 @@ def test_a_promotion_rolled_back_is_never_rolled_back_twice(store: Store) -> Non
     assert registry.resolve(MODEL, "Production", store).version == "1"
 
 
+@pytest.mark.slow  # three fresh interpreters importing MLflow: ~30 s on 2 cores
 def test_cli_rollback_and_audit(store: Store) -> None:
     _promote_fresh(store)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
