@@ -8,6 +8,7 @@ over docs/screenshots/).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -161,7 +162,7 @@ def test_voila_command_and_launch(voila: Launched) -> None:
 
     cmd = voila_command(Path("dashboards"), 1234)
     assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
-    assert set(voila.urls) == {"rating.ipynb", "models.ipynb"}
+    assert set(voila.urls) == {"rating.ipynb", "models.ipynb", "pairwise.ipynb"}
     env = kernel_env()  # the kernels run in dashboards/: they get the resolved settings
     assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert load_settings(env, env_file=None) == get_settings()
@@ -348,6 +349,42 @@ def test_rollback_button_and_audit_timeline_on_the_models_dashboard(
     assert sum(e.action == "rollback" for e in audit.timeline(rt.store, JOKES)) == 1
     page.close()
     other.close()
+
+
+def test_pairwise_review_with_keys_a_and_b(voila: Launched, browser: Any, review_store: Any) -> None:
+    from flywheel import canary
+
+    rt, _ = review_store
+    canary.set_shadow(rt.store, JOKES, "1", actor="test")
+    try:
+        served = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in ("owls", "kites")]
+    finally:
+        canary.set_shadow(rt.store, JOKES, None, actor="test")
+    assert rt.outbox.flush(timeout=30)
+    page = open_page(browser, f"{voila.urls['pairwise.ipynb']}?model={JOKES}&reviewer=ivy")
+    page.wait_for_selector(".fw-pair .fw-card", timeout=LOAD)
+    assert_clean(page)
+    chosen = []
+    for key in ("b", "a"):
+        card = page.query_selector(".fw-pair .fw-card")
+        a, b = card.get_attribute("data-a"), card.get_attribute("data-b")
+        assert a in served and "v2" in page.inner_text(".fw-side-a") and "v1" in page.inner_text(".fw-side-b")
+        page.keyboard.press(key)
+        page.wait_for_function(
+            "a => { const c = document.querySelector('.fw-pair .fw-card'); return !c || c.dataset.a !== a; }",
+            arg=a,
+        )
+        chosen.append((key.upper(), a, b))
+    page.close()
+    assert rt.outbox.flush(timeout=30)
+    for preferred, a, b in chosen:
+        for trace_id, side in ((a, "A"), (b, "B")):
+            info = rt.store.tracking.get_trace_info(trace_id)
+            (pref,) = [x for x in info.assessments if x.name == "pairwise_preference"]
+            value = pref.value if isinstance(pref.value, dict) else json.loads(pref.value)
+            assert (
+                value["preferred"] == preferred and value["side"] == side and pref.source.source_id == "ivy"
+            )
 
 
 def test_empty_store_is_a_friendly_page(

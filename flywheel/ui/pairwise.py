@@ -13,9 +13,22 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from flywheel import canary, feedback
+from flywheel import canary, feedback, registry
 from flywheel.runtime import Runtime, get_runtime
-from flywheel.ui.base import CSS, badge, button, classed, esc, fields_html, html_widget, say, store_error
+from flywheel.ui.base import (
+    CSS,
+    NO_MODELS,
+    badge,
+    button,
+    classed,
+    empty_state,
+    esc,
+    fields_html,
+    html_widget,
+    parse_query,
+    say,
+    store_error,
+)
 
 CHOICES = {"fw-prefer-a": "A", "fw-prefer-b": "B", "fw-prefer-tie": "tie"}
 _KEYS_JS = """(function(img){img.remove(); if (window.__fwPairKeys) return; window.__fwPairKeys = true;
@@ -100,9 +113,27 @@ class PairwisePanel(widgets.VBox):
         return ids
 
 
-def pairwise_panel(model: str, reviewer: str = "", *, runtime: Runtime | None = None) -> Any:
-    """A/B review of `model`'s shadow answers against the answers Production served."""
+def pairwise_panel(
+    query_string: str = "",
+    *,
+    model: str | None = None,
+    reviewer: str = "",
+    runtime: Runtime | None = None,
+) -> Any:
+    """A/B review of a model's shadow answers against the answers Production served.
+
+    `query_string` (Voila's QUERY_STRING) may choose the model and the reviewer
+    (`?model=joke-generator&reviewer=alice`); without a model, the first registered one.
+    """
     try:
-        return PairwisePanel(runtime or get_runtime(), model, reviewer)
+        query = parse_query(query_string)
+        runtime = runtime or get_runtime()
+        model = query.get("model", model)
+        if model is None:
+            models = registry.list_models(runtime.store)
+            if not models:
+                return widgets.VBox([html_widget(CSS), empty_state(NO_MODELS)])
+            model = models[0].name
+        return PairwisePanel(runtime, model, query.get("reviewer", reviewer))
     except Exception as exc:
         return store_error(exc)
