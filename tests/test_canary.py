@@ -250,7 +250,7 @@ def test_the_pairwise_panel_records_a_preference_on_both_traces(demo_store_rw: S
     pairs = canary.shadow_pairs(runtime, MODEL, "gus", limit=100)
     assert {p.a_trace for p in pairs} >= {s.trace_id for s in served}
     assert all(p.a_version == "2" and p.b_version == "1" for p in pairs)
-    panel = pairwise_panel(MODEL, "gus", runtime=runtime)
+    panel = pairwise_panel(model=MODEL, reviewer="gus", runtime=runtime)
     compared = []
     while panel.current is not None and len(compared) < 100:
         pair = panel.current
