@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 CANARY_TAG = "flywheel.canary"
 SHADOW_TAG = "flywheel.shadow"
 STABLE, CANARY, EXPLICIT, SHADOW = "stable", "canary", "explicit", "shadow"
-PAGE = 5000
+PAGE = 5000  # local SQL stores; a tracking server answers at most REST_PAGE per request
+REST_PAGE = 500
 MAX_TRACES = 200_000  # live figures read at most this many traces per call
 log = logging.getLogger("flywheel.canary")
 
@@ -275,6 +276,9 @@ def live_figures(
     """
     import numpy as np
 
+    from flywheel.trace_sql import supports
+
+    page = PAGE if supports(store.tracking) else REST_PAGE
     flt = model_filter(model, version)
     if since_ms is not None:
         flt += f" AND trace.timestamp_ms >= {int(since_ms)}"
@@ -286,7 +290,7 @@ def live_figures(
     read = 0
     while read < MAX_TRACES:
         infos, token = store.tracking.search_traces(
-            locations=[store.experiment_id], filter_string=flt, max_results=PAGE, page_token=token
+            locations=[store.experiment_id], filter_string=flt, max_results=page, page_token=token
         )
         for info in infos:
             tags = info.tags or {}

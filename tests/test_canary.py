@@ -15,6 +15,8 @@ from flywheel.runtime import Runtime, get_runtime
 from flywheel.store import Store
 from flywheel.tracing import SHADOW_OF_TAG, model_filter, shadow_filter
 
+pytestmark = pytest.mark.backends("sqlite", "postgres")
+
 MODEL = "joke-generator"  # the demo: v2 in Production, v1 the older one
 
 
@@ -131,9 +133,17 @@ def test_shadow_traces_are_linked_tagged_and_absent_from_export_queue_and_figure
     exported = {r["trace_id"] for r in rows}
     assert answers[0].trace_id in exported and not exported & shadow_ids
     # the review queue and the live figures read the model's traces by the same filter
-    all_model, _ = store.tracking.search_traces(
-        locations=[store.experiment_id], filter_string=model_filter(MODEL), max_results=5000
-    )
+    all_model, token = [], None
+    while True:  # pages of 500: what a tracking server answers at most
+        page, token = store.tracking.search_traces(
+            locations=[store.experiment_id],
+            filter_string=model_filter(MODEL),
+            max_results=500,
+            page_token=token,
+        )
+        all_model += page
+        if not token or not page:
+            break
     assert not {i.trace_id for i in all_model} & shadow_ids
     queue = ReviewQueue(runtime, MODEL, reviewer="cy")
     try:

@@ -276,3 +276,27 @@ def test_watchers_in_two_serving_runtimes_roll_back_once_by_themselves(store: St
     assert sum(e.action == "rollback" for e in audit.timeline(store, MODEL)) == before + 1
     verdicts = [r._watcher.last[MODEL] for r in hosts]  # the watcher records its last verdict
     assert all(v.judged == "1" and v.decision == rollback.KEEP for v in verdicts), verdicts
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_claim_is_taken_once_across_hosts_on_every_backend(fresh_store: Store) -> None:
+    hosts = [
+        Store(fresh_store.tracking_uri, fresh_store.experiment_id, fresh_store.settings) for _ in range(4)
+    ]
+    barrier = threading.Barrier(len(hosts))
+    taken: list[bool] = []
+
+    def take(s: Store) -> None:
+        barrier.wait()
+        taken.append(s.claim("rollback/race/2/123"))
+
+    threads = [threading.Thread(target=take, args=(s,)) for s in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(taken) == [False, False, False, True]
+    assert fresh_store.claim("rollback/race/2/124") and not fresh_store.claim("rollback/race/2/124")
+    # claims never show up among the experiments a person browses
+    names = [e.name for e in fresh_store.client.search_experiments()]
+    assert not [n for n in names if "claims/" in n]
