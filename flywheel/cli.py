@@ -55,7 +55,7 @@ def _models(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from flywheel import registry
 
-    info = registry.promote(args.name, args.version, args.stage)
+    info = registry.promote(args.name, args.version, args.stage, actor=_actor(args), reason=args.reason or "")
     print(f"{info.name} version {info.version} -> {info.stage} (aliases: {', '.join(info.aliases)})")
     return 0
 
@@ -63,8 +63,88 @@ def _promote(args: argparse.Namespace) -> int:
 def _alias(args: argparse.Namespace) -> int:
     from flywheel import registry
 
-    info = registry.set_alias(args.name, args.alias, args.version)
+    info = registry.set_alias(
+        args.name, args.alias, args.version, actor=_actor(args), reason=args.reason or ""
+    )
     print(f"{info.name} version {info.version} aliases: {', '.join(info.aliases)}")
+    return 0
+
+
+def _actor(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.by:
+        return str(args.by)
+    try:
+        return f"{getpass.getuser()} (cli)"
+    except Exception:  # no user name on this host (a bare container)
+        return "cli"
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from flywheel import rollback
+    from flywheel.store import connect
+
+    info = rollback.rollback(
+        connect(), args.name, expected=args.expected, actor=_actor(args), reason=args.reason or ""
+    )
+    print(f"{info.name}: version {info.version} is Production again")
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from flywheel import canary
+    from flywheel.store import connect
+
+    share = 0.0 if args.off else args.share
+    plan = canary.set_canary(
+        connect(),
+        args.name,
+        None if args.off else args.ref,
+        share,
+        actor=_actor(args),
+        reason=args.reason or "",
+    )
+    print(
+        f"{args.name}: canary {plan.canary_ref or '-'} at {plan.share:.0%}; shadow {plan.shadow_ref or '-'}"
+    )
+    return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    from flywheel import canary
+    from flywheel.store import connect
+
+    plan = canary.set_shadow(
+        connect(), args.name, None if args.off else args.ref, actor=_actor(args), reason=args.reason or ""
+    )
+    print(f"{args.name}: shadow {plan.shadow_ref or '-'}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from flywheel import audit, registry
+    from flywheel.store import connect
+
+    store = connect()
+    registry.model_tags(args.name, store)  # an unknown model says so
+    for e in audit.timeline(store, args.name, limit=args.limit):
+        at = datetime.fromtimestamp(e.at_ms / 1000, tz=UTC)
+        version = f"v{e.version}" if e.version else "-"
+        print(f"{at:%Y-%m-%d %H:%M:%S}  {e.action:<9} {version:<5} by {e.actor}: {e.reason or '-'}")
+        if e.evidence:
+            print(f"    evidence: {json.dumps(e.evidence, sort_keys=True, default=str)}")
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from flywheel import rollback
+    from flywheel.store import connect
+
+    verdict = rollback.watch_once(connect(), args.name, watcher=_actor(args))
+    print(json.dumps(verdict.to_dict(), indent=2, default=str))
     return 0
 
 
@@ -134,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("version")
     p.add_argument("stage")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
     p.set_defaults(handler=_promote)
     p = sub.add_parser("serve", help="run the HTTP API in the foreground (API_HOST/API_PORT/API_WORKERS)")
     p.add_argument("--host", default=None)
@@ -187,7 +269,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("alias")
     p.add_argument("version")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
     p.set_defaults(handler=_alias)
+    p = sub.add_parser(
+        "rollback", help="put the version the current Production replaced back into Production"
+    )
+    p.add_argument("name")
+    p.add_argument("--expected", default=None, help="only while this version is Production")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
+    p.set_defaults(handler=_rollback)
+    p = sub.add_parser(
+        "canary", help="send a share of the unpinned traffic to a reference (e.g. alias canary)"
+    )
+    p.add_argument("name")
+    p.add_argument("ref", nargs="?", default="canary")
+    p.add_argument("--share", type=float, default=0.1, help="0 to 1 (default 0.1)")
+    p.add_argument("--off", action="store_true", help="end the canary")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--by", default=None)
+    p.set_defaults(handler=_canary)
+    p = sub.add_parser(
+        "shadow", help="run a reference beside Production on the same inputs (answer discarded)"
+    )
+    p.add_argument("name")
+    p.add_argument("ref", nargs="?", default="candidate")
+    p.add_argument("--off", action="store_true", help="stop the shadow")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--by", default=None)
+    p.set_defaults(handler=_shadow)
+    p = sub.add_parser(
+        "audit", help="the model's audit trail: promotions, rollbacks, alias and traffic changes"
+    )
+    p.add_argument("name")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=_audit)
+    p = sub.add_parser(
+        "watch", help="one look of the rollback watcher at a model (rolls back when shown worse)"
+    )
+    p.add_argument("name")
+    p.add_argument("--by", default=None)
+    p.set_defaults(handler=_watch)
     return parser
 
 

@@ -68,6 +68,13 @@ class Settings:
     gate_margin: float = 0.0
     gate_min_rows: int = 10
     gate_non_inferiority: bool = False
+    watch_enabled: bool = False
+    watch_interval: float = 60.0
+    watch_margin: float = 0.05
+    watch_alpha: float = 0.05
+    watch_min_requests: int = 100
+    watch_min_ratings: int = 30
+    watch_baseline_window: float = 86400.0
 
     @property
     def artifact_root(self) -> Path:
@@ -118,6 +125,12 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "gate_alpha": (float, 0.0001, 0.5),
     "gate_margin": (float, 0, 1),
     "gate_min_rows": (int, 1, 1_000_000),
+    "watch_interval": (float, 0.1, 86400),
+    "watch_margin": (float, 0, 1),
+    "watch_alpha": (float, 0.0001, 0.5),
+    "watch_min_requests": (int, 1, 10_000_000),
+    "watch_min_ratings": (int, 1, 10_000_000),
+    "watch_baseline_window": (float, 1, 365 * 86400),
 }
 
 

@@ -156,3 +156,10 @@ class Unavailable(FlywheelError, RuntimeError):
     def __init__(self, message: str, retry_after: int = 5) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class RollbackError(FlywheelError, RuntimeError):
+    """A rollback that cannot happen now: no previous Production is recorded, Production is no
+    longer the version the caller judged, or another host already rolled this promotion back."""
+
+    status = 409

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 RATINGS = ("thumbs_up", "thumbs_down")
 RATING, CORRECTION, COMMENT = "user_rating", "corrected_output", "comment"
+PREFERENCE = "pairwise_preference"  # on both traces of an A/B pair: which one the reviewer preferred
+PREFERENCES = ("A", "B", "tie")
 FEEDBACK_ID = "flywheel.feedback_id"
 ANONYMOUS = "anonymous"
 
@@ -212,6 +214,58 @@ def submit(
     return Receipt(trace_id, rating, user, shown, comment, True, payload["feedback_id"], pending)
 
 
+def prefer(
+    runtime: Runtime,
+    trace_a: str,
+    trace_b: str,
+    preferred: str,
+    *,
+    comment: str | None = None,
+    user_id: str | None = None,
+) -> list[str]:
+    """Record a pairwise preference (A, B or tie) as a `pairwise_preference` assessment on both
+    traces, each naming its own side and the other trace; returns the two feedback ids.
+
+    Both traces must be known (this host's outbox or MLflow): a preference is made by a person
+    looking at both answers, so there is no "pending" case. No rating is written: a preference
+    never enters the export or the gate.
+    """
+    if preferred not in PREFERENCES:
+        raise FeedbackError(f"preferred must be one of {', '.join(PREFERENCES)}, not {preferred!r}")
+    ids = [(t or "").strip() for t in (trace_a, trace_b)]
+    if ids[0] == ids[1]:
+        raise FeedbackError("trace_a and trace_b must be two different traces")
+    for trace_id in ids:
+        if not is_trace_id(trace_id) or (
+            _local_trace(runtime, trace_id) is None and _mlflow_trace(runtime, trace_id) is None
+        ):
+            raise TraceNotFound(trace_id)
+    user = (user_id or "").strip() or ANONYMOUS
+    limit = runtime.settings.max_field_chars, runtime.settings.max_trace_chars
+    note = limits.stored((comment or "").strip() or None, *limit)
+    deadline = time.time() + runtime.settings.feedback_wait
+    written = []
+    for side, trace_id, other in (("A", ids[0], ids[1]), ("B", ids[1], ids[0])):
+        value = {"preferred": preferred, "side": side, "other": other, "won": preferred == side}
+        payload = {
+            "feedback_id": uuid.uuid4().hex,
+            "trace_id": trace_id,
+            "user_id": user,
+            "rating": None,
+            "corrected_output": None,
+            "comment": note,
+            "preference": value,
+        }
+        try:
+            runtime.outbox.put_durable("feedback", trace_id, payload, deadline=deadline)
+        except Exception as exc:
+            raise Unavailable(
+                f"the preference could not be committed to {runtime.outbox.path}: {exc}"
+            ) from None
+        written.append(payload["feedback_id"])
+    return written
+
+
 def _output_fields(runtime: Runtime, model: str, version: str, local: list[str] | None) -> list[str]:
     """The version's output fields: this host's memory or disk, the queued trace, the registry."""
     try:
@@ -262,7 +316,12 @@ def deliver(store: Store, items: list[Item]) -> Outcome:
         existing = list(info.assessments or [])
         already = {a.name for a in existing if (a.metadata or {}).get(FEEDBACK_ID) == p["feedback_id"]}
         source = AssessmentSource(source_type="HUMAN", source_id=p["user_id"])
-        values = {RATING: p["rating"], CORRECTION: p["corrected_output"], COMMENT: p["comment"]}
+        values = {
+            RATING: p["rating"],
+            CORRECTION: p["corrected_output"],
+            COMMENT: p["comment"],
+            PREFERENCE: p.get("preference"),
+        }
         for name, value in values.items():
             if value is None or name in already:
                 continue

@@ -336,7 +336,23 @@ def gate(
         store.client.set_model_version_tag(name, info.version, key, value)
     promoted = None
     if comparison.verdict == paired.PROMOTE and promote:
-        registry.promote(name, info.version, stage, store)
+        registry.promote(
+            name,
+            info.version,
+            stage,
+            store,
+            actor="gate",
+            reason=comparison.reason,
+            evidence={
+                "gate_run_id": run.info.run_id,
+                "metric": metric,
+                "method": comparison.method,
+                "interval": [comparison.ci_low, comparison.ci_high],
+                "confidence": comparison.confidence,
+                "p_better": comparison.p_better,
+                "rows": comparison.rows,
+            },
+        )
         promoted = stage
     return GateResult(
         name=name,

@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
+from flywheel import audit
 from flywheel.config import STAGES, ConfigError, canonical_stage
 from flywheel.errors import InvalidStage, ModelNotFound
 from flywheel.programs import INPUT_TYPES_ATTR, input_types, optional_inputs, program_fields
@@ -41,6 +42,9 @@ INPUTS_TAG = "flywheel.inputs"
 OUTPUTS_TAG = "flywheel.outputs"
 OPTIONAL_TAG = "flywheel.optional_inputs"
 SCORE_TAG = "score"
+PREVIOUS_TAG = "flywheel.previous_production"  # the version a Production promotion replaced
+PROMOTED_AT_TAG = "flywheel.promoted_at"  # ms: tells one promotion of a version from a later one
+PROMOTED_BY_TAG = "flywheel.promoted_by"  # the action that made it Production: promote or rollback
 _DIGITS = re.compile(r"^v?(\d+)$")
 
 
@@ -381,8 +385,23 @@ def resolve(name: str, ref: str | int | None = None, store: Store | None = None)
     raise ModelNotFound(name, f"stage {stage}" if stage else f"alias {ref}")
 
 
-def promote(name: str, version: str | int, stage: str, store: Store | None = None) -> VersionInfo:
-    """Move `version` to `stage`, keeping the stage alias in step and archiving the previous holder."""
+def promote(
+    name: str,
+    version: str | int,
+    stage: str,
+    store: Store | None = None,
+    *,
+    actor: str | None = None,
+    reason: str = "",
+    evidence: Mapping[str, Any] | None = None,
+    action: str = "promote",
+) -> VersionInfo:
+    """Move `version` to `stage`, keeping the stage alias in step and archiving the previous holder.
+
+    Every move is audited (who, why, evidence: `audit.record`). A move into Production also
+    tags the target with the version it replaced and when, so a rollback knows where to go
+    and a watcher can tell one promotion of a version from a later one.
+    """
     store = store or connect()
     try:
         stage = canonical_stage(stage)
@@ -390,9 +409,17 @@ def promote(name: str, version: str | int, stage: str, store: Store | None = Non
         raise InvalidStage(stage) from None
     target = get_version(name, version, store)
     client = store.client
+    previous = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # registry stages are deprecated in MLflow 3, still shown
         if stage in ("Staging", "Production"):
+            previous = _holder(name, stage, store)
+            if stage == "Production" and previous != target.version:
+                # written before the alias moves: a reader that sees the new Production sees these too
+                client.set_model_version_tag(name, target.version, PROMOTED_AT_TAG, str(audit.now_ms()))
+                client.set_model_version_tag(name, target.version, PROMOTED_BY_TAG, action)
+                if previous is not None:
+                    client.set_model_version_tag(name, target.version, PREVIOUS_TAG, previous)
             # the target first (the alias moves in one write), the previous holder after
             client.set_registered_model_alias(name, stage, target.version)
             client.transition_model_version_stage(name, target.version, stage)
@@ -405,17 +432,99 @@ def promote(name: str, version: str | int, stage: str, store: Store | None = Non
                 if held in target.aliases:
                     client.delete_registered_model_alias(name, held)
     _forget(name, store)
+    entry = audit.record(
+        store,
+        name,
+        action,
+        target.version,
+        actor=actor,
+        reason=reason,
+        evidence={"stage": stage, "previous": previous, **(evidence or {})},
+    )
+    _tag_audit(store, name, target.version, entry)
     return get_version(name, target.version, store)
 
 
-def set_alias(name: str, alias: str, version: str | int, store: Store | None = None) -> VersionInfo:
+def _holder(name: str, stage: str, store: Store) -> str | None:
+    """The version that holds `stage` now (alias first, then the stage), or None."""
+    try:
+        return resolve(name, stage, store).version
+    except ModelNotFound:
+        return None
+
+
+def _tag_audit(store: Store, name: str, version: str, entry: audit.AuditEntry) -> None:
+    """The audit entry on the registry version too, where the MLflow UI shows it beside the version."""
+    store.client.set_model_version_tag(name, version, entry.tag_key, entry.tag_value())
+
+
+def model_tags(name: str, store: Store | None = None) -> dict[str, str]:
+    """The registered model's own tags (the traffic plan lives here: every host reads the same)."""
+    client = (store or connect()).client
+    try:
+        return dict(client.get_registered_model(name).tags or {})
+    except MlflowException as exc:
+        _raise_unless_missing(exc)
+        raise ModelNotFound(name) from None
+
+
+def set_model_tag(
+    name: str,
+    key: str,
+    value: str | None,
+    store: Store | None = None,
+    *,
+    actor: str | None = None,
+    reason: str = "",
+    evidence: Mapping[str, Any] | None = None,
+    action: str = "model-tag",
+) -> None:
+    """Set (or with None, delete) a registered-model tag, audited like every registry move."""
+    store = store or connect()
+    model_tags(name, store)  # ModelNotFound first, not a half-made change
+    if value is None:
+        try:
+            store.client.delete_registered_model_tag(name, key)
+        except MlflowException as exc:
+            _raise_unless_missing(exc)
+    else:
+        store.client.set_registered_model_tag(name, key, value)
+    _forget(name, store)
+    audit.record(
+        store, name, action, None, actor=actor, reason=reason, evidence={key: value, **(evidence or {})}
+    )
+
+
+def set_alias(
+    name: str,
+    alias: str,
+    version: str | int,
+    store: Store | None = None,
+    *,
+    actor: str | None = None,
+    reason: str = "",
+) -> VersionInfo:
     """Point a free alias (e.g. `champion`) at a version; stage names go through promote()."""
     if alias.strip().lower() in {s.lower() for s in STAGES}:
-        return promote(name, version, alias, store)
+        return promote(name, version, alias, store, actor=actor, reason=reason)
     store = store or connect()
     target = get_version(name, version, store)
+    try:
+        before: str | None = str(store.client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        before = None
     store.client.set_registered_model_alias(name, alias, target.version)
     _forget(name, store)
+    entry = audit.record(
+        store,
+        name,
+        "alias",
+        target.version,
+        actor=actor,
+        reason=reason,
+        evidence={"alias": alias, "previous": before},
+    )
+    _tag_audit(store, name, target.version, entry)
     return get_version(name, target.version, store)
 
 

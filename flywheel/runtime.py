@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from flywheel import feedback, limits, tracing
+from flywheel.canary import TrafficPlans
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
 from flywheel.errors import Unavailable
@@ -66,6 +67,9 @@ class Runtime:
         self._serving_lm: tuple[Any, bool, Any] | None = None
         self._pool: ProgramPool | None = None
         self.programs = Loader(self.store)
+        self.traffic = TrafficPlans(self.store, self.settings.flywheel_resolve_ttl)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._watcher: Any = None
         home = self.settings.flywheel_home
         # nothing is dead-lettered until MLflow has answered for FEEDBACK_WAIT: other hosts replay first
         self.outbox = Outbox(home / "outbox.db", grace=self.settings.feedback_wait)
@@ -88,6 +92,10 @@ class Runtime:
             if not self._started:
                 self.outbox.start()
                 self.counters.start()
+                if self.settings.watch_enabled:
+                    from flywheel.rollback import Watcher
+
+                    self._watcher = Watcher(self).start()
                 self._started = True
         return self
 
@@ -103,6 +111,8 @@ class Runtime:
             self._closed = True
             self.outbox.stop()
             self.counters.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
             if self._pool is not None:
                 self._pool.shutdown()
         if self.settings.mlflow_enabled:
@@ -152,6 +162,20 @@ class Runtime:
                     self._pool = ProgramPool(self.settings.program_threads)
         return self._pool
 
+    def spawn(self, work: Any) -> None:
+        """Run a coroutine nobody awaits (a shadow prediction) on the running loop, kept referenced
+        until it ends (asyncio holds tasks weakly)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for the spawned work of the running loop (a private loop about to close)."""
+        loop = asyncio.get_running_loop()
+        mine = [t for t in list(self._background) if t.get_loop() is loop]
+        if mine:
+            await asyncio.gather(*mine, return_exceptions=True)
+
     # --- what the API and notebooks call --------------------------------------------------
 
     def record_trace(self, record: tracing.TraceRecord) -> None:
@@ -183,18 +207,30 @@ class Runtime:
             ) from None
 
     async def apredict(
-        self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Any,
+        ref: str | int | None = None,
+        *,
+        timeout: float | None = None,
+        routing_key: str | None = None,
     ) -> Prediction:
         from flywheel import serving
 
-        return await serving.apredict(self, model, inputs, ref, timeout=timeout)
+        return await serving.apredict(self, model, inputs, ref, timeout=timeout, routing_key=routing_key)
 
     def predict(
-        self, model: str, inputs: Any, ref: str | int | None = None, *, timeout: float | None = None
+        self,
+        model: str,
+        inputs: Any,
+        ref: str | int | None = None,
+        *,
+        timeout: float | None = None,
+        routing_key: str | None = None,
     ) -> Prediction:
         from flywheel import serving
 
-        return serving.predict(self, model, inputs, ref, timeout=timeout)
+        return serving.predict(self, model, inputs, ref, timeout=timeout, routing_key=routing_key)
 
     def submit_feedback(self, trace_id: str, rating: str, **kwargs: Any) -> feedback.Receipt:
         return feedback.submit(self, trace_id, rating, **kwargs)

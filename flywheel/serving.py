@@ -46,7 +46,8 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import UsageTracker
 
-from flywheel.errors import FlywheelError, LMFailure, PredictTimeout, ProgramError
+from flywheel import canary
+from flywheel.errors import FlywheelError, LMFailure, ModelNotFound, PredictTimeout, ProgramError
 from flywheel.lm import redact
 from flywheel.programs import check_inputs, convert_inputs, output_values, runs_async
 from flywheel.tracing import TraceRecord, new_trace_id
@@ -66,6 +67,7 @@ class Prediction:
     model: str
     model_version: str
     latency_ms: float
+    route: str = canary.EXPLICIT  # stable, canary or explicit: why this version answered
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,7 +75,7 @@ class Prediction:
             "trace_id": self.trace_id,
             "model_version": self.model_version,
             "latency_ms": self.latency_ms,
-        }
+        }  # the SPEC's shape; the API sends `route` as the X-Flywheel-Route header
 
 
 class CallRecorder(BaseCallback, UsageTracker):
@@ -169,9 +171,27 @@ async def apredict(
     ref: str | int | None = None,
     *,
     timeout: float | None = None,
+    routing_key: str | None = None,
 ) -> Prediction:
-    """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE)."""
-    loaded = runtime.programs.peek(model, ref) or await asyncio.to_thread(runtime.programs.load, model, ref)
+    """Run the version `ref` names (a number, stage or alias; default DEFAULT_MODEL_STAGE).
+
+    Without `ref`, the model's traffic plan decides (canary.py): the canary's share goes to
+    its reference (sticky by `routing_key`), and a shadow reference, when set, runs on the
+    same inputs after the answer, traced and linked to this trace, its answer never returned.
+    """
+    route = canary.EXPLICIT
+    plan = None
+    if ref is None:
+        plan = runtime.traffic.peek(model) or await asyncio.to_thread(runtime.traffic.get, model)
+        route = canary.choose(plan, model, routing_key)
+    if route == canary.CANARY and plan is not None:
+        try:
+            loaded = await _load(runtime, model, plan.canary_ref)
+        except ModelNotFound:  # the canary's alias was removed: its share is served as usual
+            route = canary.STABLE
+            loaded = await _load(runtime, model, ref)
+    else:
+        loaded = await _load(runtime, model, ref)
     check_inputs(loaded.info, inputs)
     arguments = convert_inputs(loaded.program, inputs)
     trace_id = new_trace_id()
@@ -187,14 +207,74 @@ async def apredict(
         result = output_values(loaded.info, output)
     except Exception as exc:
         error = classify(exc, limit)
-        _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder)
+        _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder, route)
         raise error from None
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
     record = TraceRecord.ok(
-        trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), **recorder.summary()
+        trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), route=route, **recorder.summary()
     )
     await runtime.commit_trace(record)  # committed before the answer: a 200 means durable
-    return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms)
+    if plan is not None and plan.shadow_ref and route == canary.STABLE:
+        runtime.spawn(_shadow(runtime, model, plan.shadow_ref, inputs, trace_id, limit))
+    return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms, route)
+
+
+async def _load(runtime: Runtime, model: str, ref: str | int | None) -> LoadedProgram:
+    return runtime.programs.peek(model, ref) or await asyncio.to_thread(runtime.programs.load, model, ref)
+
+
+async def _shadow(
+    runtime: Runtime, model: str, ref: str, inputs: dict[str, Any], of: str, limit: float
+) -> None:
+    """Run the shadow version on the request's inputs and trace it beside the Production trace.
+
+    Nothing waits for it and nothing it does reaches the caller: a failure is its own ERROR
+    trace (tagged shadow), or one log line when the shadow reference does not even load.
+    """
+    try:
+        loaded = await _load(runtime, model, ref)
+    except Exception as exc:
+        runtime.log.warning("shadow %s@%s did not load: %s", model, ref, exc)
+        return
+    trace_id = new_trace_id()
+    started_ns = time.time_ns()
+    recorder = CallRecorder()
+    try:
+        arguments = convert_inputs(loaded.program, inputs)
+        with dspy.context(
+            lm=runtime.serving_lm(), callbacks=[recorder], usage_tracker=recorder, track_usage=False
+        ):
+            output = await asyncio.wait_for(run_program(runtime, loaded.program, arguments), timeout=limit)
+        result = output_values(loaded.info, output)
+    except Exception as exc:
+        error = classify(exc, limit)
+        runtime.record_trace(
+            TraceRecord.failed(
+                trace_id,
+                loaded.info,
+                inputs,
+                started_ns,
+                str(error),
+                error_type=_type_name(type(exc)),
+                route=canary.SHADOW,
+                shadow_of=of,
+                **recorder.summary(),
+            )
+        )
+        return
+    runtime.record_trace(
+        TraceRecord.ok(
+            trace_id,
+            loaded.info,
+            inputs,
+            result,
+            started_ns,
+            time.time_ns(),
+            route=canary.SHADOW,
+            shadow_of=of,
+            **recorder.summary(),
+        )
+    )
 
 
 def _fail(
@@ -206,6 +286,7 @@ def _fail(
     exc: BaseException,
     error: FlywheelError,
     recorder: CallRecorder,
+    route: str | None = None,
 ) -> None:
     """Trace the failure (state ERROR, the exception and its traceback) and log the traceback."""
     stack = redact("".join(traceback.format_exception(exc)))[-_TRACEBACK_CHARS:]
@@ -227,6 +308,7 @@ def _fail(
             str(error),
             error_type=_type_name(type(exc)),
             error_traceback=stack,
+            route=route,
             **recorder.summary(),
         )
     )
@@ -239,9 +321,21 @@ def predict(
     ref: str | int | None = None,
     *,
     timeout: float | None = None,
+    routing_key: str | None = None,
 ) -> Prediction:
-    """Synchronous predict for notebooks and widgets (runs the same async path)."""
-    call = apredict(runtime, model, inputs, ref, timeout=timeout)
+    """Synchronous predict for notebooks and widgets (runs the same async path).
+
+    A shadow run it started finishes before this returns: the private event loop it runs on
+    ends with the call, and would otherwise cancel the shadow.
+    """
+
+    async def answered() -> Prediction:
+        try:
+            return await apredict(runtime, model, inputs, ref, timeout=timeout, routing_key=routing_key)
+        finally:
+            await runtime.settle()
+
+    call = answered()
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -196,6 +196,30 @@ class Store:
             service, "store", "mlflow.tracking._tracking_service.client.TrackingServiceClient.store"
         )
 
+    def claim(self, key: str) -> bool:
+        """Take a one-time claim every host sees: True for exactly one caller per `key`, ever.
+
+        MLflow offers no compare-and-set, but an experiment's name is unique in every backend
+        (a unique constraint in the database, the same through a tracking server), so creating
+        one named after the key succeeds once. The claim is deleted at once (a deleted
+        experiment keeps its name): it never shows in the UI's experiment list.
+        """
+        from mlflow.exceptions import MlflowException
+
+        name = f"{self.settings.flywheel_experiment}-claims/{key}"
+        location = (self.settings.artifact_root / "claims").as_uri() if self.settings.is_embedded else None
+        try:
+            experiment_id = self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+                return False
+            raise
+        try:
+            self.client.delete_experiment(experiment_id)
+        except MlflowException:
+            pass  # only tidiness: the claim is taken either way
+        return True
+
     @contextmanager
     def fluent(self) -> Iterator[None]:
         """Point MLflow's process-wide ("fluent") tracking and registry URI at this store for the

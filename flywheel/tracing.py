@@ -46,6 +46,9 @@ OUTPUTS_TAG = "flywheel.outputs"
 TRUNCATED_TAG = "flywheel.truncated"
 ERROR_TAG = "flywheel.error"
 CACHE_TAG = "flywheel.lm_cache"
+ROUTE_TAG = "flywheel.route"  # stable, canary, explicit or shadow: how the request chose its version
+SHADOW_OF_TAG = "flywheel.shadow_of"  # a shadow trace: the Production trace it ran beside
+SHADOW_KEY_TAG = "flywheel.shadow_key"  # a shadow trace's model key, in place of MODEL_KEY_TAG
 LM_CALLS_KEY = "flywheel.lm_calls"
 CACHED_CALLS_KEY = "flywheel.cached_calls"
 SPAN_NAME = "predict"
@@ -147,6 +150,16 @@ def preview_json(values: dict[str, Any] | None, limit: int = TAG_CHARS) -> tuple
         share = max(16, share // 2)
 
 
+def shadow_filter(model: str, of: str | None = None) -> str:
+    """An MLflow trace filter for one model's shadow traces (of one Production trace when given)."""
+    flt = f"tags.`{SHADOW_KEY_TAG}` = '{model_key(model)}'"
+    if of is not None:
+        if not is_trace_id(of):
+            raise ValueError(f"not a trace id: {of!r}")
+        flt += f" AND tags.`{SHADOW_OF_TAG}` = '{of}'"
+    return flt
+
+
 def model_filter(model: str, version: str | int | None = None) -> str:
     """An MLflow trace filter for one model's predictions: the name enters as a hash (MLflow's
     filter syntax cannot escape quotes) and the version as a number."""
@@ -204,6 +217,8 @@ class TraceRecord:
     lm_calls: int | None = None
     cached_calls: int | None = None
     usage: dict[str, Any] | None = None
+    route: str | None = None
+    shadow_of: str | None = None
 
     @classmethod
     def ok(
@@ -247,13 +262,21 @@ class TraceRecord:
         """Trace tags, each within TAG_CHARS: export reads inputs and outputs from here, and from
         the root span only for the traces whose tags are marked truncated."""
         inputs, cut_inputs = preview_json(self.inputs)
+        # a shadow trace carries its model key under another name: every query for the model's
+        # traffic (export, review queue, gate, live figures) filters on MODEL_KEY_TAG and so
+        # never sees it, and no future query can forget to leave it out
+        key_tag = SHADOW_KEY_TAG if self.shadow_of else MODEL_KEY_TAG
         tags = {
             MODEL_TAG: self.model[:TAG_CHARS],
-            MODEL_KEY_TAG: model_key(self.model),
+            key_tag: model_key(self.model),
             VERSION_TAG: self.version,
             INPUTS_TAG: inputs,
             "mlflow.traceName": SPAN_NAME,
         }
+        if self.route:
+            tags[ROUTE_TAG] = self.route
+        if self.shadow_of:
+            tags[SHADOW_OF_TAG] = self.shadow_of
         truncated = ["inputs"] if cut_inputs else []
         if self.outputs is not None:
             tags[OUTPUTS_TAG], cut_outputs = preview_json(self.outputs)

@@ -318,6 +318,12 @@ def test_openapi_docs_and_every_endpoint_is_documented(http: httpx.Client) -> No
         ("GET", "/models"),
         ("GET", "/models/{name}/versions"),
         ("POST", "/models/{name}/stage"),
+        ("POST", "/models/{name}/rollback"),
+        ("PUT", "/models/{name}/canary"),
+        ("PUT", "/models/{name}/shadow"),
+        ("GET", "/models/{name}/live"),
+        ("GET", "/models/{name}/audit"),
+        ("POST", "/feedback/preference"),
         ("GET", "/health"),
         ("GET", "/metrics"),
     }

@@ -8,6 +8,7 @@ over docs/screenshots/).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 import flywheel
-from flywheel import registry, store
+from flywheel import audit, registry, store
 from flywheel.config import get_settings, load_settings
 from flywheel.demo.seed import seed_demo
 from flywheel.http.server import stop_background
@@ -161,7 +162,7 @@ def test_voila_command_and_launch(voila: Launched) -> None:
 
     cmd = voila_command(Path("dashboards"), 1234)
     assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
-    assert set(voila.urls) == {"rating.ipynb", "models.ipynb"}
+    assert set(voila.urls) == {"rating.ipynb", "models.ipynb", "pairwise.ipynb"}
     env = kernel_env()  # the kernels run in dashboards/: they get the resolved settings
     assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert load_settings(env, env_file=None) == get_settings()
@@ -314,6 +315,76 @@ def test_promote_on_the_models_dashboard(
     assert registry.get_version(JOKES, "2", rt.store).stage == "Archived"
     assert "v1 · Production" in page.inner_text(".fw-promote-version").replace("\xa0", " ")
     page.close()
+
+
+def test_rollback_button_and_audit_timeline_on_the_models_dashboard(
+    voila: Launched, browser: Any, review_store: Any, screenshots: Path
+) -> None:
+    rt, _ = review_store
+    # a promotion to undo: v1 over v2 (whatever an earlier test left), by someone with a reason
+    registry.promote(JOKES, "2", "Production", rt.store, actor="seed")
+    registry.promote(JOKES, "1", "Production", rt.store, actor="ann", reason="v1 won the gate")
+    page, other = (open_page(browser, voila.urls["models.ipynb"], height=1600) for _ in range(2))
+    for tab in (page, other):  # two tabs (two people) judge the same Production
+        tab.wait_for_selector(".fw-timeline li.fw-audit-promote", timeout=LOAD)
+        tab.click("button.fw-rollback")
+        tab.wait_for_selector(".fw-confirm:visible")
+        assert "v1 out, v2 Production again" in tab.inner_text(".fw-confirm")
+    assert_clean(page)
+    assert "v1 won the gate" in page.inner_text(".fw-timeline")
+    assert "requests" in page.inner_text(".fw-live")  # live figures per version from the traces
+    assert registry.resolve(JOKES, "Production", rt.store).version == "1"  # not before confirming
+    page.click("button.fw-confirm-yes")
+    page.wait_for_selector(".fw-status:has-text('v2 is Production again')")
+    assert registry.resolve(JOKES, "Production", rt.store).version == "2"
+    assert registry.get_version(JOKES, "1", rt.store).stage == "Archived"
+    page.wait_for_selector(".fw-timeline li.fw-audit-rollback")
+    first = page.inner_text(".fw-timeline li >> nth=0")
+    assert "rollback" in first and "models dashboard" in first and "rolled_back: 1" in first
+    page.screenshot(path=str(screenshots / "models-rollback.png"), full_page=True)
+    # the other tab confirms the same rollback late: refused in words, nothing moves
+    other.click("button.fw-confirm-yes")
+    other.wait_for_selector(".fw-status:has-text('Production is version 2 now, not 1')")
+    assert registry.resolve(JOKES, "Production", rt.store).version == "2"
+    assert sum(e.action == "rollback" for e in audit.timeline(rt.store, JOKES)) == 1
+    page.close()
+    other.close()
+
+
+def test_pairwise_review_with_keys_a_and_b(voila: Launched, browser: Any, review_store: Any) -> None:
+    from flywheel import canary
+
+    rt, _ = review_store
+    canary.set_shadow(rt.store, JOKES, "1", actor="test")
+    try:
+        served = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in ("owls", "kites")]
+    finally:
+        canary.set_shadow(rt.store, JOKES, None, actor="test")
+    assert rt.outbox.flush(timeout=30)
+    page = open_page(browser, f"{voila.urls['pairwise.ipynb']}?model={JOKES}&reviewer=ivy")
+    page.wait_for_selector(".fw-pair .fw-card", timeout=LOAD)
+    assert_clean(page)
+    chosen = []
+    for key in ("b", "a"):
+        card = page.query_selector(".fw-pair .fw-card")
+        a, b = card.get_attribute("data-a"), card.get_attribute("data-b")
+        assert a in served and "v2" in page.inner_text(".fw-side-a") and "v1" in page.inner_text(".fw-side-b")
+        page.keyboard.press(key)
+        page.wait_for_function(
+            "a => { const c = document.querySelector('.fw-pair .fw-card'); return !c || c.dataset.a !== a; }",
+            arg=a,
+        )
+        chosen.append((key.upper(), a, b))
+    page.close()
+    assert rt.outbox.flush(timeout=30)
+    for preferred, a, b in chosen:
+        for trace_id, side in ((a, "A"), (b, "B")):
+            info = rt.store.tracking.get_trace_info(trace_id)
+            (pref,) = [x for x in info.assessments if x.name == "pairwise_preference"]
+            value = pref.value if isinstance(pref.value, dict) else json.loads(pref.value)
+            assert (
+                value["preferred"] == preferred and value["side"] == side and pref.source.source_id == "ivy"
+            )
 
 
 def test_empty_store_is_a_friendly_page(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flywheel import registry
+from flywheel import audit, registry
 from flywheel.demo.data import ticket_splits
 from flywheel.demo.seed import ROUTER_MODEL, accuracy, router_program
 from flywheel.gate import EVAL_EXPERIMENT, eval_records, gate, passes
@@ -103,6 +103,15 @@ def test_the_gate_records_scipys_statistics_and_promotes_a_clear_win(store: Stor
     assert tags["gate.baseline_version"] == production and tags["gate.rows_needed"] == "none"
     assert run.data.params["method"] == "mcnemar-exact" and run.data.params["alpha"] == "0.05"
     assert run.data.params["mode"] == "superiority" and run.data.tags["gate.verdict"] == "promote"
+    # the promotion's audit entry names the gate, its run and its interval
+    entry = next(
+        e for e in audit.timeline(store, ROUTER_MODEL) if e.action == "promote" and e.version == better
+    )
+    assert entry.actor == "gate" and entry.evidence["gate_run_id"] == verdict.run_id
+    assert (
+        entry.evidence["interval"] == [interval.low, interval.high]
+        and entry.evidence["previous"] == production
+    )
 
 
 @pytest.mark.slow

@@ -37,4 +37,5 @@ def test_notebooks_and_dashboards_run_on_a_fresh_store(tmp_path: Path) -> None:
 def test_dashboards_run_on_an_empty_store(tmp_path: Path) -> None:
     done = nbmake(tmp_path / "empty", "dashboards/")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "2 passed" in done.stdout  # the friendly empty state, no error and no seeding
+    shipped = len(list((ROOT / "dashboards").glob("*.ipynb")))
+    assert shipped == 3 and f"{shipped} passed" in done.stdout  # the friendly empty state, no seeding

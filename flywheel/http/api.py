@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel import export, feedback, limits, registry, serving
+from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving
 from flywheel.config import Settings
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError, Unavailable
@@ -55,6 +55,12 @@ class PredictRequest(_Checked):
     version: str | None = Field(default=None, examples=[None])
     stage: str | None = Field(default=None, examples=["Production"])
     alias: str | None = Field(default=None, examples=[None])
+    user_id: str | None = Field(
+        default=None, max_length=1000, description="routes a canary stickily (when no routing_key)"
+    )
+    routing_key: str | None = Field(
+        default=None, max_length=1000, description="the same key always gets the same version of a canary"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -62,6 +68,36 @@ class PredictResponse(BaseModel):
     trace_id: str
     model_version: str
     latency_ms: float
+
+
+class Audited(_Checked):
+    """Who asks and why: both go into the audit trail (`actor` defaults to `api`)."""
+
+    actor: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=4000)
+
+
+class RollbackRequest(Audited):
+    expected_version: str | None = Field(
+        default=None, description="roll back only while this version is Production (else 409)"
+    )
+
+
+class CanaryRequest(Audited):
+    ref: str | None = Field(default=None, min_length=1, max_length=250, examples=["canary"])
+    share: float = Field(ge=0.0, le=1.0, examples=[0.1])
+
+
+class ShadowRequest(Audited):
+    ref: str | None = Field(default=None, min_length=1, max_length=250, examples=["candidate"])
+
+
+class PreferenceRequest(_Checked):
+    trace_a: str = Field(min_length=1)
+    trace_b: str = Field(min_length=1)
+    preferred: Literal["A", "B", "tie"]
+    comment: str | None = None
+    user_id: str | None = None
 
 
 class FeedbackRequest(_Checked):
@@ -103,6 +139,8 @@ _WHY = {
     401: "an API key is configured for this route and the X-API-Key header is missing",
     403: "the X-API-Key header holds the wrong key, or the route is switched off",
     404: "no such model, version, stage, alias or trace",
+    409: "the registry is not in a state that allows it (e.g. nothing to roll back to, Production "
+    "moved since it was judged, or this promotion was already rolled back)",
     413: "the request body is larger than MAX_REQUEST_BYTES",
     422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
     502: "the language model (or the program around it) failed",
@@ -273,7 +311,17 @@ router = APIRouter()
     response_model=PredictResponse,
     dependencies=[_key_check("predict")],
     responses={
-        200: {"description": "answered; its trace is committed to this host's outbox"},
+        200: {
+            "description": "answered; its trace is committed to this host's outbox. `model_version` is "
+            "the version that answered; the header says why",
+            "headers": {
+                "X-Flywheel-Route": {
+                    "description": "`explicit`: the request named a version, stage or alias; `canary`: "
+                    "the model's canary share took it; `stable`: the default stage answered",
+                    "schema": {"type": "string", "enum": ["stable", "canary", "explicit"]},
+                }
+            },
+        },
         **_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
     },
 )
@@ -282,14 +330,18 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     if len(refs) > 1:
         raise HTTPException(422, "give at most one of version, stage or alias")
     started = time.perf_counter()
+    key = body.routing_key or body.user_id
     try:
-        prediction = await serving.apredict(runtime, body.model, body.inputs, refs[0] if refs else None)
+        prediction = await serving.apredict(
+            runtime, body.model, body.inputs, refs[0] if refs else None, routing_key=key
+        )
     except Exception:
         runtime.counters.record(body.model, 0, error=True)
         raise
     runtime.counters.record(body.model, (time.perf_counter() - started) * 1000, error=False)
     # already the PredictResponse shape: skip a second validation pass on the hot path
-    return JSONResponse(prediction.to_dict())  # type: ignore[return-value]
+    headers = {"X-Flywheel-Route": prediction.route}
+    return JSONResponse(prediction.to_dict(), headers=headers)  # type: ignore[return-value]
 
 
 @router.post(
@@ -395,8 +447,118 @@ async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
     responses=_errors(400, 401, 403, 404, 413, 422, 503),
 )
 async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
-    info = await run_in_threadpool(runtime.promote, name, body.version, body.stage)
+    info = await run_in_threadpool(
+        partial(registry.promote, name, body.version, body.stage, runtime.store, actor="api")
+    )
     return {"status": "success", "model": name, "version": info.to_dict()}
+
+
+@router.post(
+    "/models/{name}/rollback",
+    dependencies=[_key_check("admin")],
+    responses=_errors(400, 401, 403, 404, 409, 413, 422, 503),
+)
+async def post_rollback(
+    name: str, runtime: RuntimeDep, body: RollbackRequest | None = None
+) -> dict[str, Any]:
+    body = body or RollbackRequest()
+    info = await run_in_threadpool(
+        partial(
+            rollback.rollback,
+            runtime.store,
+            name,
+            expected=body.expected_version,
+            actor=body.actor or "api",
+            reason=body.reason or "",
+        )
+    )
+    return {"status": "success", "model": name, "version": info.to_dict()}
+
+
+@router.put(
+    "/models/{name}/canary",
+    dependencies=[_key_check("admin")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+)
+async def put_canary(name: str, body: CanaryRequest, runtime: RuntimeDep) -> dict[str, Any]:
+    plan = await run_in_threadpool(
+        partial(
+            canary.set_canary,
+            runtime.store,
+            name,
+            body.ref,
+            body.share,
+            actor=body.actor or "api",
+            reason=body.reason or "",
+        )
+    )
+    return {"status": "success", "model": name, "plan": plan.to_dict()}
+
+
+@router.put(
+    "/models/{name}/shadow",
+    dependencies=[_key_check("admin")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+)
+async def put_shadow(name: str, body: ShadowRequest, runtime: RuntimeDep) -> dict[str, Any]:
+    plan = await run_in_threadpool(
+        partial(
+            canary.set_shadow,
+            runtime.store,
+            name,
+            body.ref,
+            actor=body.actor or "api",
+            reason=body.reason or "",
+        )
+    )
+    return {"status": "success", "model": name, "plan": plan.to_dict()}
+
+
+@router.get(
+    "/models/{name}/live",
+    dependencies=[_key_check("registry")],
+    responses=_errors(401, 403, 404, 422, 503),
+)
+async def get_live(
+    name: str, runtime: RuntimeDep, since_ms: Annotated[int | None, Query(ge=0, le=2**53)] = None
+) -> dict[str, Any]:
+    await run_in_threadpool(registry.model_tags, name, runtime.store)  # an unknown model is a 404
+    return await run_in_threadpool(canary.live_report, runtime, name, since_ms)
+
+
+@router.get(
+    "/models/{name}/audit",
+    dependencies=[_key_check("registry")],
+    responses=_errors(401, 403, 404, 422, 503),
+)
+async def get_audit(
+    name: str, runtime: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 200
+) -> dict[str, Any]:
+    await run_in_threadpool(registry.model_tags, name, runtime.store)
+    entries = await run_in_threadpool(audit.timeline, runtime.store, name, limit)
+    return {"model": name, "entries": [e.to_dict() for e in entries]}
+
+
+@router.post(
+    "/feedback/preference",
+    dependencies=[_key_check("feedback")],
+    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+)
+async def post_preference(body: PreferenceRequest, runtime: RuntimeDep) -> dict[str, Any]:
+    if not runtime.settings.feedback_enabled:
+        raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
+    ids = await run_in_threadpool(
+        partial(
+            feedback.prefer,
+            runtime,
+            body.trace_a,
+            body.trace_b,
+            body.preferred,
+            comment=body.comment,
+            user_id=body.user_id,
+        )
+    )
+    return {"status": "success", "trace_a": body.trace_a, "trace_b": body.trace_b, "feedback_ids": ids}
 
 
 @router.get("/health", responses=_errors(503))

@@ -35,10 +35,16 @@ class _Requests:
 
     @staticmethod
     def predict(
-        model: str, inputs: dict[str, Any], version: str | None, stage: str | None, alias: str | None
+        model: str,
+        inputs: dict[str, Any],
+        version: str | None,
+        stage: str | None,
+        alias: str | None,
+        routing_key: str | None = None,
     ) -> tuple[str, str, dict[str, Any]]:
         body: dict[str, Any] = {"model": model, "inputs": inputs}
-        body.update({k: v for k, v in {"version": version, "stage": stage, "alias": alias}.items() if v})
+        refs = {"version": version, "stage": stage, "alias": alias, "routing_key": routing_key}
+        body.update({k: v for k, v in refs.items() if v})
         return "POST", "/predict", {"json": body}
 
     @staticmethod
@@ -91,8 +97,9 @@ class Client:
         version: str | None = None,
         stage: str | None = None,
         alias: str | None = None,
+        routing_key: str | None = None,
     ) -> dict[str, Any]:
-        return self._call(*_Requests.predict(model, inputs, version, stage, alias))
+        return self._call(*_Requests.predict(model, inputs, version, stage, alias, routing_key))
 
     def feedback(
         self,
@@ -116,6 +123,24 @@ class Client:
 
     def promote(self, name: str, version: str | int, stage: str) -> dict[str, Any]:
         return self._call(*_Requests.promote(name, version, stage))
+
+    def rollback(
+        self, name: str, *, expected_version: str | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
+        """The previous Production back in one step (admin key); APIError 409 when it cannot be."""
+        body = {"expected_version": expected_version, "reason": reason, "actor": "client"}
+        return self._call("POST", f"/models/{quote(name, safe='')}/rollback", {"json": body})
+
+    def set_canary(
+        self, name: str, ref: str | None, share: float, *, reason: str | None = None
+    ) -> dict[str, Any]:
+        body = {"ref": ref, "share": share, "reason": reason, "actor": "client"}
+        return self._call("PUT", f"/models/{quote(name, safe='')}/canary", {"json": body})["plan"]
+
+    def audit(self, name: str, limit: int = 200) -> list[dict[str, Any]]:
+        return self._call("GET", f"/models/{quote(name, safe='')}/audit", {"params": {"limit": limit}})[
+            "entries"
+        ]
 
     def health(self) -> dict[str, Any]:
         return self._call("GET", "/health", {})
@@ -156,8 +181,9 @@ class AsyncClient:
         version: str | None = None,
         stage: str | None = None,
         alias: str | None = None,
+        routing_key: str | None = None,
     ) -> dict[str, Any]:
-        return await self._call(*_Requests.predict(model, inputs, version, stage, alias))
+        return await self._call(*_Requests.predict(model, inputs, version, stage, alias, routing_key))
 
     async def feedback(
         self,

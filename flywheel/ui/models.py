@@ -1,8 +1,9 @@
-"""The models panel (models dashboard, notebook 03): versions, stages, rating statistics, promotion.
+"""The models panel (models dashboard, notebook 03): versions, stages, rating statistics, promotion,
+live traffic per version, one-click rollback and the audit timeline.
 
-Promotion asks for confirmation, and for the admin key when FLYWHEEL_ADMIN_KEY
-is set: the dashboard promotes in-process, so it must guard what the API's
-key guards.
+Promotion and rollback ask for confirmation, and for the admin key when
+FLYWHEEL_ADMIN_KEY is set: the dashboard acts in-process, so it must guard what
+the API's key guards. Both are audited with the dashboard as the actor.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from flywheel import export, registry
+from flywheel import audit, canary, export, registry, rollback
+from flywheel.errors import ModelNotFound
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
@@ -36,6 +38,8 @@ from flywheel.ui.base import (
 )
 
 PROMOTE_STAGES = ("Staging", "Production", "Archived")
+ROLLBACK = "rollback"  # the pending action of the rollback button (in place of a stage)
+ACTOR = "models dashboard"
 
 
 @dataclass
@@ -147,6 +151,9 @@ class ModelsPanel(widgets.VBox):
             s: button(f"→ {s}", f"fw-promote-{s.lower()}", "danger" if s == "Archived" else "info")
             for s in PROMOTE_STAGES
         }
+        self.rollback_button = button("↶ Roll back Production", "fw-rollback", "warning")
+        self.live = html_widget("", "fw-live")
+        self.timeline = html_widget("", "fw-timeline")
         self.admin_key = classed(
             widgets.Password(description="Admin key", placeholder="FLYWHEEL_ADMIN_KEY"), "fw-admin-key"
         )
@@ -171,15 +178,21 @@ class ModelsPanel(widgets.VBox):
             self.trend,
             html_widget('<div class="fw-title">Promote</div>'),
             widgets.HBox([self.promote_version, *self.stage_buttons.values()]),
+            self.rollback_button,
             self.admin_key,
             self.confirm_box,
             self.status,
+            html_widget('<div class="fw-title">Live traffic</div>'),
+            self.live,
+            html_widget('<div class="fw-title">Audit timeline</div>'),
+            self.timeline,
         ]
         guard = guarded(self.status)
         self.model.observe(guard(lambda _: self.refresh()), names="value")
         self.refresh_button.on_click(guard(lambda _: self.refresh()))
         for stage, b in self.stage_buttons.items():
             b.on_click(guard(lambda _, stage=stage: self.ask(self.promote_version.value, stage)))
+        self.rollback_button.on_click(guard(lambda _: self.ask_rollback()))
         self.confirm_yes.on_click(guard(lambda _: self.confirm()))
         self.confirm_no.on_click(guard(lambda _: self.cancel()))
         guard(self.refresh)()
@@ -207,6 +220,8 @@ class ModelsPanel(widgets.VBox):
         self.trend_note.value = (
             "" if png else '<div class="fw-muted">No ratings yet for this model; the trend shows here.</div>'
         )
+        self.live.value = live_table(canary.live_report(self.runtime, self.model.value))
+        self.timeline.value = timeline_html(audit.timeline(store, self.model.value, limit=50))
         current, values = self.promote_version.value, [v.version for v in versions]
         self.promote_version.options = [(f"v{v.version} · {v.stage}", v.version) for v in versions]
         self.promote_version.value = current if current in values else values[0] if values else None
@@ -230,16 +245,47 @@ class ModelsPanel(widgets.VBox):
         self.confirm_box.layout.display = "flex"
         say(self.status, "info", "Confirm or cancel the promotion.")
 
+    def ask_rollback(self) -> None:
+        """First click of the rollback button: name what is undone and what comes back."""
+        name = self.model.value
+        try:
+            current = registry.resolve(name, "Production", self.runtime.store)
+        except ModelNotFound:
+            say(self.status, "error", f"{name} has no Production version to roll back.")
+            return
+        previous = current.tags.get(registry.PREVIOUS_TAG)
+        if not previous:
+            say(
+                self.status,
+                "error",
+                f"v{current.version} has no previous Production recorded; promote instead.",
+            )
+            return
+        self.pending = (current.version, ROLLBACK)
+        self.confirm_text.value = (
+            f"<b>Roll {esc(name)} back: v{esc(current.version)} out, v{esc(previous)} Production again?</b>"
+        )
+        self.confirm_box.layout.display = "flex"
+        say(self.status, "info", "Confirm or cancel the rollback.")
+
     def confirm(self) -> registry.VersionInfo | None:
         if self.pending is None:
             say(self.status, "error", "Nothing to confirm.")
             return None
         wanted = self.runtime.settings.flywheel_admin_key
         if wanted and not hmac.compare_digest(self.admin_key.value.encode(), wanted.encode()):
-            say(self.status, "error", "Promotion needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
+            what = "Rollback" if self.pending[1] == ROLLBACK else "Promotion"
+            say(self.status, "error", f"{what} needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
             return None
         version, stage = self.pending
-        info = registry.promote(self.model.value, version, stage, self.runtime.store)
+        if stage == ROLLBACK:
+            info = rollback.rollback(
+                self.runtime.store, self.model.value, expected=version, actor=ACTOR, reason="rollback button"
+            )
+            self.refresh()
+            say(self.status, "ok", f"Rolled back: {info.name} v{info.version} is Production again.")
+            return info
+        info = registry.promote(self.model.value, version, stage, self.runtime.store, actor=ACTOR)
         self.refresh()
         say(
             self.status,
@@ -273,6 +319,56 @@ def versions_table(versions: list[registry.VersionInfo], stats: dict[str, Versio
         )
     header = ["version", "stage", "aliases", "created (UTC)", "score", "ratings", "thumbs up", "description"]
     return table(header, rows, "fw-versions-table")
+
+
+def live_table(report: dict[str, Any]) -> str:
+    """Per-version live figures from traces and ratings, and the traffic plan above them."""
+    plan = report["plan"]
+    parts = []
+    if plan.get("canary"):
+        parts.append(f"canary <b>{esc(plan['canary'])}</b> at {plan['share']:.0%}")
+    if plan.get("shadow"):
+        parts.append(f"shadow <b>{esc(plan['shadow'])}</b>")
+    head = f'<div class="fw-muted">{" · ".join(parts) or "no canary, no shadow"}</div>'
+    if not report["versions"]:
+        return head + '<div class="fw-muted">No live traffic yet.</div>'
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    rows = []
+    for v in report["versions"]:
+        interval = v["thumbs_up_interval"]
+        up = pct(v["thumbs_up_rate"]) + (f" [{interval[0]:.0%}, {interval[1]:.0%}]" if interval else "")
+        rows.append(
+            [
+                f"<b>v{esc(v['version'])}</b>",
+                str(v["requests"]),
+                pct(v["error_rate"]),
+                "-" if v["p50_ms"] is None else f"{v['p50_ms']:.0f} ms",
+                "-" if v["p99_ms"] is None else f"{v['p99_ms']:.0f} ms",
+                up,
+            ]
+        )
+    header = ["version", "requests", "errors", "p50", "p99", "thumbs up (95% interval)"]
+    return head + table(header, rows, "fw-live-table")
+
+
+def timeline_html(entries: list[audit.AuditEntry]) -> str:
+    """The audit trail, newest first: when, what, which version, who, why, and the evidence."""
+    if not entries:
+        return '<div class="fw-muted">Nothing recorded yet.</div>'
+    items = []
+    for e in entries:
+        at = datetime.fromtimestamp(e.at_ms / 1000, tz=UTC)
+        evidence = ", ".join(f"{k}: {v}" for k, v in sorted(e.evidence.items()) if not isinstance(v, dict))
+        items.append(
+            f'<li class="fw-audit fw-audit-{esc(e.action)}">{nowrap(esc(fmt_time(at)))} '
+            f"{badge(e.action)} {'v' + esc(e.version) if e.version else ''} by <b>{esc(e.actor)}</b>"
+            f"{': ' + esc(e.reason) if e.reason else ''}"
+            f'<div class="fw-muted">{esc(evidence)}</div></li>'
+        )
+    return f'<ul class="fw-timeline-list">{"".join(items)}</ul>'
 
 
 def models_panel(

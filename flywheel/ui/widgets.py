@@ -34,12 +34,14 @@ from flywheel.ui.base import (
 )
 from flywheel.ui.export import ExportPanel, export_panel
 from flywheel.ui.models import ModelsPanel, models_panel, rating_stats, trend_png
+from flywheel.ui.pairwise import PairwisePanel, pairwise_panel
 from flywheel.ui.predict import PredictPanel, predict_panel
 from flywheel.ui.review import RatingPanel, rating_panel
 
 __all__ = [
     "ExportPanel",
     "ModelsPanel",
+    "PairwisePanel",
     "PredictPanel",
     "RatingPanel",
     "ReviewQueue",
@@ -47,6 +49,7 @@ __all__ = [
     "export_panel",
     "find",
     "models_panel",
+    "pairwise_panel",
     "parse_query",
     "predict_panel",
     "prediction_card",
