@@ -26,6 +26,7 @@ __all__ = [
     "PredictTimeout",
     "ProgramError",
     "ReviewError",
+    "RollbackError",
     "TraceNotFound",
     "Unavailable",
 ]
