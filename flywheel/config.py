@@ -84,9 +84,6 @@ class Settings:
     def is_embedded(self) -> bool:
         return self.mlflow_tracking_uri.startswith("sqlite:")
 
-    def env_names(self) -> list[str]:
-        return [f.name.upper() for f in fields(self)]
-
 
 def _parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()

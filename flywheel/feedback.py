@@ -70,21 +70,6 @@ class Receipt:
         }
 
 
-def trace_model(runtime: Runtime, trace_id: str) -> tuple[str, str]:
-    """(model, version) of a trace, from the outbox when it is not in MLflow yet.
-
-    TraceNotFound when MLflow answers that it has no such flywheel trace; Unavailable
-    when it is unknown here and MLflow cannot be asked.
-    """
-    local = _local_trace(runtime, trace_id)
-    if local is not None:
-        return local[0], local[1]
-    found = _mlflow_trace(runtime, trace_id)
-    if found is None:
-        raise TraceNotFound(trace_id)
-    return found
-
-
 def _local_trace(runtime: Runtime, trace_id: str) -> tuple[str, str, list[str] | None] | None:
     """(model, version, output fields if the record says) of a trace this host's outbox knows."""
     pending = runtime.outbox.pending_trace(trace_id)

@@ -9,7 +9,6 @@ with only a `forward` (see `runs_async`).
 from __future__ import annotations
 
 import inspect
-import json
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +194,3 @@ def jsonable(value: Any) -> Any:
         return str(value)
 
 
-def json_text(value: Any) -> str:
-    """A value as JSON text (CSV cells, previews)."""
-    return json.dumps(jsonable(value), ensure_ascii=False)

@@ -20,7 +20,7 @@ import re
 import sys
 import threading
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -548,12 +548,3 @@ def _forget(name: str, store: Store) -> None:
     with _generation_lock:
         key = (store.tracking_uri, name)
         _generations[key] = _generations.get(key, 0) + 1
-
-
-def reference_forms(info: VersionInfo) -> Iterable[str]:
-    """The model URIs that name this version (for display and docs)."""
-    yield info.uri
-    for alias in info.aliases:
-        yield f"models:/{info.name}@{alias}"
-    if info.stage in ("Staging", "Production"):
-        yield f"models:/{info.name}/{info.stage}"
