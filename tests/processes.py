@@ -2,7 +2,7 @@
 
 One copy instead of one per test module: a free port, waiting until a URL answers,
 stopping the process group a test started with `start_new_session=True`, and the
-command line of a throw-away `mlflow server`. tests/pg.py builds on these.
+command lines of `flywheel serve` and of a throw-away `mlflow server`. tests/pg.py builds on these.
 """
 
 from __future__ import annotations
@@ -68,4 +68,12 @@ def mlflow_server_command(home: Path, port: int) -> list[str]:
         str(home / "artifacts"),
         "--workers",
         "1",
+    ]
+
+
+def serve_command(port: int, workers: int = 2) -> list[str]:
+    """`flywheel serve` on 127.0.0.1:`port` with `workers` uvicorn worker processes."""
+    return [sys.executable, "-m", "flywheel", "serve", "--host", "127.0.0.1", "--port", str(port)] + [
+        "--workers",
+        str(workers),
     ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import free_port as _port
+from processes import serve_command
 from processes import stop_group as _stop
 
 from flywheel.store import Store
@@ -53,8 +54,7 @@ def test_workers_start_and_serve_while_the_cores_are_busy(fresh_store: Store, tm
     try:
         with log.open("wb") as out:
             server = subprocess.Popen(
-                [sys.executable, "-m", "flywheel", "serve", "--host", "127.0.0.1", "--port", str(port)]
-                + ["--workers", str(WORKERS)],
+                serve_command(port, WORKERS),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import free_port as _port
-from processes import mlflow_server_command
+from processes import mlflow_server_command, serve_command
 from processes import stop_group as _kill
 from processes import wait_until_up as _wait
 from test_server import _spawn
@@ -54,11 +53,7 @@ def _workers(supervisor: int) -> list[int]:
 
 def _serve(workers: int, **env: str) -> tuple[subprocess.Popen[bytes], str]:
     port = _port()
-    proc = _spawn(
-        [sys.executable, "-m", "flywheel", "serve", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--workers", str(workers)],
-        **env,
-    )
+    proc = _spawn(serve_command(port, workers), **env)
     return proc, f"http://127.0.0.1:{port}"
 
 

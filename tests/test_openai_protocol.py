@@ -303,9 +303,9 @@ def test_flywheel_serve_workers_on_the_stub(
     """`flywheel serve --workers 2` processes serve a forward-only program through the protocol."""
     import os
     import subprocess
-    import sys
 
     from processes import free_port as _port
+    from processes import serve_command
     from processes import stop_group as _kill
     from processes import wait_until_up as _wait
 
@@ -317,18 +317,7 @@ def test_flywheel_serve_workers_on_the_stub(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flywheel",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
+        serve_command(port),
         cwd=elsewhere,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
         stdout=subprocess.DEVNULL,

@@ -340,6 +340,7 @@ def test_flywheel_serve_with_workers_serves_notebook_and_module_file_classes_fro
     tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
     from processes import free_port as _port
+    from processes import serve_command
     from processes import stop_group as _kill
     from processes import wait_until_up as _wait
 
@@ -357,20 +358,8 @@ def test_flywheel_serve_with_workers_serves_notebook_and_module_file_classes_fro
     elsewhere.mkdir()
     port = _port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flywheel",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-    ]
     proc = subprocess.Popen(
-        cmd,
+        serve_command(port),
         cwd=elsewhere,
         env={**env, "DEFAULT_MODEL_STAGE": "None"},
         stdout=subprocess.DEVNULL,

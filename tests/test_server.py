@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from processes import free_port as _port
-from processes import mlflow_server_command
+from processes import mlflow_server_command, serve_command
 from processes import stop_group as _kill
 from processes import wait_until_up as _wait
 
@@ -44,21 +44,7 @@ def _spawn(cmd: list[str], **env: str) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def served(demo_store_rw: Store) -> Iterator[tuple[str, Store]]:
     port = _port()
-    proc = _spawn(
-        [
-            sys.executable,
-            "-m",
-            "flywheel",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-        ],
-        FLYWHEEL_RESOLVE_TTL="1",
-    )
+    proc = _spawn(serve_command(port), FLYWHEEL_RESOLVE_TTL="1")
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(f"{url}/health")
@@ -150,7 +136,7 @@ def test_acknowledged_feedback_survives_a_killed_server(fresh_store: Store) -> N
     seed_demo(fresh_store, progress=lambda line: None)
     port = _port()
     url = f"http://127.0.0.1:{port}"
-    proc = _spawn([sys.executable, "-m", "flywheel", "serve", "--port", str(port), "--workers", "1"])
+    proc = _spawn(serve_command(port, workers=1))
     _wait(f"{url}/health")
     trace_id = httpx.post(f"{url}/predict", json={"model": JOKES, "inputs": {"topic": "cat"}}).json()[
         "trace_id"
