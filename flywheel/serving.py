@@ -200,11 +200,7 @@ async def apredict(
     limit = timeout if timeout is not None else runtime.settings.request_timeout
     recorder = CallRecorder()
     try:
-        with dspy.context(
-            lm=runtime.serving_lm(), callbacks=[recorder], usage_tracker=recorder, track_usage=False
-        ):
-            output = await asyncio.wait_for(run_program(runtime, loaded.program, arguments), timeout=limit)
-        result = output_values(loaded.info, output)
+        result = await _run(runtime, loaded, arguments, limit, recorder)
     except Exception as exc:
         error = classify(exc, limit)
         _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder, route)
@@ -240,27 +236,10 @@ async def _shadow(
     started_ns = time.time_ns()
     recorder = CallRecorder()
     try:
-        arguments = convert_inputs(loaded.program, inputs)
-        with dspy.context(
-            lm=runtime.serving_lm(), callbacks=[recorder], usage_tracker=recorder, track_usage=False
-        ):
-            output = await asyncio.wait_for(run_program(runtime, loaded.program, arguments), timeout=limit)
-        result = output_values(loaded.info, output)
+        result = await _run(runtime, loaded, convert_inputs(loaded.program, inputs), limit, recorder)
     except Exception as exc:
         error = classify(exc, limit)
-        runtime.record_trace(
-            TraceRecord.failed(
-                trace_id,
-                loaded.info,
-                inputs,
-                started_ns,
-                str(error),
-                error_type=_type_name(type(exc)),
-                route=canary.SHADOW,
-                shadow_of=of,
-                **recorder.summary(),
-            )
-        )
+        _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder, canary.SHADOW, of)
         return
     runtime.record_trace(
         TraceRecord.ok(
@@ -277,6 +256,18 @@ async def _shadow(
     )
 
 
+async def _run(
+    runtime: Runtime, loaded: LoadedProgram, arguments: dict[str, Any], limit: float, recorder: CallRecorder
+) -> dict[str, Any]:
+    """The program's output values, run under the server's LM and this call's recorder (never
+    global settings), cut off after `limit` seconds."""
+    with dspy.context(
+        lm=runtime.serving_lm(), callbacks=[recorder], usage_tracker=recorder, track_usage=False
+    ):
+        output = await asyncio.wait_for(run_program(runtime, loaded.program, arguments), timeout=limit)
+    return output_values(loaded.info, output)
+
+
 def _fail(
     runtime: Runtime,
     loaded: LoadedProgram,
@@ -287,6 +278,7 @@ def _fail(
     error: FlywheelError,
     recorder: CallRecorder,
     route: str | None = None,
+    shadow_of: str | None = None,
 ) -> None:
     """Trace the failure (state ERROR, the exception and its traceback) and log the traceback."""
     stack = redact("".join(traceback.format_exception(exc)))[-_TRACEBACK_CHARS:]
@@ -309,6 +301,7 @@ def _fail(
             error_type=_type_name(type(exc)),
             error_traceback=stack,
             route=route,
+            shadow_of=shadow_of,
             **recorder.summary(),
         )
     )
