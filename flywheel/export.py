@@ -203,8 +203,10 @@ def _cell(value: Any) -> Any:
     if value is None:
         return value
     if not isinstance(value, str):
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(
-            value, ensure_ascii=False, default=str
+        return (
+            value
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else json.dumps(value, ensure_ascii=False, default=str)
         )
     if value.startswith(FORMULA_STARTS):
         return "'" + value

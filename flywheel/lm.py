@@ -373,6 +373,12 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+def safe_params(params: dict[str, Any]) -> dict[str, Any]:
+    """LM parameters fit to write down (a trace, a log): no key, header or secret-named entry,
+    and no user:password inside a URL."""
+    return _scrub(params)
+
+
 def persistable_lm(lm: dspy.BaseLM | None) -> dspy.BaseLM | None:
     """An equivalent LM that cannot write a key when pickled into a model artifact."""
     if lm is None or isinstance(lm, OfflineLM):

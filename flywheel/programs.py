@@ -192,5 +192,3 @@ def jsonable(value: Any) -> Any:
         return to_jsonable_python(value, fallback=str)
     except Exception:
         return str(value)
-
-

@@ -20,7 +20,6 @@ METRICS = ("exact_match", "f1", "judge")
 Metric = Callable[..., Any]
 
 
-
 def token_f1(expected: Any, actual: Any) -> float:
     """SQuAD-style token F1: partial credit for free text (jokes), 1.0 for an identical answer."""
     gold, pred = re.findall(r"\w+", normalize(expected)), re.findall(r"\w+", normalize(actual))

@@ -43,10 +43,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import dspy
-from dspy.utils.callback import BaseCallback
-from dspy.utils.usage_tracker import UsageTracker
 
 from flywheel import canary
+from flywheel.calltree import CallTree
 from flywheel.errors import FlywheelError, LMFailure, ModelNotFound, PredictTimeout, ProgramError
 from flywheel.lm import redact
 from flywheel.programs import check_inputs, convert_inputs, output_values, runs_async
@@ -76,34 +75,6 @@ class Prediction:
             "model_version": self.model_version,
             "latency_ms": self.latency_ms,
         }  # the SPEC's shape; the API sends `route` as the X-Flywheel-Route header
-
-
-class CallRecorder(BaseCallback, UsageTracker):
-    """Per request: how many LM calls the program made, how many the cache answered, token usage.
-
-    DSPy reports usage to the context's usage tracker for every call the provider answered and
-    never for a cache hit; the callback sees every call. The difference is the cached calls.
-    """
-
-    def __init__(self) -> None:
-        UsageTracker.__init__(self)
-        self.lm_calls = 0
-        self.answered = 0
-
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self.lm_calls += 1
-
-    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
-        self.answered += 1
-        super().add_usage(lm, usage_entry)
-
-    def summary(self) -> dict[str, Any]:
-        usage = {k: v for k, v in self.get_total_tokens().items() if v}
-        return {
-            "lm_calls": self.lm_calls,
-            "cached_calls": max(0, self.lm_calls - self.answered),
-            "usage": usage or None,
-        }
 
 
 def classify(exc: BaseException, limit: float) -> FlywheelError:
@@ -198,7 +169,7 @@ async def apredict(
     started_ns = time.time_ns()
     t0 = time.perf_counter()
     limit = timeout if timeout is not None else runtime.settings.request_timeout
-    recorder = CallRecorder()
+    recorder = CallTree()
     try:
         result = await _run(runtime, loaded, arguments, limit, recorder)
     except Exception as exc:
@@ -207,7 +178,15 @@ async def apredict(
         raise error from None
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
     record = TraceRecord.ok(
-        trace_id, loaded.info, inputs, result, started_ns, time.time_ns(), route=route, **recorder.summary()
+        trace_id,
+        loaded.info,
+        inputs,
+        result,
+        started_ns,
+        time.time_ns(),
+        route=route,
+        spans=recorder.spans(),
+        **recorder.summary(),
     )
     await runtime.commit_trace(record)  # committed before the answer: a 200 means durable
     if plan is not None and plan.shadow_ref and route == canary.STABLE:
@@ -234,7 +213,7 @@ async def _shadow(
         return
     trace_id = new_trace_id()
     started_ns = time.time_ns()
-    recorder = CallRecorder()
+    recorder = CallTree()
     try:
         result = await _run(runtime, loaded, convert_inputs(loaded.program, inputs), limit, recorder)
     except Exception as exc:
@@ -251,13 +230,14 @@ async def _shadow(
             time.time_ns(),
             route=canary.SHADOW,
             shadow_of=of,
+            spans=recorder.spans(),
             **recorder.summary(),
         )
     )
 
 
 async def _run(
-    runtime: Runtime, loaded: LoadedProgram, arguments: dict[str, Any], limit: float, recorder: CallRecorder
+    runtime: Runtime, loaded: LoadedProgram, arguments: dict[str, Any], limit: float, recorder: CallTree
 ) -> dict[str, Any]:
     """The program's output values, run under the server's LM and this call's recorder (never
     global settings), cut off after `limit` seconds."""
@@ -276,7 +256,7 @@ def _fail(
     started_ns: int,
     exc: BaseException,
     error: FlywheelError,
-    recorder: CallRecorder,
+    recorder: CallTree,
     route: str | None = None,
     shadow_of: str | None = None,
 ) -> None:
@@ -302,6 +282,7 @@ def _fail(
             error_traceback=stack,
             route=route,
             shadow_of=shadow_of,
+            spans=recorder.spans(),
             **recorder.summary(),
         )
     )

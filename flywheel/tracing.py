@@ -219,6 +219,12 @@ class TraceRecord:
     usage: dict[str, Any] | None = None
     route: str | None = None
     shadow_of: str | None = None
+    spans: list[dict[str, Any]] | None = None  # the DSPy call tree (calltree.CallTree.spans)
+
+    @property
+    def name(self) -> str:
+        """The trace's name: its root span's, the program's `<Module>.forward` as autolog names it."""
+        return self.spans[0]["name"] if self.spans else SPAN_NAME
 
     @classmethod
     def ok(
@@ -271,7 +277,7 @@ class TraceRecord:
             key_tag: model_key(self.model),
             VERSION_TAG: self.version,
             INPUTS_TAG: inputs,
-            "mlflow.traceName": SPAN_NAME,
+            "mlflow.traceName": self.name[:TAG_CHARS],
         }
         if self.route:
             tags[ROUTE_TAG] = self.route
@@ -291,8 +297,10 @@ class TraceRecord:
         return tags
 
     def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:
-        """(TraceInfo, [root Span]) ready for the tracking store's start_trace + log_spans."""
-        from mlflow.entities import Span, TraceInfo, TraceLocation, TraceState
+        """(TraceInfo, spans) ready for the tracking store's start_trace + log_spans: the root
+        (the program's forward, holding the request's complete inputs and outputs) and the
+        DSPy call tree under it."""
+        from mlflow.entities import TraceInfo, TraceLocation, TraceState
         from mlflow.entities.span import SpanType
         from mlflow.tracing.constant import (
             TRACE_SCHEMA_VERSION,
@@ -300,9 +308,7 @@ class TraceRecord:
             SpanAttributeKey,
             TraceMetadataKey,
         )
-        from mlflow.tracing.utils import build_otel_context
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace import Event
         from opentelemetry.trace import Status, StatusCode
 
         request = json.dumps(self.inputs, default=str)
@@ -330,38 +336,115 @@ class TraceRecord:
             trace_metadata=metadata,
             tags=self.tags(),
         )
+        tree = self.spans or []
+        root = tree[0] if tree else None
         attributes = {
+            **(root["attributes"] if root else {}),
             SpanAttributeKey.REQUEST_ID: json.dumps(self.trace_id),
-            SpanAttributeKey.SPAN_TYPE: json.dumps(SpanType.CHAIN),
+            SpanAttributeKey.SPAN_TYPE: json.dumps(root["type"] if root else SpanType.CHAIN),
             SpanAttributeKey.INPUTS: request,
             SpanAttributeKey.OUTPUTS: response or "null",
             "flywheel.model": json.dumps(self.model),
             "flywheel.model_version": json.dumps(self.version),
         }
-        status = Status(StatusCode.ERROR, self.error[:_PREVIEW]) if self.error else Status(StatusCode.OK)
         events = []
         if self.error:
-            from opentelemetry.sdk.trace import Event
-
             exception = {
                 "exception.type": self.error_type or "Exception",
                 "exception.message": self.error,
                 "exception.stacktrace": self.error_traceback or "",
             }
             events.append(Event("exception", exception, timestamp=max(self.end_ns, self.start_ns)))
-        otel = ReadableSpan(
-            name=SPAN_NAME,
-            # the span id from the id's random half (its first half is the time, shared within a ms)
-            context=build_otel_context(int(self.trace_id[3:], 16), int(self.trace_id[19:], 16) or 1),
-            parent=None,
-            start_time=self.start_ns,
-            end_time=max(self.end_ns, self.start_ns),
+        trace_number = int(self.trace_id[3:], 16)
+        # the root's span id from the id's random half (its first half is the time, shared in a ms)
+        ids = [int(self.trace_id[19:], 16) or 1] + [_span_id(self.trace_id, i) for i in range(1, len(tree))]
+        start = min([self.start_ns] + [s["start_ns"] for s in tree[:1]])
+        end = max([self.end_ns, start] + [s["end_ns"] for s in tree[:1]])
+        status = Status(StatusCode.ERROR, self.error[:_PREVIEW]) if self.error else Status(StatusCode.OK)
+        spans = [
+            _span(
+                SPAN_NAME if root is None else root["name"],
+                trace_number,
+                ids[0],
+                None,
+                start,
+                end,
+                attributes,
+                status,
+                events,
+            )
+        ]
+        for i, record in enumerate(tree[1:], start=1):
+            child_attributes = {
+                **record["attributes"],
+                SpanAttributeKey.REQUEST_ID: json.dumps(self.trace_id),
+                SpanAttributeKey.SPAN_TYPE: json.dumps(record["type"]),
+                SpanAttributeKey.INPUTS: record["inputs"],
+                SpanAttributeKey.OUTPUTS: record["outputs"],
+            }
+            child_events = []
+            child_status = Status(StatusCode.OK)
+            if failure := record.get("error"):
+                child_status = Status(StatusCode.ERROR, failure["message"][:_PREVIEW])
+                child_events.append(
+                    Event(
+                        "exception",
+                        {"exception.type": failure["type"], "exception.message": failure["message"]},
+                        timestamp=record["end_ns"],
+                    )
+                )
+            parent = ids[record["parent"] or 0]
+            spans.append(
+                _span(
+                    record["name"],
+                    trace_number,
+                    ids[i],
+                    parent,
+                    record["start_ns"],
+                    record["end_ns"],
+                    child_attributes,
+                    child_status,
+                    child_events,
+                )
+            )
+        return info, spans
+
+
+def _span_id(trace_id: str, index: int) -> int:
+    """A child span's id: derived from the trace id, so a replayed trace has the same spans."""
+    digest = hashlib.blake2b(f"{trace_id}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def _span(
+    name: str,
+    trace_number: int,
+    span_id: int,
+    parent_id: int | None,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict[str, Any],
+    status: Any,
+    events: list[Any],
+) -> Any:
+    from mlflow.entities import Span
+    from mlflow.tracing.utils import build_otel_context
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+
+    return Span(
+        ReadableSpan(
+            name=name,
+            context=build_otel_context(trace_number, span_id),
+            parent=None if parent_id is None else build_otel_context(trace_number, parent_id),
+            start_time=start_ns,
+            end_time=max(end_ns, start_ns),
             attributes=attributes,
             status=status,
             events=events,
             resource=Resource.get_empty(),
         )
-        return info, [Span(otel)]
+    )
 
 
 def _token_usage(usage: dict[str, Any] | None) -> dict[str, int]:

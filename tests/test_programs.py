@@ -190,7 +190,11 @@ def test_the_programs_own_exception_is_500_traced_and_logged(
     trace = _trace(trace_id)
     assert trace.info.state.value == "ERROR"
     assert trace.info.tags["flywheel.error"].startswith("program error: ValueError")
-    (span,) = trace.data.spans
+    (span,) = [s for s in trace.data.spans if s.parent_id is None]
+    assert span.name == "Crashes.forward" and span.status.status_code.value == "ERROR"
+    steps = [s for s in trace.data.spans if s.parent_id is not None]  # what ran before the raise
+    assert "Predict.forward" in {s.name for s in steps}
+    assert all(s.status.status_code.value == "OK" for s in steps)
     (event,) = [e for e in span.events if e.name == "exception"]
     assert event.attributes["exception.type"] == "ValueError"
     stack = event.attributes["exception.stacktrace"]

@@ -1,0 +1,283 @@
+"""The DSPy call tree of one prediction, recorded with DSPy's callbacks, as spans for its trace.
+
+Why not `mlflow.dspy.autolog()`: it sets a global callback, writes through MLflow's
+asynchronous exporter (which drops traces under bursts) and costs tens of milliseconds of
+CPU per call. `CallTree` is a per-request callback, installed with `dspy.context` and so
+never touching global settings: it keeps plain references while the program runs (a name,
+a clock reading, the inputs and outputs objects) and turns them into JSON only once, in
+`spans()`, when the trace record is built. The record then goes through the durable outbox
+and the batch writer like every flywheel trace.
+
+The tree has autolog's shape, so a trace reads the same in the MLflow UI whichever wrote it:
+`<Module>.forward` for each module (CHAIN; LLM for a Predict, AGENT for ReAct, RETRIEVER for
+a Retrieve), `<Adapter>.format` and `.parse` (PARSER), `<LM>.__call__` (CHAT_MODEL, with the
+messages, the response, the model and its token usage) and `Tool.<name>` (TOOL). The parent
+of each call is the DSPy call active when it started (DSPy's own ACTIVE_CALL_ID context
+variable), so the tree is right for async programs and for programs that run steps in
+threads. Token usage is written in MLflow's standard span attribute (`mlflow.chat.tokenUsage`)
+on each LM span and, as autolog does, on the root; the trace's total goes in its metadata.
+
+An LM's parameters are recorded without anything that looks like a credential (an API key,
+headers, a password in a URL), as `lm.safe_params` decides.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
+from dspy.utils.usage_tracker import UsageTracker
+
+from flywheel.lm import safe_params
+
+CHAIN, LLM, CHAT_MODEL, PARSER, TOOL, AGENT, RETRIEVER = (
+    "CHAIN",
+    "LLM",
+    "CHAT_MODEL",
+    "PARSER",
+    "TOOL",
+    "AGENT",
+    "RETRIEVER",
+)
+USAGE_ATTRIBUTE = "mlflow.chat.tokenUsage"  # mlflow.tracing.constant.SpanAttributeKey.CHAT_USAGE
+
+
+@dataclass
+class _Call:
+    """One DSPy call while it runs: references only, serialised later by `CallTree.spans`."""
+
+    name: str
+    kind: str
+    parent: str | None
+    start_ns: int
+    inputs: dict[str, Any]
+    attributes: dict[str, Any] = field(default_factory=dict)
+    end_ns: int | None = None
+    outputs: Any = None
+    error: BaseException | None = None
+    usage: dict[str, int] | None = None
+
+
+class CallTree(BaseCallback, UsageTracker):
+    """Per request: the DSPy calls as a tree, how many LM calls the cache answered, token usage.
+
+    DSPy reports usage to the context's usage tracker for every call the provider answered and
+    never for a cache hit; the callback sees every call. The difference is the cached calls.
+    """
+
+    def __init__(self) -> None:
+        UsageTracker.__init__(self)
+        self.lm_calls = 0
+        self.answered = 0
+        self._calls: dict[str, _Call] = {}  # call id -> call, in start order
+        self._lock = threading.Lock()  # a timed-out forward may still add calls while spans() reads
+
+    # -- DSPy's callback hooks -------------------------------------------------------------
+
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self._start(call_id, f"{type(instance).__name__}.forward", _module_kind(instance), inputs)
+        signature = getattr(instance, "signature", None) or getattr(
+            getattr(instance, "predict", None), "signature", None
+        )
+        if signature is not None and hasattr(signature, "signature"):
+            self._calls[call_id].attributes["signature"] = signature.signature
+
+    def on_module_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.lm_calls += 1
+        model = str(getattr(instance, "model", type(instance).__name__))
+        model_type = getattr(instance, "model_type", None)
+        call = self._start(
+            call_id,
+            f"{type(instance).__name__}.__call__",
+            CHAT_MODEL if model_type == "chat" else LLM,
+            inputs,
+        )
+        call.inputs = safe_params(call.inputs)  # a per-call api_key or headers never reach a trace
+        attributes = safe_params(dict(getattr(instance, "kwargs", {}) or {}))
+        attributes.update(
+            model=model,
+            model_type=model_type,
+            cache=getattr(instance, "cache", None),
+            **{"mlflow.message.format": "dspy", "mlflow.llm.model": model},
+        )
+        if "/" in model:
+            attributes["mlflow.llm.provider"] = model.split("/", 1)[0]
+        call.attributes = attributes
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    def on_adapter_format_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self._start(call_id, f"{type(instance).__name__}.format", PARSER, inputs)
+
+    def on_adapter_format_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    def on_adapter_parse_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self._start(call_id, f"{type(instance).__name__}.parse", PARSER, inputs)
+
+    def on_adapter_parse_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    def on_tool_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        if getattr(instance, "name", None) == "finish":  # ReAct's end marker, not a tool call
+            return
+        call = self._start(call_id, f"Tool.{instance.name}", TOOL, inputs)
+        call.inputs.pop("args", None)
+        call.attributes = {"name": instance.name, "description": getattr(instance, "desc", None)}
+        call.attributes["args"] = getattr(instance, "args", None)
+
+    def on_tool_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self._end(call_id, outputs, exception)
+
+    # -- DSPy's usage tracker ---------------------------------------------------------------
+
+    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+        self.answered += 1
+        super().add_usage(lm, usage_entry)
+        call = self._calls.get(ACTIVE_CALL_ID.get() or "")  # the LM call reporting it
+        if call is not None and call.kind in (CHAT_MODEL, LLM):
+            call.usage = _tokens(usage_entry)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        usage = {k: v for k, v in self.get_total_tokens().items() if v}
+        return {
+            "lm_calls": self.lm_calls,
+            "cached_calls": max(0, self.lm_calls - self.answered),
+            "usage": usage or None,
+        }
+
+    def spans(self) -> list[dict[str, Any]]:
+        """The calls as JSON-able span records, parents before children: `parent` is an index
+        into the list, None for the root (the program's own forward). A call still open (a
+        timed-out run) ends now, marked as not finished."""
+        with self._lock:
+            calls = list(self._calls.items())
+        index = {call_id: i for i, (call_id, _) in enumerate(calls)}
+        now = time.time_ns()
+        out: list[dict[str, Any]] = []
+        for _, call in calls:
+            parent = index.get(call.parent or "")
+            if parent is None and out:
+                parent = 0  # a second top-level call: kept, under the root
+            attributes = dict(call.attributes)
+            if call.usage:
+                attributes[USAGE_ATTRIBUTE] = call.usage
+            error = None
+            if call.error is not None:
+                error = {"type": _type_name(type(call.error)), "message": str(call.error)}
+            elif call.end_ns is None:
+                error = {"type": "Unfinished", "message": "the call had not returned when the request ended"}
+            out.append(
+                {
+                    "name": call.name,
+                    "type": call.kind,
+                    "parent": parent,
+                    "start_ns": call.start_ns,
+                    "end_ns": call.end_ns if call.end_ns is not None else now,
+                    "inputs": to_json(call.inputs),
+                    "outputs": to_json(_plain(call.outputs)),
+                    "attributes": {k: to_json(v) for k, v in attributes.items() if v is not None},
+                    "error": error,
+                }
+            )
+        if out and (root_usage := _tokens(self.get_total_tokens_flat())):
+            out[0]["attributes"][USAGE_ATTRIBUTE] = to_json(root_usage)
+        return out
+
+    def get_total_tokens_flat(self) -> dict[str, Any]:
+        """Every LM's usage summed into one prompt/completion/total entry."""
+        flat: dict[str, int] = {}
+        for entry in self.get_total_tokens().values():
+            for key, value in (entry or {}).items():
+                if isinstance(value, int | float):
+                    flat[key] = flat.get(key, 0) + int(value)
+        return flat
+
+    def _start(self, call_id: str, name: str, kind: str, inputs: dict[str, Any]) -> _Call:
+        call = _Call(name, kind, ACTIVE_CALL_ID.get(), time.time_ns(), _unpack(inputs))
+        with self._lock:
+            self._calls[call_id] = call
+        return call
+
+    def _end(self, call_id: str, outputs: Any, exception: BaseException | None) -> None:
+        call = self._calls.get(call_id)
+        if call is not None:
+            call.end_ns = time.time_ns()
+            call.outputs = outputs
+            call.error = exception
+
+
+def _module_kind(instance: Any) -> str:
+    if isinstance(instance, dspy.Retrieve):
+        return RETRIEVER
+    if isinstance(instance, dspy.ReAct):
+        return AGENT
+    if isinstance(instance, dspy.Predict):
+        return LLM
+    return CHAIN
+
+
+def _unpack(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as autolog records them: `kwargs` merged in, an empty `args` dropped."""
+    merged = {k: v for k, v in inputs.items() if k != "kwargs"} | dict(inputs.get("kwargs") or {})
+    if "args" in merged and not merged["args"]:
+        merged.pop("args")
+    return merged
+
+
+def _tokens(usage: dict[str, Any]) -> dict[str, int] | None:
+    """MLflow's token usage keys from an LM's (LiteLLM's or DSPy's) usage entry."""
+    entry = usage or {}
+    tokens = {
+        "input_tokens": int(entry.get("prompt_tokens") or entry.get("input_tokens") or 0),
+        "output_tokens": int(entry.get("completion_tokens") or entry.get("output_tokens") or 0),
+        "total_tokens": int(entry.get("total_tokens") or 0),
+    }
+    if not tokens["total_tokens"]:
+        tokens["total_tokens"] = tokens["input_tokens"] + tokens["output_tokens"]
+    return tokens if any(tokens.values()) else None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dspy.Prediction):
+        return value.toDict()
+    return value
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, type) and issubclass(value, dspy.Signature):
+        return repr(value)
+    if isinstance(value, dspy.Example):
+        return value.toDict()
+    if hasattr(value, "model_dump"):
+        try:
+            return value.model_dump(mode="json")
+        except Exception:
+            return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """JSON text for a span's inputs, outputs or attribute (anything else becomes its str)."""
+    try:
+        return json.dumps(value, default=_default, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps(str(value), ensure_ascii=False)
+
+
+def _type_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
