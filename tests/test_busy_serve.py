@@ -27,10 +27,6 @@ WORKERS = 4
 BUSY_LOOPS = 2
 
 
-
-
-
-
 def _wait_for(what: str, check: object, log: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -183,6 +183,12 @@ def test_kill_9_of_the_workers_under_load_loses_nothing_acknowledged(seeded: Sto
     assert not lost_traces, f"{len(lost_traces)} of {len(traces)} acknowledged traces lost"
     assert not lost_feedback, f"{len(lost_feedback)} of {len(feedbacks)} acknowledged feedbacks lost"
     assert flushed, runtime.outbox.last_error
+    # every replayed trace has its whole DSPy call tree, not only the root
+    spans = {t: runtime.store.client.get_trace(t).data.spans for t in sorted(traces)}
+    shapes = {t: sorted((s.name, str(s.span_type)) for s in found) for t, found in spans.items()}
+    expected = shapes[min(shapes)]
+    assert len(expected) >= 4 and ("ChatAdapter.format", "PARSER") in expected
+    assert [t for t, shape in shapes.items() if shape != expected] == []
 
 
 def test_promotion_under_concurrent_traffic_with_ttl_0_never_fails_a_request(seeded: Store) -> None:

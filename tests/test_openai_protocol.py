@@ -109,6 +109,16 @@ def test_predict_shows_the_lm_the_programs_demos(served: str, stub: OpenAIStub) 
     assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0  # the stub's usage figures
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert trace.info.tags["flywheel.lm_cache"] == "miss"
+    # what the LM saw, in the trace: its span holds the messages with the demos, the answer,
+    # the model and the call's token usage (LiteLLM's figures), as MLflow's UI reads them
+    (lm,) = [s for s in trace.data.spans if s.span_type == "CHAT_MODEL"]
+    messages = json.dumps(lm.inputs["messages"])
+    for demo in ("France", "Paris", "Japan", "Tokyo"):
+        assert demo in messages
+    assert "Nairobi" in json.dumps(lm.outputs)
+    assert lm.attributes["mlflow.llm.model"].startswith("openai/stub-")
+    assert lm.attributes["mlflow.chat.tokenUsage"] == usage
+    assert KEY not in json.dumps([s.to_dict() for s in trace.data.spans])
 
 
 def test_pipeline_react_and_typed_outputs_over_the_protocol(served: str, stub: OpenAIStub) -> None:

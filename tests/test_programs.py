@@ -47,9 +47,7 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def zoo_store(
-    tmp_path_factory: pytest.TempPathFactory, make_module_store: Callable[..., Store]
-) -> Store:
+def zoo_store(tmp_path_factory: pytest.TempPathFactory, make_module_store: Callable[..., Store]) -> Store:
     store = make_module_store(tmp_path_factory.mktemp("zoo") / "home", DEFAULT_MODEL_STAGE="None")
     for name, (build, kwargs) in MODELS.items():
         registry.register_program(build(), name, store=store, **kwargs)

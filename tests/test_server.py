@@ -28,17 +28,11 @@ JOKES = "joke-generator"
 BIN = Path(sys.executable).parent
 
 
-
-
-
-
 def _spawn(cmd: list[str], **env: str) -> subprocess.Popen[bytes]:
     full = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", **env)
     return subprocess.Popen(
         cmd, env=full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-
-
 
 
 @pytest.fixture
