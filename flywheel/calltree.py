@@ -281,3 +281,97 @@ def to_json(value: Any) -> str:
 def _type_name(kind: type) -> str:
     module = kind.__module__
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a prediction as people read it ("what the LM saw"): its place in the tree,
+    its time and, for an LM call, the messages sent, the response and the tokens."""
+
+    name: str
+    kind: str
+    depth: int
+    duration_ms: float
+    messages: list[dict[str, Any]] | None = None
+    response: Any = None
+    tokens: dict[str, int] | None = None
+    error: str | None = None
+
+    @property
+    def is_lm(self) -> bool:
+        return self.kind in (CHAT_MODEL, LLM) and self.messages is not None
+
+
+def steps(spans: list[Any]) -> list[Step]:
+    """The steps of a trace, in tree order (each after its parent), from MLflow spans (a stored
+    trace) or from `CallTree.spans()` records (a prediction not yet delivered)."""
+    rows = [_row(s, i) for i, s in enumerate(spans)]
+    children: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        children.setdefault(row["parent"], []).append(row)
+    ids = {row["id"] for row in rows}
+    out: list[Step] = []
+
+    def walk(parent: Any, depth: int) -> None:
+        for row in sorted(children.get(parent, []), key=lambda r: r["start"]):
+            out.append(
+                Step(
+                    row["name"],
+                    row["kind"],
+                    depth,
+                    round((row["end"] - row["start"]) / 1e6, 1),
+                    row["messages"],
+                    row["response"],
+                    row["tokens"],
+                    row["error"],
+                )
+            )
+            walk(row["id"], depth + 1)
+
+    for root in [r for r in rows if r["parent"] not in ids]:
+        children.setdefault("__roots__", []).append(root)
+    walk("__roots__", 0)
+    return out
+
+
+def _row(span: Any, index: int) -> dict[str, Any]:
+    if isinstance(span, dict):  # a CallTree record: JSON texts, parent by index
+        inputs = _loads(span.get("inputs"))
+        attributes = {k: _loads(v) for k, v in (span.get("attributes") or {}).items()}
+        error = span.get("error")
+        return {
+            "id": index,
+            "parent": span.get("parent"),
+            "name": span["name"],
+            "kind": span["type"],
+            "start": span["start_ns"],
+            "end": span["end_ns"],
+            "messages": inputs.get("messages") if isinstance(inputs, dict) else None,
+            "response": _loads(span.get("outputs")),
+            "tokens": attributes.get(USAGE_ATTRIBUTE),
+            "error": f"{error['type']}: {error['message']}" if error else None,
+        }
+    inputs = span.inputs if isinstance(span.inputs, dict) else {}
+    status = getattr(getattr(span, "status", None), "status_code", None)
+    failed = str(getattr(status, "value", status)) == "ERROR"
+    return {
+        "id": span.span_id,
+        "parent": span.parent_id,
+        "name": span.name,
+        "kind": str(span.span_type),
+        "start": span.start_time_ns,
+        "end": span.end_time_ns or span.start_time_ns,
+        "messages": inputs.get("messages"),
+        "response": span.outputs,
+        "tokens": (span.attributes or {}).get(USAGE_ATTRIBUTE),
+        "error": (getattr(span.status, "description", None) or "failed") if failed else None,
+    }
+
+
+def _loads(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flywheel import feedback
+from flywheel.calltree import Step
+from flywheel.calltree import steps as calltree_steps
 from flywheel.errors import ReviewError
 from flywheel.feedback import FEEDBACK_ID, RATING
 from flywheel.tracing import complete_calls, model_filter, served_call
@@ -274,6 +276,12 @@ def _item(info: Any, tracking: Any = None) -> QueueItem:
     if call.truncated and tracking is not None:
         call = complete_calls(tracking, [info]).get(info.trace_id, call)
     return QueueItem(info.trace_id, call.model, call.version, call.inputs, call.outputs, info.request_time)
+
+
+def steps(runtime: Runtime, trace_id: str) -> list[Step]:
+    """A trace's call tree as people read it (the card's "what the LM saw"): spans only, so
+    nothing another reviewer answered (assessments) is in it."""
+    return calltree_steps(runtime.store.client.get_trace(trace_id).data.spans)
 
 
 def retract(runtime: Runtime, trace_id: str, receipt: feedback.Receipt) -> int:

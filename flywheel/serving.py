@@ -38,7 +38,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,7 @@ class Prediction:
     model_version: str
     latency_ms: float
     route: str = canary.EXPLICIT  # stable, canary or explicit: why this version answered
+    spans: list[dict[str, Any]] = field(default_factory=list, repr=False)  # the DSPy call tree
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -177,6 +178,7 @@ async def apredict(
         _fail(runtime, loaded, trace_id, inputs, started_ns, exc, error, recorder, route)
         raise error from None
     latency_ms = round((time.perf_counter() - t0) * 1000, 2)
+    spans = recorder.spans()
     record = TraceRecord.ok(
         trace_id,
         loaded.info,
@@ -185,13 +187,13 @@ async def apredict(
         started_ns,
         time.time_ns(),
         route=route,
-        spans=recorder.spans(),
+        spans=spans,
         **recorder.summary(),
     )
     await runtime.commit_trace(record)  # committed before the answer: a 200 means durable
     if plan is not None and plan.shadow_ref and route == canary.STABLE:
         runtime.spawn(_shadow(runtime, model, plan.shadow_ref, inputs, trace_id, limit))
-    return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms, route)
+    return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms, route, spans)
 
 
 async def _load(runtime: Runtime, model: str, ref: str | int | None) -> LoadedProgram:

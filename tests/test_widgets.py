@@ -19,6 +19,7 @@ from flywheel.outbox import Outbox
 from flywheel.review import Leases, ReviewQueue
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.tracing import model_key
+from flywheel.ui.base import esc
 from flywheel.ui.review import KEYS, key_listener_html
 from flywheel.ui.widgets import (
     ExportPanel,
@@ -156,6 +157,37 @@ def test_predict_panel_shows_errors_instead_of_raising(rt: Runtime) -> None:
     panel.predict_button.click()
     panel.submit_button.click()
     assert "thumbs up or thumbs down" in status_of(panel)
+
+
+def test_what_the_lm_saw_is_shown_collapsed_and_escaped_in_the_panel_and_the_card(rt: Runtime) -> None:
+    panel = predict_panel(ROUTER, user_id="bob")
+    panel.inputs["ticket"].value = "<script>alert(1)</script> my invoice is wrong"
+    panel.predict_button.click()
+    assert panel.prediction is not None
+    shown = panel.result.value
+    assert '<details class="fw-lm-saw">' in shown and "What the LM saw · 1 LM call" in shown
+    assert "<script>" not in shown and "&lt;script&gt;alert(1)&lt;/script&gt;" in shown  # the prompt, escaped
+    for step in ("ChatAdapter.format", "ChatAdapter.parse", "__call__"):
+        assert step in shown
+    assert "fw-lm-message" in shown and "system" in shown and "fw-lm-response" in shown
+    answer = panel.prediction.result["category"]
+    assert esc(answer) in shown.split('class="fw-lm-response"')[1]  # the LM's raw response
+
+    flywheel.submit_feedback(
+        panel.prediction.trace_id, "thumbs_down", user_id="dave", comment="dave-thinks-so", runtime=rt
+    )
+    rt.outbox.flush(timeout=10)  # the review card reads the stored trace
+    card = RatingPanel._card(rating_panel(f"reviewer=carol&model={ROUTER}"), _item_for(rt, panel))
+    assert '<details class="fw-lm-saw">' in card and "&lt;script&gt;" in card and "<script>" not in card
+    assert "dave-thinks-so" not in card and "thumbs_down" not in card  # no other reviewer's answer
+
+
+def _item_for(runtime: Runtime, panel: PredictPanel) -> Any:
+    from flywheel.review import QueueItem
+
+    p = panel.prediction
+    assert p is not None
+    return QueueItem(p.trace_id, p.model, p.model_version, {}, p.result, 0)
 
 
 def test_prediction_card_links_the_trace(rt: Runtime) -> None:

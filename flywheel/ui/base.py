@@ -46,6 +46,12 @@ CSS = """<style>
 .fw-msg-ok {color: #05603a;} .fw-msg-error {color: #b42318;} .fw-msg-info {color: #475467;}
 .fw-nowrap {white-space: nowrap;}
 .fw-trace-link {color: #175cd3; text-decoration: underline;}
+.fw-lm-saw {margin-top: 8px; font-size: 13px;}
+.fw-lm-saw summary {cursor: pointer; color: #344054; font-weight: 600;}
+.fw-lm-call {border-left: 3px solid #d0d5dd; padding: 2px 10px; margin: 8px 0;}
+.fw-lm-message pre, .fw-lm-response pre {white-space: pre-wrap; margin: 2px 0 6px; font-size: 12px;
+  background: #f5f6f8; padding: 6px 8px; border-radius: 4px; max-height: 24em; overflow: auto;}
+.fw-role {color: #475467; font-size: 11px; text-transform: uppercase; letter-spacing: .04em;}
 .fw-empty-state {padding: 18px; border: 1px dashed #d0d5dd; border-radius: 8px; color: #475467;}
 </style>"""
 
@@ -181,6 +187,49 @@ def trace_url(trace_id: str, runtime: Runtime) -> str:
 def trace_link(trace_id: str, runtime: Runtime) -> str:
     url = esc(trace_url(trace_id, runtime))
     return f'<a class="fw-trace-link" href="{url}" target="_blank" rel="noopener">{esc(trace_id)}</a>'
+
+
+def lm_saw_html(steps: Sequence[Any]) -> str:
+    """The collapsed "what the LM saw" section of a prediction's card, from its call tree
+    (`calltree.steps`): every step with its time, then each LM call's messages, response and
+    tokens. Everything shown is escaped: prompts and answers are user and model text."""
+    if not steps:
+        return ""
+    calls = [s for s in steps if s.is_lm]
+    tokens = sum(int((s.tokens or {}).get("total_tokens") or 0) for s in calls)
+    summary = f"What the LM saw · {len(calls)} LM call{'s' * (len(calls) != 1)}"
+    summary += f" · {tokens} tokens" if tokens else ""
+    rows = [
+        [
+            f'<span style="padding-left:{14 * s.depth}px">{esc(s.name)}</span>',
+            esc(s.kind),
+            nowrap(f"{s.duration_ms:.1f} ms"),
+            f'<span class="fw-msg-error">{esc(s.error)}</span>' if s.error else "",
+        ]
+        for s in steps
+    ]
+    parts = [table(["step", "type", "time", ""], rows, "fw-steps")]
+    for n, call in enumerate(calls, start=1):
+        used = call.tokens or {}
+        figures = (
+            f" · {used.get('input_tokens', 0)} in / {used.get('output_tokens', 0)} out tokens" if used else ""
+        )
+        messages = "".join(
+            f'<div class="fw-lm-message"><span class="fw-role">{esc(m.get("role"))}</span>'
+            f"<pre>{esc(text_of(m.get('content')))}</pre></div>"
+            for m in call.messages or []
+            if isinstance(m, dict)
+        )
+        response = call.response
+        if isinstance(response, list) and len(response) == 1:
+            response = response[0]
+        parts.append(
+            f'<div class="fw-lm-call"><div class="fw-muted">LM call {n} · {esc(call.name)} · '
+            f"{call.duration_ms:.1f} ms{esc(figures)}</div>{messages}"
+            f'<div class="fw-lm-response"><span class="fw-role">response</span>'
+            f"<pre>{esc(text_of(response) if response is not None else call.error or '')}</pre></div></div>"
+        )
+    return f'<details class="fw-lm-saw"><summary>{esc(summary)}</summary>{"".join(parts)}</details>'
 
 
 def stored_feedback(trace_id: str, runtime: Runtime) -> list[dict[str, Any]]:

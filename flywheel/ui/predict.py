@@ -7,6 +7,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import feedback, registry, serving
+from flywheel.calltree import steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
@@ -19,6 +20,7 @@ from flywheel.ui.base import (
     fields_html,
     guarded,
     html_widget,
+    lm_saw_html,
     model_names,
     ref_options,
     say,
@@ -141,7 +143,7 @@ class PredictPanel(widgets.VBox):
         self.result.value = (
             f'<div class="fw-card">{fields_html(p.result)}<div class="fw-muted">{esc(p.model)} '
             f"v{esc(p.model_version)} · {p.latency_ms:.0f} ms · trace {trace_link(p.trace_id, self.runtime)}"
-            "</div></div>"
+            f"</div>{lm_saw_html(steps(p.spans))}</div>"
         )
         self.corrections = {
             k: classed(

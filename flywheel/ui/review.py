@@ -34,6 +34,7 @@ import ipywidgets as widgets
 
 from flywheel import registry
 from flywheel.review import LEASE_SECONDS, QueueItem, ReviewQueue
+from flywheel.review import steps as review_steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
@@ -47,6 +48,8 @@ from flywheel.ui.base import (
     friendly,
     guarded,
     html_widget,
+    lm_saw_html,
+    log,
     model_names,
     parse_query,
     say,
@@ -341,8 +344,17 @@ class RatingPanel(widgets.VBox):
             f"{esc(fmt_time(item.request_time))} UTC · trace {trace_link(item.trace_id, self.runtime)}"
             "</span></div>"
             f'<div class="fw-title">Inputs</div>{fields_html(item.inputs)}'
-            f'<div class="fw-title">Output</div>{fields_html(item.outputs)}</div>'
+            f'<div class="fw-title">Output</div>{fields_html(item.outputs)}'
+            f"{self._lm_saw(item.trace_id)}</div>"
         )
+
+    def _lm_saw(self, trace_id: str) -> str:
+        """The card's "what the LM saw" section: LM spans only, never another reviewer's answer."""
+        try:
+            return lm_saw_html(review_steps(self.runtime, trace_id))
+        except Exception as exc:  # the card still works without it (e.g. MLflow just went down)
+            log.warning("call tree of %s unavailable: %s", trace_id, exc)
+            return '<div class="fw-muted">What the LM saw: unavailable right now.</div>'
 
     # --- actions (buttons and keys) --------------------------------------------------------
 
