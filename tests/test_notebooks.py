@@ -31,7 +31,14 @@ def test_notebooks_and_dashboards_run_on_a_fresh_store(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     passed = re.search(r"(\d+) passed", done.stdout)
     expected = len(list((ROOT / "notebooks").glob("*.ipynb")) + list((ROOT / "dashboards").glob("*.ipynb")))
-    assert expected >= 7 and passed and int(passed.group(1)) == expected
+    assert expected >= 9 and passed and int(passed.group(1)) == expected
+
+
+def test_your_program_notebook_runs_on_an_empty_store(tmp_path: Path) -> None:
+    # 06 seeds nothing: its own Module class, CSV, compile, promote, HTTP predict, trace, feedback, loop turn
+    done = nbmake(tmp_path / "own", "notebooks/06_your_program.ipynb")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout
 
 
 def test_dashboards_run_on_an_empty_store(tmp_path: Path) -> None:
