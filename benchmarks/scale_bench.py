@@ -170,9 +170,11 @@ def main() -> None:
         for url in hosts:  # from the CLI's return to the first answer with the new version
             new_after = [a for a, u, v in seen if u == url and v == "2" and a > promoted_at]
             delays[url] = (min(new_after, default=float("nan")) - promoted_at, bool(new_after))
-        print("\n| hosts | req/s (both) | share of the limit | p50 ms | p99 ms | errors |"
-              " traces/s delivered | backlog at end of load (peak) | drained after | traces in MLflow |"
-              " promotion visible after |")
+        print(
+            "\n| hosts | req/s (both) | share of the limit | p50 ms | p99 ms | errors |"
+            " traces/s delivered | backlog at end of load (peak) | drained after | traces in MLflow |"
+            " promotion visible after |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         limit = 2 * each / 0.1
         unfinished = "" if left == 0 else f" ({left} still queued)"

@@ -1,5 +1,8 @@
 """Serving benchmark: flywheel serve vs mlflow models serve, trace completeness, export time.
 
+Traces are complete when MLflow holds the trace and every span of its DSPy call tree (the
+stand-in LM's call included, with token usage, as a real LM call's).
+
     .venv/bin/python -m benchmarks.serve_bench [--duration 20] [--concurrency 64] [--workers 2]
 
 Both servers run the same registered program on a stand-in LM that only
@@ -151,14 +154,29 @@ def setup_store(home: Path) -> None:
     registry.promote(MODEL, info.version, "Production", store)
 
 
+def expected_spans() -> int:
+    """How many spans one prediction's call tree has (the program run here under a CallTree)."""
+    import dspy
+
+    from benchmarks.sleep_lm import SleepLM
+    from flywheel.calltree import CallTree
+    from flywheel.demo.seed import joke_program
+
+    tree = CallTree()
+    with dspy.context(lm=SleepLM(0), callbacks=[tree], usage_tracker=tree):
+        joke_program(4)(topic="cat")
+    return len(tree.spans())
+
+
 def complete_traces(trace_ids: list[str]) -> int:
-    """How many of these ids have a trace info *and* its root span in MLflow."""
+    """How many of these ids have a trace info *and* every span of the call tree in MLflow."""
     from mlflow.store.tracking.dbmodels.models import SqlSpan, SqlTraceInfo
     from sqlalchemy import func, select
 
     from flywheel.store import connect
 
     tracking = connect().tracking
+    wanted = expected_spans()
     complete = 0
     with tracking.ManagedSessionMaker() as session:
         for i in range(0, len(trace_ids), 500):
@@ -176,6 +194,7 @@ def complete_traces(trace_ids: list[str]) -> int:
                     .where(SqlSpan.trace_id.in_(chunk))
                     .group_by(SqlSpan.trace_id)
                 )
+                if r[1] == wanted
             }
             complete += len(infos & spans)
     return complete

@@ -29,7 +29,9 @@ def _answer(request: Any) -> Any:
     asked = last[last.rfind("Respond with") :]
     fields = [f for f in dict.fromkeys(_FIELD.findall(asked)) if f != "completed"] or ["answer"]
     text = "".join(f"[[ ## {f} ## ]]\nstand-in answer\n\n" for f in fields) + "[[ ## completed ## ]]"
-    prompt = sum(len((m.text or "").split()) for m in request.messages) + len(str(request.system or "").split())
+    prompt = sum(len((m.text or "").split()) for m in request.messages) + len(
+        str(request.system or "").split()
+    )
     answer = len(text.split())
     # counted like a tokenizer would roughly count words: the trace shows usage as a real LM's does
     usage = Usage(input_tokens=prompt, output_tokens=answer, total_tokens=prompt + answer)
