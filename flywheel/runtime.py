@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import threading
 import time
@@ -190,6 +191,11 @@ class Runtime:
         payload["inputs"] = limits.stored(payload["inputs"], *limit)
         payload["outputs"] = limits.stored(payload["outputs"], *limit)
         payload["error"] = limits.stored(payload["error"], *limit)
+        for span in payload.get("spans") or []:  # the call tree repeats the inputs (e.g. in prompts)
+            for part in ("inputs", "outputs"):
+                text = span.get(part)
+                if isinstance(text, str) and len(text) > limit[0]:
+                    span[part] = json.dumps(limits.stored(json.loads(text), *limit), ensure_ascii=False)
         return payload
 
     async def commit_trace(self, record: tracing.TraceRecord) -> None:

@@ -197,3 +197,19 @@ def test_every_span_is_stored_after_a_200_per_second_burst_on_four_workers(fresh
         expected = _shape(first.data.spans)
         assert [name for (name, *_), _ in expected][:1] == ["CapitalQA.forward"] and len(expected) == 6
         assert not _missing_spans(runtime, traces, expected)
+
+
+def test_a_long_input_is_cut_in_every_span_as_in_the_root(
+    tmp_path: Path, make_store: Callable[..., Store]
+) -> None:
+    store = make_store(tmp_path / "home", MAX_FIELD_CHARS="1000")
+    registry.register_program(zoo.capital_qa(), "capital", store=store)
+    with Runtime() as runtime:
+        answer = predict(runtime, "capital", {"country": "Kenya " * 2000}, 1)
+        assert runtime.outbox.flush(), runtime.outbox.last_error
+        trace = runtime.store.client.get_trace(answer.trace_id)
+    (lm,) = [s for s in trace.data.spans if s.span_type == "CHAT_MODEL"]
+    last = lm.inputs["messages"][-1]["content"]
+    assert last.endswith("…[truncated by flywheel]") and len(last) == 1000
+    for span in trace.data.spans:
+        assert "Kenya " * 200 not in json.dumps(span.inputs)[1000:], span.name
