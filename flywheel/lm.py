@@ -9,6 +9,8 @@ demo's output values. It never generates text. Field names and types are read fr
 message and the format from the prompt text (ChatAdapter ``[[ ## field ## ]]`` sections, or a
 JSON object for JSONAdapter), so it works for any signature and ignores dspy.settings.
 It exists so that optimisation is visible offline: more and better demos give better answers.
+Asked to stream (`dspy.streamify`), it sends the same text a few words per delta, as a provider
+would, so a streamed field arrives in several chunks.
 
 Fallbacks, used when the prompt has no demos or the chosen demo lacks a field (e.g. ``reasoning``
 for ChainOfThought when demos were labelled without it), derived from the field's type as the

@@ -319,3 +319,29 @@ def test_sync_stream_raises_the_error_after_the_chunks(stream_store: Store) -> N
     assert events[-1]["result"] == {"capital": LONG_CAPITALS["Kenya"]} and len(events) >= 4
     with pytest.raises(errors.PredictTimeout):
         list(streaming.stream(get_runtime(), "slow", {"country": "France"}, timeout=0.5))
+
+
+def test_a_stream_follows_the_traffic_plan_canary_and_shadow(stream_store: Store) -> None:
+    from flywheel import canary
+    from flywheel.tracing import SHADOW_OF_TAG, shadow_filter
+
+    runtime = get_runtime()
+    canary.set_canary(stream_store, JOKES, "1", 1.0, actor="test")  # every unpinned request
+    try:
+        *_, result = streaming.stream(runtime, JOKES, {"topic": "canary cats"})
+    finally:
+        canary.set_canary(stream_store, JOKES, None, 0.0, actor="test")
+    assert result["model_version"] == "1"
+
+    canary.set_shadow(stream_store, JOKES, "1", actor="test")
+    try:
+        *_, answered = streaming.stream(runtime, JOKES, {"topic": "shadow cats"})  # ends after the shadow
+    finally:
+        canary.set_shadow(stream_store, JOKES, None, actor="test")
+    assert answered["model_version"] == "2"
+    assert runtime.outbox.flush(), runtime.outbox.last_error
+    shadows, _ = stream_store.tracking.search_traces(
+        locations=[stream_store.experiment_id], filter_string=shadow_filter(JOKES), max_results=100
+    )
+    (shadow,) = [s for s in shadows if s.tags[SHADOW_OF_TAG] == answered["trace_id"]]
+    assert shadow.tags["flywheel.model_version"] == "1" and shadow.tags["flywheel.route"] == "shadow"
