@@ -27,9 +27,10 @@ The streamify wrapper and its listeners are built per request, inside the reques
 REQUEST_TIMEOUT covers the whole run. A program with its own `aforward` runs on the event
 loop. A forward-only program runs in an AnyIO worker thread (DSPy's sync streaming sends
 its chunks back to the loop through AnyIO, which only such a thread can do), at most
-PROGRAM_THREADS of them at once per event loop; the thread gets a copy of the request's
-context, so its `dspy.context` and recorder are the request's. A timed-out thread is
-abandoned, as in `serving`, and stops at its next chunk.
+PROGRAM_THREADS of them at once per event loop (a separate bound from `serving`'s program
+pool); the thread gets a copy of the request's context, so its `dspy.context` and recorder
+are the request's. A timed-out thread is abandoned (it no longer counts against the bound)
+and stops at its next chunk, whose stream is closed by then.
 
 The program runs in its own task: a client that leaves mid-stream does not stop it, and
 its trace is written as usual (its answer just reaches nobody).
@@ -141,7 +142,7 @@ class Stream:
     prediction: serving.Prediction | None = None  # the answer, once it is committed
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Chunk events, then one result or error event."""
+        """Chunk events, then one result or error event (iterate once: each call runs the program)."""
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.runtime.spawn(self._produce(events.put_nowait))
         while True:

@@ -208,6 +208,28 @@ def test_a_failing_lm_ends_the_stream_with_a_502_error_event_and_an_error_trace(
 
 
 @pytest.mark.slow
+def test_a_client_that_leaves_early_still_gets_its_prediction_traced(
+    server: str, stream_store: Store
+) -> None:
+    marker = "Kenya, asked by a client that leaves"
+    with httpx.stream(
+        "POST", f"{server}/predict/stream", json={"model": CAPITAL, "inputs": {"country": marker}}, timeout=60
+    ) as r:
+        first = next(line for line in r.iter_lines() if line.startswith("event: "))
+        assert first == "event: chunk"  # then the connection is closed mid-stream
+    deadline = time.monotonic() + 60
+    while True:
+        where = [stream_store.experiment_id]
+        infos, _ = stream_store.tracking.search_traces(locations=where, max_results=500)
+        mine = [i for i in infos if marker in i.tags.get("flywheel.inputs", "")]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(mine) == 1 and mine[0].state.value == "OK"
+    assert json.loads(mine[0].tags["flywheel.outputs"]) == {"capital": LONG_CAPITALS["Kenya"]}
+
+
+@pytest.mark.slow
 def test_errors_before_the_stream_are_ordinary_json_errors(server: str) -> None:
     cases = [
         ({"model": "no-such-model", "inputs": {"topic": "x"}}, 404, "Model not found"),
