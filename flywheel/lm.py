@@ -9,6 +9,8 @@ demo's output values. It never generates text. Field names and types are read fr
 message and the format from the prompt text (ChatAdapter ``[[ ## field ## ]]`` sections, or a
 JSON object for JSONAdapter), so it works for any signature and ignores dspy.settings.
 It exists so that optimisation is visible offline: more and better demos give better answers.
+Asked to stream (`dspy.streamify`), it sends the same text a few words per delta, as a provider
+would, so a streamed field arrives in several chunks.
 
 Fallbacks, used when the prompt has no demos or the chosen demo lacks a field (e.g. ``reasoning``
 for ChainOfThought when demos were labelled without it), derived from the field's type as the
@@ -35,7 +37,16 @@ from typing import Any
 
 import dspy
 from dspy.clients.engines.base import validate_request
-from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import (
+    Message,
+    Request,
+    Response,
+    StreamDeltaEvent,
+    TextDelta,
+    TextPart,
+    Usage,
+    response_to_events,
+)
 
 OFFLINE_MODEL = "flywheel/offline"
 
@@ -46,6 +57,8 @@ _HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _FIELD = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.M)
 _NOTE = re.compile(r"^\{(\w+)\} +# note: the value you produce (.*)$")
 _JSON_LINE = re.compile(r'^"\w+": (".*")\s*,?$')
+_WORDS_PER_DELTA = 3  # how the offline LM streams: a few words per text delta, like a provider
+_PIECE = re.compile(r"\s*\S+\s*|\s+")
 _SECRET_PARTS = ("key", "token", "secret", "password", "authorization", "header", "credential")
 
 
@@ -227,6 +240,26 @@ def _respond(request: Request) -> Response:
     return Response(id=None, model=OFFLINE_MODEL, message=message, finish_reason="stop", usage=usage)
 
 
+def deltas(text: str, words: int = _WORDS_PER_DELTA) -> list[str]:
+    """`text` cut into pieces of `words` words each (whitespace kept), which join back to `text`."""
+    pieces = _PIECE.findall(text)
+    return ["".join(pieces[i : i + words]) for i in range(0, len(pieces), words)] or [text]
+
+
+def _events(request: Request) -> Iterator[Any]:
+    """The answer as stream events: start, the text as several deltas of a few words, end.
+
+    DSPy's native engine path sends each text delta to the stream listeners of `dspy.streamify`
+    (as one chunk), so a streamed field arrives in pieces, as from a provider."""
+    for event in response_to_events(_respond(request)):
+        if event.type == "delta" and event.delta.type == "text":
+            index = event.delta.part_index
+            for piece in deltas(event.delta.text):
+                yield StreamDeltaEvent(delta=TextDelta(text=piece, part_index=index))
+        else:
+            yield event
+
+
 class RetrievalEngine:
     """Stateless dspy engine for OfflineLM; safe to share across threads, copies and pickles."""
 
@@ -234,7 +267,7 @@ class RetrievalEngine:
         return _respond(request)
 
     def stream(self, request: Request) -> Iterator[Any]:
-        return response_to_events(_respond(request))
+        return _events(request)
 
     def close(self) -> None:
         pass
@@ -254,7 +287,7 @@ class AsyncRetrievalEngine(RetrievalEngine):
         return _respond(request)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:  # type: ignore[override]
-        for event in response_to_events(_respond(request)):
+        for event in _events(request):
             yield event
 
     async def aclose(self) -> None:

@@ -151,19 +151,7 @@ async def apredict(
     its reference (sticky by `routing_key`), and a shadow reference, when set, runs on the
     same inputs after the answer, traced and linked to this trace, its answer never returned.
     """
-    route = canary.EXPLICIT
-    plan = None
-    if ref is None:
-        plan = runtime.traffic.peek(model) or await asyncio.to_thread(runtime.traffic.get, model)
-        route = canary.choose(plan, model, routing_key)
-    if route == canary.CANARY and plan is not None:
-        try:
-            loaded = await _load(runtime, model, plan.canary_ref)
-        except ModelNotFound:  # the canary's alias was removed: its share is served as usual
-            route = canary.STABLE
-            loaded = await _load(runtime, model, ref)
-    else:
-        loaded = await _load(runtime, model, ref)
+    loaded, route, plan = await _choose(runtime, model, ref, routing_key)
     check_inputs(loaded.info, inputs)
     arguments = convert_inputs(loaded.program, inputs)
     trace_id = new_trace_id()
@@ -194,6 +182,23 @@ async def apredict(
     if plan is not None and plan.shadow_ref and route == canary.STABLE:
         runtime.spawn(_shadow(runtime, model, plan.shadow_ref, inputs, trace_id, limit))
     return Prediction(result, trace_id, loaded.info.name, loaded.info.version, latency_ms, route, spans)
+
+
+async def _choose(
+    runtime: Runtime, model: str, ref: str | int | None, routing_key: str | None
+) -> tuple[LoadedProgram, str, canary.TrafficPlan | None]:
+    """The program that answers, why (the route), and the model's traffic plan when `ref` is None."""
+    route = canary.EXPLICIT
+    plan = None
+    if ref is None:
+        plan = runtime.traffic.peek(model) or await asyncio.to_thread(runtime.traffic.get, model)
+        route = canary.choose(plan, model, routing_key)
+    if route == canary.CANARY and plan is not None:
+        try:
+            return await _load(runtime, model, plan.canary_ref), route, plan
+        except ModelNotFound:  # the canary's alias was removed: its share is served as usual
+            route = canary.STABLE
+    return await _load(runtime, model, ref), route, plan
 
 
 async def _load(runtime: Runtime, model: str, ref: str | int | None) -> LoadedProgram:

@@ -313,6 +313,7 @@ def test_openapi_docs_and_every_endpoint_is_documented(http: httpx.Client) -> No
     routes = {(method.upper(), path) for path, ops in paths.items() for method in ops}
     assert routes == {
         ("POST", "/predict"),
+        ("POST", "/predict/stream"),
         ("POST", "/feedback"),
         ("GET", "/export"),
         ("GET", "/models"),

@@ -162,7 +162,7 @@ def test_voila_command_and_launch(voila: Launched) -> None:
 
     cmd = voila_command(Path("dashboards"), 1234)
     assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
-    assert set(voila.urls) == {"rating.ipynb", "models.ipynb", "pairwise.ipynb"}
+    assert set(voila.urls) == {"rating.ipynb", "models.ipynb", "pairwise.ipynb", "predict.ipynb"}
     env = kernel_env()  # the kernels run in dashboards/: they get the resolved settings
     assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert load_settings(env, env_file=None) == get_settings()

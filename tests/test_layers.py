@@ -75,6 +75,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
         ["loop"],
         [
             "serving",
+            "streaming",
             "feedback",
             "review",
             "export",

@@ -45,4 +45,4 @@ def test_dashboards_run_on_an_empty_store(tmp_path: Path) -> None:
     done = nbmake(tmp_path / "empty", "dashboards/")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     shipped = len(list((ROOT / "dashboards").glob("*.ipynb")))
-    assert shipped == 3 and f"{shipped} passed" in done.stdout  # the friendly empty state, no seeding
+    assert shipped == 4 and f"{shipped} passed" in done.stdout  # the friendly empty state, no seeding

@@ -10,6 +10,7 @@ Every response names the worker process that answered (`X-Flywheel-Worker: <pid>
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -22,10 +23,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving
+from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving, streaming
 from flywheel.config import Settings
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError, Unavailable
@@ -306,6 +307,32 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 router = APIRouter()
 
 
+_ROUTE_HEADER = {
+    "description": "`explicit`: the request named a version, stage or alias; `canary`: "
+    "the model's canary share took it; `stable`: the default stage answered",
+    "schema": {"type": "string", "enum": ["stable", "canary", "explicit"]},
+}
+
+_STREAM_EXAMPLE = (
+    'event: chunk\ndata: {"event": "chunk", "field": "joke", "chunk": "My cat sits"}\n\n'
+    'event: result\ndata: {"event": "result", "result": {"joke": "My cat sits on my keyboard."}, '
+    '"trace_id": "tr-0194...", "model_version": "2", "latency_ms": 12.3}\n\n'
+)
+
+
+def _refs(body: PredictRequest) -> str | None:
+    refs = [r for r in (body.version, body.stage, body.alias) if r]
+    if len(refs) > 1:
+        raise HTTPException(422, "give at most one of version, stage or alias")
+    return refs[0] if refs else None
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    """One Server-Sent Event: its name, and the whole event as one line of JSON."""
+    data = json.dumps(event, ensure_ascii=False, allow_nan=False, default=str)
+    return f"event: {event['event']}\ndata: {data}\n\n".encode()
+
+
 @router.post(
     "/predict",
     response_model=PredictResponse,
@@ -314,27 +341,17 @@ router = APIRouter()
         200: {
             "description": "answered; its trace is committed to this host's outbox. `model_version` is "
             "the version that answered; the header says why",
-            "headers": {
-                "X-Flywheel-Route": {
-                    "description": "`explicit`: the request named a version, stage or alias; `canary`: "
-                    "the model's canary share took it; `stable`: the default stage answered",
-                    "schema": {"type": "string", "enum": ["stable", "canary", "explicit"]},
-                }
-            },
+            "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
         },
         **_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
     },
 )
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
-    refs = [r for r in (body.version, body.stage, body.alias) if r]
-    if len(refs) > 1:
-        raise HTTPException(422, "give at most one of version, stage or alias")
+    ref = _refs(body)
     started = time.perf_counter()
     key = body.routing_key or body.user_id
     try:
-        prediction = await serving.apredict(
-            runtime, body.model, body.inputs, refs[0] if refs else None, routing_key=key
-        )
+        prediction = await serving.apredict(runtime, body.model, body.inputs, ref, routing_key=key)
     except Exception:
         runtime.counters.record(body.model, 0, error=True)
         raise
@@ -342,6 +359,47 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
     # already the PredictResponse shape: skip a second validation pass on the hot path
     headers = {"X-Flywheel-Route": prediction.route}
     return JSONResponse(prediction.to_dict(), headers=headers)  # type: ignore[return-value]
+
+
+@router.post(
+    "/predict/stream",
+    response_class=StreamingResponse,
+    dependencies=[_key_check("predict")],
+    responses={
+        200: {
+            "description": "Server-Sent Events: `chunk` events (`field`, `chunk`: output-field text as "
+            "the LM writes it), then one `result` event (`result`, `trace_id`, `model_version`, "
+            "`latency_ms`, as POST /predict answers; sent once its trace is committed) or one `error` "
+            "event (`status` 502, 504, 500 or 503, `detail`, `trace_id`) when the prediction fails "
+            "after the stream began. Each `data:` line is the whole event as JSON",
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _STREAM_EXAMPLE}},
+            "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
+        },
+        **_errors(400, 401, 403, 404, 413, 422, 503),
+    },
+)
+async def predict_stream(body: PredictRequest, runtime: RuntimeDep) -> StreamingResponse:
+    """POST /predict's body; the answer streams (see the 200 response). What is known before the
+    program runs (unknown model, bad inputs, MLflow down) is an ordinary JSON error."""
+    ref = _refs(body)
+    started = time.perf_counter()
+    try:
+        opened = await streaming.open_stream(
+            runtime, body.model, body.inputs, ref, routing_key=body.routing_key or body.user_id
+        )
+    except Exception:
+        runtime.counters.record(body.model, 0, error=True)
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        async for event in opened.events():
+            if event["event"] != streaming.CHUNK:
+                failed = event["event"] == streaming.ERROR
+                runtime.counters.record(body.model, (time.perf_counter() - started) * 1000, error=failed)
+            yield _sse(event)
+
+    headers = {"X-Flywheel-Route": opened.route, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 @router.post(

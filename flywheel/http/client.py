@@ -1,11 +1,14 @@
 """A small Python client for the flywheel API, sync (`Client`) and async (`AsyncClient`).
 
 Both build the same requests (`_Requests`), so they cannot drift apart; an
-error status raises `APIError` carrying the server's message.
+error status raises `APIError` carrying the server's message. `stream()` reads
+POST /predict/stream's Server-Sent Events as dicts (`_Events` parses them for both).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -13,9 +16,47 @@ import httpx
 
 
 class APIError(RuntimeError):
-    def __init__(self, status_code: int, detail: str) -> None:
+    def __init__(self, status_code: int, detail: str, trace_id: str | None = None) -> None:
         self.status_code, self.detail = status_code, detail
+        self.trace_id = trace_id  # the failed prediction's ERROR trace (a stream's error event)
         super().__init__(f"{status_code}: {detail}")
+
+
+class _Events:
+    """Server-Sent Events, fed line by line, out as the dicts their `data:` lines hold."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """The event a blank line completes, else None (comments and unknown lines are skipped)."""
+        if line == "":
+            name, data = self.name, "\n".join(self.data)
+            self.name, self.data = None, []
+            if not data:
+                return None
+            event: dict[str, Any] = json.loads(data)
+            if name:
+                event.setdefault("event", name)
+            return event
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self.name = value
+        elif field == "data":
+            self.data.append(value)
+        return None
+
+
+def _raise_on_error(event: dict[str, Any]) -> dict[str, Any]:
+    if event.get("event") == "error":
+        raise APIError(int(event.get("status") or 500), str(event.get("detail")), event.get("trace_id"))
+    return event
+
+
+def _ended_early() -> APIError:
+    return APIError(502, "the stream ended before its result event")
 
 
 def _decode(response: httpx.Response) -> Any:
@@ -46,6 +87,18 @@ class _Requests:
         refs = {"version": version, "stage": stage, "alias": alias, "routing_key": routing_key}
         body.update({k: v for k, v in refs.items() if v})
         return "POST", "/predict", {"json": body}
+
+    @staticmethod
+    def stream(
+        model: str,
+        inputs: dict[str, Any],
+        version: str | None,
+        stage: str | None,
+        alias: str | None,
+        routing_key: str | None = None,
+    ) -> tuple[str, str, dict[str, Any]]:
+        _, _, kwargs = _Requests.predict(model, inputs, version, stage, alias, routing_key)
+        return "POST", "/predict/stream", {**kwargs, "headers": {"Accept": "text/event-stream"}}
 
     @staticmethod
     def feedback(
@@ -100,6 +153,38 @@ class Client:
         routing_key: str | None = None,
     ) -> dict[str, Any]:
         return self._call(*_Requests.predict(model, inputs, version, stage, alias, routing_key))
+
+    def stream(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        version: str | None = None,
+        stage: str | None = None,
+        alias: str | None = None,
+        routing_key: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """POST /predict/stream: the events as they arrive, `{"event": "chunk", "field", "chunk"}`
+        ... then `{"event": "result", "result", "trace_id", "model_version", "latency_ms"}`.
+
+        An error answered before the stream (404, 422, 503, ...) raises APIError as `predict` does.
+        An `error` event (the prediction failed after the stream began: 502, 504, 500, 503) raises
+        APIError too, after the events before it were yielded; its `trace_id` names the ERROR
+        trace. A stream that ends without a result raises APIError 502.
+        """
+        method, path, kwargs = _Requests.stream(model, inputs, version, stage, alias, routing_key)
+        with self._http.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                _decode(response)
+            events = _Events()
+            for line in response.iter_lines():
+                event = events.feed(line)
+                if event is not None:
+                    yield _raise_on_error(event)
+                    if event.get("event") == "result":
+                        return
+        raise _ended_early()
 
     def feedback(
         self,
@@ -184,6 +269,32 @@ class AsyncClient:
         routing_key: str | None = None,
     ) -> dict[str, Any]:
         return await self._call(*_Requests.predict(model, inputs, version, stage, alias, routing_key))
+
+    async def stream(
+        self,
+        model: str,
+        inputs: dict[str, Any],
+        *,
+        version: str | None = None,
+        stage: str | None = None,
+        alias: str | None = None,
+        routing_key: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`Client.stream`, as an async iterator (`async for event in client.stream(...)`); the
+        same events and the same APIError for an error before the stream or an `error` event."""
+        method, path, kwargs = _Requests.stream(model, inputs, version, stage, alias, routing_key)
+        async with self._http.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _decode(response)
+            events = _Events()
+            async for line in response.aiter_lines():
+                event = events.feed(line)
+                if event is not None:
+                    yield _raise_on_error(event)
+                    if event.get("event") == "result":
+                        return
+        raise _ended_early()
 
     async def feedback(
         self,

@@ -22,7 +22,7 @@ import httpx
 
 from flywheel.config import child_environment, get_settings
 
-DASHBOARDS = ("rating.ipynb", "models.ipynb", "pairwise.ipynb")
+DASHBOARDS = ("rating.ipynb", "models.ipynb", "pairwise.ipynb", "predict.ipynb")
 DEFAULT_PORT = 8866
 
 
@@ -173,6 +173,7 @@ def launch(
     echo(f"  rating: {launched.urls['rating.ipynb']}?reviewer=YOUR_NAME")
     echo(f"  models: {launched.urls['models.ipynb']}")
     echo(f"  pairwise (shadow A/B): {launched.urls['pairwise.ipynb']}?model=MODEL&reviewer=YOUR_NAME")
+    echo(f"  predict (streamed answers): {launched.urls['predict.ipynb']}?model=MODEL&user=YOUR_NAME")
     if api_url:
         echo(f"API at {api_url} (OpenAPI docs at {api_url}/docs)")
     if not block:

@@ -1,4 +1,10 @@
-"""The predict-and-rate panel (notebook 02): choose a version, type inputs, predict, rate, see it stored."""
+"""The predict-and-rate panel (notebook 02, dashboards/predict.ipynb): choose a version, type
+inputs, predict, rate, see it stored.
+
+Predict streams (`streaming.stream`, the in-process twin of POST /predict/stream): the result
+box shows each output field's text growing as the LM writes it, then the finished prediction
+(version, latency, trace link) exactly as a plain prediction shows it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from flywheel import feedback, registry, serving
+from flywheel import feedback, registry, serving, streaming
 from flywheel.calltree import steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
@@ -22,6 +28,7 @@ from flywheel.ui.base import (
     html_widget,
     lm_saw_html,
     model_names,
+    parse_query,
     ref_options,
     say,
     stored_feedback,
@@ -138,8 +145,24 @@ class PredictPanel(widgets.VBox):
 
     def do_predict(self) -> serving.Prediction:
         values = {k: w.value for k, w in self.inputs.items()}
-        self.prediction = p = serving.predict(self.runtime, self.model.value, values, self.ref.value)
-        self.receipt, self.rating = None, None
+        model, ref = self.model.value, self.ref.value
+        written: dict[str, str] = {}
+        answer: dict[str, Any] = {}
+        say(self.status, "info", f"Predicting with {model} ({ref})…")
+        for event in streaming.stream(self.runtime, model, values, ref):  # raises what predict raises
+            if self.prediction is not None or self.rate_box.layout.display != "none":
+                # it runs: the previous prediction is no longer the one shown (an input error keeps it)
+                self.prediction, self.receipt, self.rating = None, None, None
+                self.rate_box.layout.display = "none"
+            if event["event"] == streaming.CHUNK:
+                written[event["field"]] = written.get(event["field"], "") + event["chunk"]
+                self.result.value = (
+                    f'<div class="fw-card fw-streaming">{fields_html(written)}'
+                    '<div class="fw-muted">writing…</div></div>'
+                )
+            elif event["event"] == streaming.RESULT:
+                answer = event
+        self.prediction = p = answer["prediction"]
         self.result.value = (
             f'<div class="fw-card">{fields_html(p.result)}<div class="fw-muted">{esc(p.model)} '
             f"v{esc(p.model_version)} · {p.latency_ms:.0f} ms · trace {trace_link(p.trace_id, self.runtime)}"
@@ -203,7 +226,17 @@ def edited(values: dict[str, str], original: dict[str, Any]) -> dict[str, str] |
 
 
 def predict_panel(
-    model: str | None = None, ref: str | None = None, *, user_id: str = "", runtime: Runtime | None = None
+    model: str | None = None,
+    ref: str | None = None,
+    *,
+    user_id: str = "",
+    runtime: Runtime | None = None,
+    query_string: str = "",
 ) -> PredictPanel:
-    """Pick a model and version, type its inputs, predict, rate and see the stored assessments."""
-    return PredictPanel(runtime or get_runtime(), model, ref, user_id)
+    """Pick a model and version, type its inputs, predict, rate and see the stored assessments.
+
+    `query_string` (Voila's QUERY_STRING) may set `model`, `version` and `user` (or `reviewer`)."""
+    q = parse_query(query_string)
+    return PredictPanel(
+        runtime or get_runtime(), q.get("model", model), q.get("version", ref), q.get("reviewer", user_id)
+    )
