@@ -88,6 +88,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
         ],
         [
             "tracing",
+            "calltree",
             "trace_sql",
             "outbox",
             "registry",
