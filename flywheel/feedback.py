@@ -193,7 +193,9 @@ def submit(
         "comment": comment,
     }
     if labels:
-        payload["labels"] = {str(k): limits.stored(v, *limit) if isinstance(v, str) else v for k, v in labels.items()}
+        payload["labels"] = {
+            str(k): limits.stored(v, *limit) if isinstance(v, str) else v for k, v in labels.items()
+        }
     if pending:
         payload["unchecked"] = True
     try:

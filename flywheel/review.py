@@ -128,7 +128,9 @@ def schema_name(model: str, label: str) -> str:
     return f"{model}:{label}"
 
 
-def _mlflow_input(kind: str, options: Iterable[str] | None, minimum: float | None, maximum: float | None) -> Any:
+def _mlflow_input(
+    kind: str, options: Iterable[str] | None, minimum: float | None, maximum: float | None
+) -> Any:
     from mlflow.genai.label_schemas import InputCategorical, InputNumeric, InputPassFail, InputText
 
     if kind == THUMBS:
@@ -165,8 +167,16 @@ def _label(schema: Any) -> Label:
     return Label(schema.name, TEXT, **common)
 
 
-def _create_schema(store: Store, name: str, kind: str, *, options: Any = None, minimum: float | None = None,
-                   maximum: float | None = None, instruction: str | None = None) -> Label:
+def _create_schema(
+    store: Store,
+    name: str,
+    kind: str,
+    *,
+    options: Any = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    instruction: str | None = None,
+) -> Label:
     """Create the schema, or return the one of that name (two hosts may create it at once)."""
     from mlflow.exceptions import MlflowException
 
@@ -213,7 +223,12 @@ def define_label(
     if kind not in KINDS:
         raise ReviewError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     return _create_schema(
-        store, schema_name(model, label), kind, options=options, minimum=minimum, maximum=maximum,
+        store,
+        schema_name(model, label),
+        kind,
+        options=options,
+        minimum=minimum,
+        maximum=maximum,
         instruction=instruction,
     )
 
@@ -323,7 +338,12 @@ def _as_queue(store: Store, q: Any, tags: dict[str, str] | None = None) -> Queue
         return None  # not a flywheel queue
     conf = json.loads(raw)
     return Queue(
-        q.queue_id, q.name, conf["model"], int(conf["k"]), tuple(q.users), tuple(q.schema_ids),
+        q.queue_id,
+        q.name,
+        conf["model"],
+        int(conf["k"]),
+        tuple(q.users),
+        tuple(q.schema_ids),
         bool(conf.get("blind", True)),
     )
 
@@ -375,7 +395,9 @@ def queue_items(store: Store, queue_id: str, status: str | None = None, cap: int
 
 
 def user_queue_id(store: Store, reviewer: str) -> str:
-    return store.tracking.get_or_create_user_queue(store.experiment_id, user=normalize_reviewer(reviewer)).queue_id
+    return store.tracking.get_or_create_user_queue(
+        store.experiment_id, user=normalize_reviewer(reviewer)
+    ).queue_id
 
 
 def assign(store: Store, queue: Queue, trace_ids: Iterable[str] | None = None, cap: int = COUNT_CAP) -> int:
@@ -427,7 +449,9 @@ def _status_in(store: Store, queue_id: str, trace_id: str) -> str:
 
 def close_if_done(store: Store, queue: Queue, trace_id: str, by: str) -> bool:
     """Set the queue's item complete once each of its k reviewers has completed it."""
-    done = all(_status_in(store, user_queue_id(store, r), trace_id) == "complete" for r in queue.assignees(trace_id))
+    done = all(
+        _status_in(store, user_queue_id(store, r), trace_id) == "complete" for r in queue.assignees(trace_id)
+    )
     if done:
         store.tracking.set_review_queue_item_status(
             queue.queue_id, item_id=trace_id, status="complete", completed_by=by
@@ -488,6 +512,7 @@ class ReviewQueue:
         self.mine = 0
         self._topped_up = 0.0
         self._user_queue: str | None = None
+        self.undone_answers: dict[str, Any] = {}
 
     def _labels(self) -> list[Label]:
         assert self.queue is not None
@@ -505,11 +530,13 @@ class ReviewQueue:
 
     def why_not(self) -> str | None:
         if self.queue is None:
-            return f"there is no review queue {queue_name(self.model, self.queue_name)!r} yet: an admin creates one"
+            name = queue_name(self.model, self.queue_name)
+            return f"there is no review queue {name!r} yet: an admin creates one"
         if not self.reviewer:
             return "no reviewer is signed in"
         if not self.assigned:
-            return f"{self.reviewer!r} is not a reviewer of {self.queue.name!r} ({', '.join(self.queue.reviewers)})"
+            people = ", ".join(self.queue.reviewers)
+            return f"{self.reviewer!r} is not a reviewer of {self.queue.name!r} ({people})"
         return None
 
     def _uq(self) -> str:
@@ -622,16 +649,16 @@ class ReviewQueue:
             assert self.queue is not None
             tracking = self.runtime.store.tracking
             tracking.set_review_queue_item_status(self._uq(), item_id=item.trace_id, status="pending")
-            tracking.set_review_queue_item_status(self.queue.queue_id, item_id=item.trace_id, status="pending")
+            tracking.set_review_queue_item_status(
+                self.queue.queue_id, item_id=item.trace_id, status="pending"
+            )
             self.mine -= 1
         elif item.trace_id in self.skipped:
             self.skipped.remove(item.trace_id)
         self.history.pop()
+        self.undone_answers = done.answers
         self.current = item
         return item, receipt
-
-    def renew(self) -> None:
-        """Kept for the panel: nothing to renew, assignments do not lapse."""
 
     def progress(self) -> Progress:
         if self.why_not() is not None or self.queue is None:
