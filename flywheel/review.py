@@ -264,6 +264,7 @@ class Queue:
     reviewers: tuple[str, ...]
     schema_ids: tuple[str, ...] = ()
     blind: bool = True
+    since_ms: int = 0  # traces from this time on are its items (topped up by any host)
 
     def assignees(self, trace_id: str) -> list[str]:
         """The k reviewers of an item: rendezvous hashing, the same answer on every host."""
@@ -292,11 +293,13 @@ def create_queue(
     name: str = "default",
     label_names: Iterable[str] | None = None,
     blind: bool = True,
+    backlog: bool = True,
 ) -> Queue:
     """Create (or update the reviewers and k of) the review queue `model/name`.
 
     Its questions are the model's labels at creation (or `label_names`); MLflow freezes a
-    queue's questions once it has items.
+    queue's questions once it has items. Its items are the model's traces from its creation on
+    and, with `backlog`, the traces before it (assigned at once).
     """
     from mlflow.exceptions import MlflowException
 
@@ -324,10 +327,14 @@ def create_queue(
             raise ReviewError(f"queue {full!r}: {exc.message}") from None
         q = tracking.get_review_queue_by_name(store.experiment_id, name=full)
         q = tracking.update_review_queue(q.queue_id, users=list(people))
-    store.client.set_experiment_tag(
-        store.experiment_id, QUEUE_TAG + q.queue_id, json.dumps({"model": model, "k": int(k), "blind": blind})
-    )
-    return Queue(q.queue_id, q.name, model, int(k), tuple(q.users), tuple(q.schema_ids), blind)
+    old = _as_queue(store, q)
+    since = old.since_ms if old is not None else int(time.time() * 1000)
+    conf = {"model": model, "k": int(k), "blind": blind, "since_ms": since}
+    store.client.set_experiment_tag(store.experiment_id, QUEUE_TAG + q.queue_id, json.dumps(conf))
+    queue = Queue(q.queue_id, q.name, model, int(k), tuple(q.users), tuple(q.schema_ids), blind, since)
+    if backlog and old is None:
+        assign(store, queue, _model_traces(store, model, COUNT_CAP))
+    return queue
 
 
 def _as_queue(store: Store, q: Any, tags: dict[str, str] | None = None) -> Queue | None:
@@ -345,6 +352,7 @@ def _as_queue(store: Store, q: Any, tags: dict[str, str] | None = None) -> Queue
         tuple(q.users),
         tuple(q.schema_ids),
         bool(conf.get("blind", True)),
+        int(conf.get("since_ms", 0)),
     )
 
 
@@ -404,7 +412,7 @@ def assign(store: Store, queue: Queue, trace_ids: Iterable[str] | None = None, c
     """Put the model's OK traces (or `trace_ids`) into the queue and each into its k reviewers'
     user queues; returns how many were new to the queue. Safe from any host, at any time."""
     if trace_ids is None:
-        trace_ids = _model_traces(store, queue.model, cap)
+        trace_ids = _model_traces(store, queue.model, cap, queue.since_ms)
     ids = list(dict.fromkeys(trace_ids))
     known = {i.item_id for i in queue_items(store, queue.queue_id, cap=cap * 2)}
     new = [t for t in ids if t not in known]
@@ -424,13 +432,14 @@ def assign(store: Store, queue: Queue, trace_ids: Iterable[str] | None = None, c
     return len(new)
 
 
-def _model_traces(store: Store, model: str, cap: int) -> list[str]:
+def _model_traces(store: Store, model: str, cap: int, since_ms: int = 0) -> list[str]:
     ids: list[str] = []
     token = None
+    since = f" AND trace.timestamp_ms >= {int(since_ms)}" if since_ms else ""
     while len(ids) < cap:
         infos, token = store.tracking.search_traces(
             locations=[store.experiment_id],
-            filter_string=f"{model_filter(model)} AND trace.status = 'OK'",
+            filter_string=f"{model_filter(model)} AND trace.status = 'OK'{since}",
             max_results=PAGE,
             order_by=["timestamp_ms ASC"],
             page_token=token,
