@@ -58,7 +58,6 @@ class Settings:
     flywheel_feedback_key: str | None = None
     flywheel_admin_key: str | None = None
     flywheel_reviewer_header: str | None = None
-    flywheel_admins: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     registry_needs_key: bool = False
     max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
@@ -242,11 +241,6 @@ def signed_in_user(settings: Settings, environ: Mapping[str, str] | None = None)
         return (env.get(header_variable(settings.flywheel_reviewer_header)) or "").strip().lower()
     hub = (env.get("JUPYTERHUB_USER") or "").strip().lower()
     return hub or None
-
-
-def admins(settings: Settings) -> set[str]:
-    """Reviewer ids with the admin role (FLYWHEEL_ADMINS, comma-separated, lower-cased)."""
-    return {a.strip().lower() for a in (settings.flywheel_admins or "").split(",") if a.strip()}
 
 
 @lru_cache(maxsize=1)
