@@ -57,6 +57,7 @@ class Settings:
     flywheel_predict_key: str | None = None
     flywheel_feedback_key: str | None = None
     flywheel_admin_key: str | None = None
+    flywheel_reviewer_header: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     registry_needs_key: bool = False
     max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
@@ -220,6 +221,26 @@ def child_environment(settings: Settings, extra: Mapping[str, str] | None = None
             env[field.name.upper()] = text
     env.update(extra or {})
     return env
+
+
+def header_variable(header: str) -> str:
+    """The variable Voila (`http_header_envs`, RFC 3875) sets in a kernel for a request header."""
+    return "HTTP_" + header.strip().upper().replace("-", "_")
+
+
+def signed_in_user(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
+    """Who the dashboard's visitor is, when authentication is configured; None when it is not.
+
+    With FLYWHEEL_REVIEWER_HEADER set, the id is that request header as Voila hands it to the
+    kernel (set by a reverse proxy or JupyterHub that signed the user in); "" when the header did
+    not come (nobody is signed in). Under JupyterHub without a header, JUPYTERHUB_USER (the
+    single-user server's owner) is the id. Ids are lower-cased, as MLflow's review queues store them.
+    """
+    env = os.environ if environ is None else environ
+    if settings.flywheel_reviewer_header:
+        return (env.get(header_variable(settings.flywheel_reviewer_header)) or "").strip().lower()
+    hub = (env.get("JUPYTERHUB_USER") or "").strip().lower()
+    return hub or None
 
 
 @lru_cache(maxsize=1)

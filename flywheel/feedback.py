@@ -135,10 +135,13 @@ def submit(
     corrected_output: dict[str, Any] | str | None = None,
     comment: str | None = None,
     user_id: str | None = None,
+    labels: dict[str, Any] | None = None,
 ) -> Receipt:
     """Validate and durably queue feedback; returns once it cannot be lost.
 
-    The receipt is `pending` when the trace is not known yet (the API's 202).
+    The receipt is `pending` when the trace is not known yet (the API's 202). `labels`: answers
+    to a review queue's own questions ({schema name: value}, checked by `review`), written as
+    assessments of those names beside the rating.
     """
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
@@ -189,6 +192,10 @@ def submit(
         "corrected_output": correction,
         "comment": comment,
     }
+    if labels:
+        payload["labels"] = {
+            str(k): limits.stored(v, *limit) if isinstance(v, str) else v for k, v in labels.items()
+        }
     if pending:
         payload["unchecked"] = True
     try:
@@ -306,6 +313,7 @@ def deliver(store: Store, items: list[Item]) -> Outcome:
             CORRECTION: p["corrected_output"],
             COMMENT: p["comment"],
             PREFERENCE: p.get("preference"),
+            **{k: v for k, v in (p.get("labels") or {}).items() if k not in (RATING, CORRECTION, COMMENT)},
         }
         for name, value in values.items():
             if value is None or name in already:

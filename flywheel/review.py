@@ -1,44 +1,474 @@
-"""The review queue behind the rating dashboard: unrated traces, one at a time per reviewer.
+"""Review for a team, on MLflow's own label schemas and review queues.
 
-Each Voila tab is its own kernel process, so reviewers coordinate through a
-small sqlite file under FLYWHEEL_HOME (`review.db`): a short lease on the item
-a tab shows (others skip it until the lease ends) and a mark on items rated
-here but maybe not in MLflow yet. Only coordination lives there; ratings go
-to MLflow through `feedback.submit`. When a lease lapses and two reviewers
-rate the same trace, both ratings are kept (nothing is lost).
+Label schemas. Every question a reviewer answers is an MLflow label schema in flywheel's
+experiment, and every answer is an MLflow assessment (a `Feedback`, source HUMAN with the
+reviewer's id) named like its schema, so the MLflow UI shows both. Schemas are unique per
+experiment and all models share flywheel's experiment, so the naming rule is:
+
+- `user_rating`, `corrected_output` and `comment` are shared by every model (the SPEC's
+  assessments, written by `feedback.submit` exactly as before);
+- a model's own questions are named `<model>:<label>` (`joke-generator:funny`), so two
+  models have different questions, and the assessment carries that name too.
+
+Kinds: thumbs (`thumbs_up` / `thumbs_down`, a categorical schema with those two options),
+pass/fail (a bool), categorical, numeric (a float within bounds), free text, and the
+corrected output (the shared `corrected_output`). The kind is read back from the schema.
+
+Queues. A flywheel queue is an MLflow *custom* review queue named `<model>/<name>` whose
+items are the model's traces, whose users are its reviewers (MLflow allows up to 10) and
+whose schemas are its questions. Its k (reviewers per item) and blind flag sit in an
+experiment tag `flywheel.review_queue.<queue id>`.
+
+Assignment. MLflow's status is one per (queue, item): the first reviewer to finish closes
+the item for everyone, and a status write has no compare-and-set. So nobody *takes* items at
+review time: each item is assigned up front to exactly k of the queue's reviewers, chosen by
+rendezvous hashing of (queue id, trace id, reviewer), and put into those reviewers' MLflow
+user queues (`get_or_create_user_queue`). The choice is a pure function of what is in
+MLflow, so any host may top a queue up at any moment (adding is idempotent in MLflow) and
+two hosts doing it at once write the same thing: an item is never in more than k user
+queues, never twice in one, and with k = 1 only one reviewer is ever shown it. A reviewer's
+worklist is their user queue's pending items that belong to the queue; finishing one sets
+*their* user-queue item complete (a status per reviewer), and once all k are complete the
+custom queue's item is set complete too. Nothing is kept on the host: no lease file.
+
+A reviewer who opens the same queue in two tabs sees the same item in both; rating it twice
+overrides their own earlier answer (the override chain of `feedback`), so it still counts once.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
+import hashlib
+import json
+import math
 import time
-import uuid
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel import feedback
 from flywheel.calltree import Step
 from flywheel.calltree import steps as calltree_steps
 from flywheel.errors import ReviewError
-from flywheel.feedback import FEEDBACK_ID, RATING
+from flywheel.feedback import COMMENT, CORRECTION, FEEDBACK_ID, RATING, RATINGS
+from flywheel.store import Store
 from flywheel.tracing import complete_calls, model_filter, served_call
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
 
-LEASE_SECONDS = 180.0
-DONE_KEEP_SECONDS = 86400.0
 PAGE = 100
+ITEM_PAGE = 1000
 UNDO_WAIT = 5.0
-COUNT_CAP = 5000  # progress counts stop here ("5000+"): each count reads trace infos
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (trace_id TEXT PRIMARY KEY, session TEXT NOT NULL,
-    reviewer TEXT NOT NULL, expires REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS done (trace_id TEXT PRIMARY KEY, session TEXT NOT NULL,
-    reviewer TEXT NOT NULL, at REAL NOT NULL);
-"""
+COUNT_CAP = 5000  # progress counts stop here ("5000+")
+TOP_UP_EVERY = 20.0  # seconds between two look-ups of new traces by one session
+QUEUE_TAG = "flywheel.review_queue."  # + queue id: {"model", "k", "blind"}
+MAX_REVIEWERS = 10  # MLflow's limit of assigned users per queue
+
+THUMBS, PASS_FAIL, CATEGORICAL, NUMERIC, TEXT = "thumbs", "pass_fail", "categorical", "numeric", "text"
+CORRECTED = "corrected_output"
+KINDS = (THUMBS, PASS_FAIL, CATEGORICAL, NUMERIC, TEXT)
+BUILTIN = (RATING, CORRECTION, COMMENT)
+
+
+@dataclass(frozen=True)
+class Label:
+    """One question: an MLflow label schema as flywheel reads it."""
+
+    name: str  # the schema's name and the assessments' name
+    kind: str
+    options: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    instruction: str | None = None
+    schema_id: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in BUILTIN
+
+    @property
+    def title(self) -> str:
+        return self.name.split(":", 1)[1] if ":" in self.name and not self.builtin else self.name
+
+    def check(self, value: Any) -> Any:
+        """The value as stored, or ReviewError naming the question."""
+        if self.kind in (THUMBS, CATEGORICAL):
+            if value not in self.options:
+                raise ReviewError(f"{self.title}: choose one of {', '.join(self.options)}, not {value!r}")
+            return value
+        if self.kind == PASS_FAIL:
+            if isinstance(value, str) and value.lower() in ("pass", "fail", "true", "false"):
+                return value.lower() in ("pass", "true")
+            if not isinstance(value, bool):
+                raise ReviewError(f"{self.title}: answer pass or fail, not {value!r}")
+            return value
+        if self.kind == NUMERIC:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ReviewError(f"{self.title}: {value!r} is not a number") from None
+            if not math.isfinite(number) or (
+                (self.minimum is not None and number < self.minimum)
+                or (self.maximum is not None and number > self.maximum)
+            ):
+                raise ReviewError(f"{self.title}: {number:g} is outside {self.minimum} to {self.maximum}")
+            return number
+        if not isinstance(value, str):
+            raise ReviewError(f"{self.title}: a text answer is expected")
+        return value
+
+
+def schema_name(model: str, label: str) -> str:
+    """The naming rule: a model's own question `label` is the schema (and assessment) `model:label`."""
+    label = (label or "").strip()
+    if not label or ":" in label or label in BUILTIN:
+        raise ReviewError(f"a label needs a name without ':' other than {', '.join(BUILTIN)}; got {label!r}")
+    if not model or ":" in model:
+        raise ReviewError(f"model name {model!r} cannot name a label schema")
+    return f"{model}:{label}"
+
+
+def _mlflow_input(
+    kind: str, options: Iterable[str] | None, minimum: float | None, maximum: float | None
+) -> Any:
+    from mlflow.genai.label_schemas import InputCategorical, InputNumeric, InputPassFail, InputText
+
+    if kind == THUMBS:
+        return InputCategorical(options=list(RATINGS))
+    if kind == PASS_FAIL:
+        return InputPassFail(positive_label="Pass", negative_label="Fail")
+    if kind == CATEGORICAL:
+        opts = [str(o) for o in options or []]
+        if not opts:
+            raise ReviewError("a categorical label needs options")
+        return InputCategorical(options=opts)
+    if kind == NUMERIC:
+        return InputNumeric(min_value=minimum, max_value=maximum)
+    if kind in (TEXT, CORRECTED):
+        return InputText()
+    raise ReviewError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+
+
+def _label(schema: Any) -> Label:
+    from mlflow.genai.label_schemas import InputCategorical, InputNumeric, InputPassFail
+
+    spec = schema.input
+    common = {"instruction": schema.instruction, "schema_id": schema.schema_id or ""}
+    if schema.name == CORRECTION:
+        return Label(schema.name, CORRECTED, **common)
+    if isinstance(spec, InputCategorical):
+        options = tuple(spec.options)
+        kind = THUMBS if options == RATINGS else CATEGORICAL
+        return Label(schema.name, kind, options, **common)
+    if isinstance(spec, InputPassFail):
+        return Label(schema.name, PASS_FAIL, (spec.positive_label, spec.negative_label), **common)
+    if isinstance(spec, InputNumeric):
+        return Label(schema.name, NUMERIC, (), spec.min_value, spec.max_value, **common)
+    return Label(schema.name, TEXT, **common)
+
+
+def _create_schema(
+    store: Store,
+    name: str,
+    kind: str,
+    *,
+    options: Any = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    instruction: str | None = None,
+) -> Label:
+    """Create the schema, or return the one of that name (two hosts may create it at once)."""
+    from mlflow.exceptions import MlflowException
+
+    spec = _mlflow_input(kind, options, minimum, maximum)
+    try:
+        schema = store.tracking.create_label_schema(
+            store.experiment_id, name=name, type="feedback", input=spec, instruction=instruction
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise ReviewError(f"label {name!r}: {exc.message}") from None
+        schema = store.tracking.get_label_schema_by_name(store.experiment_id, name)
+    return _label(schema)
+
+
+_BUILTIN_SPECS = {
+    RATING: (THUMBS, "Is the output right? thumbs_up or thumbs_down"),
+    CORRECTION: (CORRECTED, "The right output (a JSON object of output fields), when it is wrong"),
+    COMMENT: (TEXT, "Anything else worth saying"),
+}
+
+
+def builtin_labels(store: Store) -> list[Label]:
+    """The three shared questions (`user_rating`, `corrected_output`, `comment`), made sure of."""
+    return [
+        _create_schema(store, name, kind, instruction=instruction)
+        for name, (kind, instruction) in _BUILTIN_SPECS.items()
+    ]
+
+
+def define_label(
+    store: Store,
+    model: str,
+    label: str,
+    kind: str,
+    *,
+    options: Iterable[str] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    instruction: str | None = None,
+) -> Label:
+    """Define (or get) the question `label` of `model`: MLflow schema `model:label` of `kind`
+    (thumbs, pass_fail, categorical, numeric, text)."""
+    if kind not in KINDS:
+        raise ReviewError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    return _create_schema(
+        store,
+        schema_name(model, label),
+        kind,
+        options=options,
+        minimum=minimum,
+        maximum=maximum,
+        instruction=instruction,
+    )
+
+
+def _all_schemas(store: Store) -> list[Any]:
+    found, token = [], None
+    while True:
+        page = store.tracking.list_label_schemas(store.experiment_id, max_results=100, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def labels(store: Store, model: str) -> list[Label]:
+    """The questions a queue of `model` asks: the three shared ones, then the model's own."""
+    shared = {lab.name: lab for lab in builtin_labels(store)}
+    own = sorted(
+        (_label(s) for s in _all_schemas(store) if s.name.startswith(f"{model}:")), key=lambda lab: lab.name
+    )
+    return [shared[n] for n in BUILTIN] + own
+
+
+# --- queues -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Queue:
+    queue_id: str
+    name: str  # MLflow's name: <model>/<short name>
+    model: str
+    k: int
+    reviewers: tuple[str, ...]
+    schema_ids: tuple[str, ...] = ()
+    blind: bool = True
+    since_ms: int = 0  # traces from this time on are its items (topped up by any host)
+
+    def assignees(self, trace_id: str) -> list[str]:
+        """The k reviewers of an item: rendezvous hashing, the same answer on every host."""
+        ranked = sorted(
+            self.reviewers,
+            key=lambda r: hashlib.sha256(f"{self.queue_id}\0{trace_id}\0{r}".encode()).hexdigest(),
+        )
+        return ranked[: self.k]
+
+
+def queue_name(model: str, name: str = "default") -> str:
+    return f"{model}/{name}"
+
+
+def normalize_reviewer(reviewer: str) -> str:
+    """MLflow stores assigned users lower-cased and stripped; so does flywheel."""
+    return (reviewer or "").strip().lower()
+
+
+def create_queue(
+    store: Store,
+    model: str,
+    reviewers: Iterable[str],
+    *,
+    k: int = 1,
+    name: str = "default",
+    label_names: Iterable[str] | None = None,
+    blind: bool = True,
+    backlog: bool = True,
+) -> Queue:
+    """Create (or update the reviewers and k of) the review queue `model/name`.
+
+    Its questions are the model's labels at creation (or `label_names`); MLflow freezes a
+    queue's questions once it has items. Its items are the model's traces from its creation on
+    and, with `backlog`, the traces before it (assigned at once).
+    """
+    from mlflow.exceptions import MlflowException
+
+    people = tuple(dict.fromkeys(normalize_reviewer(r) for r in reviewers if normalize_reviewer(r)))
+    if not people or len(people) > MAX_REVIEWERS:
+        raise ReviewError(f"a queue needs 1 to {MAX_REVIEWERS} reviewers, not {len(people)}")
+    if not 1 <= int(k) <= len(people):
+        raise ReviewError(f"k must be between 1 and the number of reviewers ({len(people)}), not {k}")
+    questions = labels(store, model)
+    if label_names is not None:
+        wanted = set(label_names) | {RATING}
+        questions = [q for q in questions if q.name in wanted]
+    full = queue_name(model, name)
+    tracking = store.tracking
+    try:
+        q = tracking.create_review_queue(
+            store.experiment_id,
+            name=full,
+            queue_type="custom",
+            users=list(people),
+            schema_ids=[lab.schema_id for lab in questions],
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise ReviewError(f"queue {full!r}: {exc.message}") from None
+        q = tracking.get_review_queue_by_name(store.experiment_id, name=full)
+        q = tracking.update_review_queue(q.queue_id, users=list(people))
+    old = _as_queue(store, q)
+    since = old.since_ms if old is not None else int(time.time() * 1000)
+    conf = {"model": model, "k": int(k), "blind": blind, "since_ms": since}
+    store.client.set_experiment_tag(store.experiment_id, QUEUE_TAG + q.queue_id, json.dumps(conf))
+    queue = Queue(q.queue_id, q.name, model, int(k), tuple(q.users), tuple(q.schema_ids), blind, since)
+    if backlog and old is None:
+        assign(store, queue, _model_traces(store, model, COUNT_CAP))
+    return queue
+
+
+def _as_queue(store: Store, q: Any, tags: dict[str, str] | None = None) -> Queue | None:
+    if tags is None:
+        tags = store.client.get_experiment(store.experiment_id).tags
+    raw = tags.get(QUEUE_TAG + q.queue_id)
+    if raw is None:
+        return None  # not a flywheel queue
+    conf = json.loads(raw)
+    return Queue(
+        q.queue_id,
+        q.name,
+        conf["model"],
+        int(conf["k"]),
+        tuple(q.users),
+        tuple(q.schema_ids),
+        bool(conf.get("blind", True)),
+        int(conf.get("since_ms", 0)),
+    )
+
+
+def get_queue(store: Store, model: str, name: str = "default") -> Queue | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        q = store.tracking.get_review_queue_by_name(store.experiment_id, name=queue_name(model, name))
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return _as_queue(store, q)
+
+
+def list_queues(store: Store, model: str | None = None, reviewer: str | None = None) -> list[Queue]:
+    tags = store.client.get_experiment(store.experiment_id).tags
+    found, token = [], None
+    while True:
+        page = store.tracking.list_review_queues(
+            store.experiment_id,
+            user=normalize_reviewer(reviewer) if reviewer else None,
+            max_results=100,
+            page_token=token,
+        )
+        for q in page:
+            queue = _as_queue(store, q, tags)
+            if queue is not None and (model is None or queue.model == model):
+                found.append(queue)
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda x: x.name)
+
+
+def queue_items(store: Store, queue_id: str, status: str | None = None, cap: int = COUNT_CAP) -> list[Any]:
+    """A queue's items (MLflow's ReviewQueueItem), up to `cap`."""
+    found: list[Any] = []
+    token = None
+    while len(found) < cap:
+        page = store.tracking.list_review_queue_items(
+            queue_id, status=status, max_results=ITEM_PAGE, page_token=token
+        )
+        found.extend(page)
+        token = page.token
+        if not token:
+            break
+    return found[:cap]
+
+
+def user_queue_id(store: Store, reviewer: str) -> str:
+    return store.tracking.get_or_create_user_queue(
+        store.experiment_id, user=normalize_reviewer(reviewer)
+    ).queue_id
+
+
+def assign(store: Store, queue: Queue, trace_ids: Iterable[str] | None = None, cap: int = COUNT_CAP) -> int:
+    """Put the model's OK traces (or `trace_ids`) into the queue and each into its k reviewers'
+    user queues; returns how many were new to the queue. Safe from any host, at any time."""
+    if trace_ids is None:
+        trace_ids = _model_traces(store, queue.model, cap, queue.since_ms)
+    ids = list(dict.fromkeys(trace_ids))
+    known = {i.item_id for i in queue_items(store, queue.queue_id, cap=cap * 2)}
+    new = [t for t in ids if t not in known]
+    if not new:
+        return 0
+    per_user: dict[str, list[str]] = {}
+    for trace_id in new:
+        for reviewer in queue.assignees(trace_id):
+            per_user.setdefault(reviewer, []).append(trace_id)
+    # reviewers' queues first: an item in the shared queue is always already in its k user queues
+    for reviewer, items in per_user.items():
+        uq = user_queue_id(store, reviewer)
+        for start in range(0, len(items), PAGE):
+            store.tracking.add_items_to_review_queue(uq, item_ids=items[start : start + PAGE])
+    for start in range(0, len(new), PAGE):
+        store.tracking.add_items_to_review_queue(queue.queue_id, item_ids=new[start : start + PAGE])
+    return len(new)
+
+
+def _model_traces(store: Store, model: str, cap: int, since_ms: int = 0) -> list[str]:
+    ids: list[str] = []
+    token = None
+    since = f" AND trace.timestamp_ms >= {int(since_ms)}" if since_ms else ""
+    while len(ids) < cap:
+        infos, token = store.tracking.search_traces(
+            locations=[store.experiment_id],
+            filter_string=f"{model_filter(model)} AND trace.status = 'OK'{since}",
+            max_results=PAGE,
+            order_by=["timestamp_ms ASC"],
+            page_token=token,
+        )
+        ids.extend(i.trace_id for i in infos)
+        if not token or not infos:
+            break
+    return ids[:cap]
+
+
+def _status_in(store: Store, queue_id: str, trace_id: str) -> str:
+    """An attached item's status (re-attaching is idempotent in MLflow and returns the row)."""
+    row = store.tracking.add_items_to_review_queue(queue_id, item_ids=[trace_id])[0]
+    return str(row.status)
+
+
+def close_if_done(store: Store, queue: Queue, trace_id: str, by: str) -> bool:
+    """Set the queue's item complete once each of its k reviewers has completed it."""
+    done = all(
+        _status_in(store, user_queue_id(store, r), trace_id) == "complete" for r in queue.assignees(trace_id)
+    )
+    if done:
+        store.tracking.set_review_queue_item_status(
+            queue.queue_id, item_id=trace_id, status="complete", completed_by=by
+        )
+    return done
+
+
+# --- one reviewer's session -------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,83 +483,22 @@ class QueueItem:
 
 @dataclass(frozen=True)
 class Progress:
-    rated: int
-    remaining: int
-    mine: int
-    capped: bool = False  # the counts stopped at COUNT_CAP
+    rated: int  # items the queue's k reviewers all finished
+    remaining: int  # items still waiting for this reviewer
+    mine: int  # rated by this reviewer in this session
+    capped: bool = False
 
 
-class Leases:
-    """Cross-process leases and done marks in one sqlite file (WAL, short transactions)."""
-
-    def __init__(self, path: Path, seconds: float = LEASE_SECONDS) -> None:
-        self.path, self.seconds = path, seconds
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-
-    def claim(self, session: str, reviewer: str, candidates: list[str], force: bool = False) -> str | None:
-        """Lease the first candidate nobody else holds and nobody rated here; None if none is free."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM leases WHERE session=? OR expires<?", (session, now))
-                self._db.execute("DELETE FROM done WHERE at<?", (now - DONE_KEEP_SECONDS,))
-                for trace_id in candidates:
-                    if (
-                        not force
-                        and self._db.execute(
-                            "SELECT 1 FROM leases WHERE trace_id=? UNION SELECT 1 FROM done WHERE trace_id=?",
-                            (trace_id, trace_id),
-                        ).fetchone()
-                    ):
-                        continue
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
-                        (trace_id, session, reviewer, now + self.seconds),
-                    )
-                    self._db.execute("COMMIT")
-                    return trace_id
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return None
-
-    def renew(self, session: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE leases SET expires=? WHERE session=?", (time.time() + self.seconds, session)
-            )
-
-    def release(self, session: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM leases WHERE session=?", (session,))
-
-    def mark_done(self, session: str, reviewer: str, trace_id: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO done VALUES (?, ?, ?, ?)", (trace_id, session, reviewer, time.time())
-            )
-
-    def unmark_done(self, trace_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM done WHERE trace_id=?", (trace_id,))
-
-    def done_ids(self) -> set[str]:
-        with self._lock:
-            return {r[0] for r in self._db.execute("SELECT trace_id FROM done")}
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+@dataclass
+class _Done:
+    action: str
+    item: QueueItem
+    receipt: feedback.Receipt | None = None
+    answers: dict[str, Any] = field(default_factory=dict)
 
 
 class ReviewQueue:
-    """Unrated OK traces of one model (optionally one version), oldest first, leased per session."""
+    """One reviewer working one queue of a model (optionally one version), oldest first."""
 
     def __init__(
         self,
@@ -137,71 +506,97 @@ class ReviewQueue:
         model: str,
         version: str | None = None,
         reviewer: str = "",
-        lease_seconds: float = LEASE_SECONDS,
+        queue: str = "default",
     ) -> None:
         if version is not None and not str(version).isdigit():
             raise ReviewError(f"version must be a number, not {version!r}")
-        self.runtime, self.model, self.version, self.reviewer = runtime, model, version, reviewer
-        self.session = uuid.uuid4().hex
-        self.leases = Leases(runtime.settings.flywheel_home / "review.db", lease_seconds)
+        self.runtime, self.model, self.version = runtime, model, version
+        self.reviewer = normalize_reviewer(reviewer)
+        self.queue_name = queue
+        self.queue = get_queue(runtime.store, model, queue)
+        self.labels = [] if self.queue is None else self._labels()
         self.current: QueueItem | None = None
         self.skipped: list[str] = []
-        self.history: list[tuple[str, QueueItem, feedback.Receipt | None]] = []
+        self.history: list[_Done] = []
         self.mine = 0
-        self._renewed_at = 0.0
+        self._topped_up = 0.0
+        self._user_queue: str | None = None
+        self.undone_answers: dict[str, Any] = {}
 
-    # --- reading MLflow --------------------------------------------------------------------
+    def _labels(self) -> list[Label]:
+        assert self.queue is not None
+        ids = set(self.queue.schema_ids)
+        return [lab for lab in labels(self.runtime.store, self.model) if lab.schema_id in ids]
 
-    def _filter(self, rated: bool) -> str:
-        flt = f"{model_filter(self.model, self.version)} AND trace.status = 'OK'"
-        return flt + f" AND feedback.`{RATING}` IS {'NOT ' if rated else ''}NULL"
+    @property
+    def extra_labels(self) -> list[Label]:
+        """The queue's questions beyond thumbs, correction and comment."""
+        return [lab for lab in self.labels if not lab.builtin]
 
-    def _pages(self, rated: bool, cap: int) -> Any:
-        tracking = self.runtime.store.tracking
-        token, seen = None, 0
-        while seen < cap:
-            infos, token = tracking.search_traces(
-                locations=[self.runtime.store.experiment_id],
-                filter_string=self._filter(rated),
-                max_results=PAGE,
-                order_by=["timestamp_ms ASC"],
-                page_token=token,
-            )
-            seen += len(infos)
-            yield infos
-            if not token or not infos:
-                return
+    @property
+    def assigned(self) -> bool:
+        return self.queue is not None and self.reviewer in self.queue.reviewers
 
-    def _count(self, rated: bool) -> tuple[int, set[str]]:
-        ids = [i.trace_id for page in self._pages(rated, COUNT_CAP) for i in page][:COUNT_CAP]
-        return len(ids), set(ids)
+    def why_not(self) -> str | None:
+        if self.queue is None:
+            name = queue_name(self.model, self.queue_name)
+            return f"there is no review queue {name!r} yet: an admin creates one"
+        if not self.reviewer:
+            return "no reviewer is signed in"
+        if not self.assigned:
+            people = ", ".join(self.queue.reviewers)
+            return f"{self.reviewer!r} is not a reviewer of {self.queue.name!r} ({people})"
+        return None
 
-    # --- actions ---------------------------------------------------------------------------
+    def _uq(self) -> str:
+        if self._user_queue is None:
+            self._user_queue = user_queue_id(self.runtime.store, self.reviewer)
+        return self._user_queue
+
+    def top_up(self, force: bool = False) -> int:
+        """Assign the model's new traces (any host may; see the module's docstring)."""
+        now = time.monotonic()
+        if self.queue is None or (not force and now - self._topped_up < TOP_UP_EVERY):
+            return 0
+        self._topped_up = now
+        return assign(self.runtime.store, self.queue)
+
+    def _candidates(self) -> list[str]:
+        """My pending items of this queue, oldest first (trace ids are UUIDv7: time-ordered)."""
+        assert self.queue is not None
+        store = self.runtime.store
+        open_ids = {i.item_id for i in queue_items(store, self.queue.queue_id, status="pending")}
+        mine = {i.item_id for i in queue_items(store, self._uq(), status="pending")}
+        return sorted(open_ids & mine)
 
     def next(self) -> QueueItem | None:
-        """Release the item shown and lease the next free one (skipped ones come last)."""
-        self.runtime.outbox.deliver_available(max_batches=20)  # what was rated in any process, into MLflow
+        self.runtime.outbox.deliver_available(max_batches=20)
         self.current = None
-        for allow_skipped in (False, True):
-            for page in self._pages(rated=False, cap=COUNT_CAP):
-                by_id = {i.trace_id: i for i in page}
-                order = [t for t in by_id if allow_skipped or t not in self.skipped]
-                if allow_skipped:
-                    order.sort(key=lambda t: self.skipped.index(t) if t in self.skipped else -1)
-                claimed = self.leases.claim(self.session, self.reviewer, order)
-                if claimed is not None:
-                    if allow_skipped and claimed in self.skipped:
-                        self.skipped.remove(claimed)
-                    self.current = _item(by_id[claimed], self.runtime.store.tracking)
-                    return self.current
-        self.leases.release(self.session)
+        if self.why_not() is not None:
+            return None
+        self.top_up()
+        order = self._candidates()
+        order = [t for t in order if t not in self.skipped] + [t for t in self.skipped if t in order]
+        tracking = self.runtime.store.tracking
+        for trace_id in order:
+            info = tracking.get_trace_info(trace_id)
+            call = served_call(info)
+            if call is None or (self.version is not None and call.version != str(self.version)):
+                continue
+            self.current = _item(info, tracking)
+            return self.current
         return None
 
     def rate(
-        self, rating: str, corrected_output: dict[str, Any] | None = None, comment: str | None = None
+        self,
+        rating: str,
+        corrected_output: dict[str, Any] | None = None,
+        comment: str | None = None,
+        answers: dict[str, Any] | None = None,
     ) -> feedback.Receipt:
-        """Submit feedback on the item shown (durable before it returns), then move on."""
+        """Answer the item shown (durable before it returns), mark it done for me, move on."""
         item = self._shown()
+        checked = self.check_answers(answers or {})
         receipt = feedback.submit(
             self.runtime,
             item.trace_id,
@@ -209,58 +604,80 @@ class ReviewQueue:
             corrected_output=corrected_output,
             comment=comment,
             user_id=self.reviewer,
+            labels=checked,
         )
-        self.leases.mark_done(self.session, self.reviewer, item.trace_id)
-        self.history.append(("rate", item, receipt))
+        self._finish(item.trace_id)
+        self.history.append(_Done("rate", item, receipt, checked))
         self.mine += 1
         self.next()
         return receipt
 
+    def check_answers(self, answers: dict[str, Any]) -> dict[str, Any]:
+        by_name = {lab.name: lab for lab in self.extra_labels}
+        by_title = {lab.title: lab for lab in self.extra_labels}
+        out = {}
+        for key, value in answers.items():
+            lab = by_name.get(key) or by_title.get(key)
+            if lab is None:
+                raise ReviewError(f"{key!r} is not a question of this queue")
+            if value is None or value == "":
+                continue
+            out[lab.name] = lab.check(value)
+        return out
+
+    def _finish(self, trace_id: str) -> None:
+        assert self.queue is not None
+        store = self.runtime.store
+        store.tracking.set_review_queue_item_status(
+            self._uq(), item_id=trace_id, status="complete", completed_by=self.reviewer
+        )
+        close_if_done(store, self.queue, trace_id, self.reviewer)
+
     def skip(self) -> QueueItem | None:
         item = self._shown()
+        if item.trace_id in self.skipped:
+            self.skipped.remove(item.trace_id)
         self.skipped.append(item.trace_id)
-        self.history.append(("skip", item, None))
+        self.history.append(_Done("skip", item))
         return self.next()
 
     def undo(self) -> tuple[QueueItem, feedback.Receipt | None]:
-        """Take back the last rating (its assessments leave MLflow) or skip, and show that item again."""
+        """Take back the last answer (its assessments leave MLflow, the item reopens) or skip."""
         if not self.history:
             raise ReviewError("nothing to undo")
-        action, item, receipt = self.history[-1]
-        if action == "rate" and receipt is not None:
+        done = self.history[-1]
+        item, receipt = done.item, done.receipt
+        if done.action == "rate" and receipt is not None:
             deadline = time.monotonic() + UNDO_WAIT
             while not retract(self.runtime, item.trace_id, receipt):
                 if not self.runtime.outbox.deliver_available(max_batches=20):
                     raise ReviewError("MLflow is unreachable, so the rating cannot be taken back now")
-                if time.monotonic() > deadline:  # another process holds it on its way to MLflow
+                if time.monotonic() > deadline:
                     raise ReviewError("the rating is still on its way to MLflow; try undo again shortly")
                 time.sleep(0.2)
-            self.leases.unmark_done(item.trace_id)
+            assert self.queue is not None
+            tracking = self.runtime.store.tracking
+            tracking.set_review_queue_item_status(self._uq(), item_id=item.trace_id, status="pending")
+            tracking.set_review_queue_item_status(
+                self.queue.queue_id, item_id=item.trace_id, status="pending"
+            )
             self.mine -= 1
         elif item.trace_id in self.skipped:
             self.skipped.remove(item.trace_id)
         self.history.pop()
-        self.leases.claim(self.session, self.reviewer, [item.trace_id], force=True)
+        self.undone_answers = done.answers
         self.current = item
         return item, receipt
 
-    def renew(self) -> None:
-        """Keep the item shown while the reviewer works on it (called as they type; at most every 10 s)."""
-        now = time.monotonic()
-        if self.current is not None and now - self._renewed_at > 10:
-            self._renewed_at = now
-            self.leases.renew(self.session)
-
     def progress(self) -> Progress:
-        done = self.leases.done_ids()
-        rated, _ = self._count(rated=True)
-        unrated, ids = self._count(rated=False)
-        pending = len(ids & done)  # rated here, not in MLflow yet
-        capped = COUNT_CAP in (rated, unrated)
-        return Progress(rated + pending, unrated - pending, self.mine, capped)
+        if self.why_not() is not None or self.queue is None:
+            return Progress(0, 0, self.mine)
+        store = self.runtime.store
+        rated = len(queue_items(store, self.queue.queue_id, status="complete"))
+        remaining = len(self._candidates())
+        return Progress(rated, remaining, self.mine, COUNT_CAP in (rated, remaining))
 
     def close(self) -> None:
-        self.leases.release(self.session)
         self.current = None
 
     def _shown(self) -> QueueItem:
@@ -272,7 +689,7 @@ class ReviewQueue:
 def _item(info: Any, tracking: Any = None) -> QueueItem:
     """The card for one trace: complete fields, read from the root span only where a tag was cut."""
     call = served_call(info)
-    assert call is not None  # the search filtered on flywheel's own tags
+    assert call is not None
     if call.truncated and tracking is not None:
         call = complete_calls(tracking, [info]).get(info.trace_id, call)
     return QueueItem(info.trace_id, call.model, call.version, call.inputs, call.outputs, info.request_time)

@@ -21,13 +21,21 @@ from typing import Any
 import pytest
 
 import flywheel
-from flywheel import audit, registry, store
+from flywheel import audit, registry, review, store
 from flywheel.config import get_settings, load_settings
 from flywheel.demo.seed import seed_demo
 from flywheel.http.server import stop_background
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.runtime import submit_feedback as submit
-from flywheel.ui.dashboards import Launched, free_port, kernel_env, launch, voila_command
+from flywheel.ui.dashboards import (
+    Launched,
+    dashboards_dir,
+    free_port,
+    kernel_env,
+    launch,
+    voila_command,
+    wait_until_up,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -77,6 +85,8 @@ def review_store(module_store: store.Store) -> Iterator[tuple[Runtime, list[str]
     rated = [flywheel.predict(JOKES, {"topic": t}, "1", runtime=rt).trace_id for t in ("tea", "jazz")]
     submit(rated[0], "thumbs_up", user_id="seed", runtime=rt)
     submit(rated[1], "thumbs_down", user_id="seed", runtime=rt)
+    # every reviewer of these tests answers every item (k=3): their flows do not depend on the split
+    review.create_queue(module_store, JOKES, ["rita", "bo", "flo"], k=3, backlog=False)
     waiting = [flywheel.predict(JOKES, {"topic": t}, runtime=rt).trace_id for t in TOPICS]
     assert rt.outbox.flush(timeout=30)
     yield rt, waiting
@@ -141,7 +151,9 @@ def assert_clean(page: Any) -> None:
     assert page.locator(".fw-msg-error").count() == 0
 
 
-def ratings(rt: Runtime, trace_id: str, timeout: float = 30) -> dict[str, list[Any]]:
+def ratings(
+    rt: Runtime, trace_id: str, timeout: float = 30, by: str | None = None, count: int = 1
+) -> dict[str, list[Any]]:
     """Valid assessments of a trace once its rating is in MLflow (the kernels deliver it; under load a
     delivery may hit a locked sqlite database and wait for the next pass, so poll)."""
     deadline = time.monotonic() + timeout
@@ -152,7 +164,8 @@ def ratings(rt: Runtime, trace_id: str, timeout: float = 30) -> dict[str, list[A
         for a in info.assessments or []:
             if a.valid is not False:
                 found.setdefault(a.name, []).append(a)
-        if "user_rating" in found or time.monotonic() > deadline:
+        got = [a for a in found.get("user_rating", []) if by is None or a.source.source_id == by]
+        if len(got) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
 
@@ -182,7 +195,7 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     assert_clean(rita)
     assert rita.input_value(".fw-reviewer input") == "rita"
     first, theirs = shown(rita), shown(bo)
-    assert first in waiting and theirs in waiting and first != theirs  # never the same item
+    assert first in waiting and theirs in waiting  # k=3: both answer every item
     assert "6</b> remaining" in rita.inner_html(".fw-progress")
 
     rita.click("button.fw-rate-up")  # mouse
@@ -217,8 +230,11 @@ def test_two_reviewers_rate_with_mouse_and_keyboard(
     expected = {first: ("thumbs_up", "rita"), second: ("thumbs_down", "rita"), third: ("thumbs_up", "rita")}
     expected[theirs] = ("thumbs_up", "bo")
     for trace_id, (value, user) in expected.items():
-        got = ratings(rt, trace_id)
-        assert [(a.value, a.source.source_id) for a in got.get("user_rating", [])] == [(value, user)], (
+        got = ratings(rt, trace_id, by=user)
+        mine = [
+            (a.value, a.source.source_id) for a in got.get("user_rating", []) if a.source.source_id == user
+        ]
+        assert mine == [(value, user)], (
             trace_id,
             {k: [(a.value, a.source.source_id) for a in v] for k, v in got.items()},
             first,
@@ -279,9 +295,10 @@ def test_a_fast_reviewer_under_load_loses_no_correction(
 
     def saved(trace_id: str | None) -> tuple[Any, ...]:
         assert trace_id is not None
-        got = ratings(rt, trace_id)
+        everyone = ratings(rt, trace_id, by="flo")
+        got = {k: [a for a in v if a.source.source_id == "flo"] for k, v in everyone.items()}
         value = lambda name: [a.value for a in got.get(name, [])]  # noqa: E731
-        return (
+        return (  # flo's answers (k=3: rita and bo answer the same items)
             [(a.value, a.source.source_id) for a in got.get("user_rating", [])],
             value("corrected_output"),
             value("comment"),
@@ -401,3 +418,77 @@ def test_empty_store_is_a_friendly_page(
     finally:
         launched.stop()
         reset()
+
+
+def start_host(home: Path, uri: str) -> Launched:
+    """One more dashboard host: its own FLYWHEEL_HOME, the shared store."""
+    port = free_port(0)
+    env = kernel_env({"FLYWHEEL_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
+    directory = dashboards_dir()
+    proc = subprocess.Popen(voila_command(directory, port), env=env, cwd=directory, start_new_session=True)
+    host = Launched(proc, f"http://127.0.0.1:{port}", None)
+    try:
+        wait_until_up(f"{host.base_url}/voila/tree", proc)
+    except BaseException:
+        host.stop()
+        raise
+    return host
+
+
+def test_two_hosts_four_reviewers_k2_in_parallel(
+    browser: Any, review_store: tuple[Runtime, list[str]], tmp_path: Path
+) -> None:
+    """Issue 14: two Voila hosts (separate FLYWHEEL_HOMEs, one store), two reviewers on each, one
+    queue with k=2; all four act at once. Every item is answered by exactly two different reviewers."""
+    from collections import Counter
+
+    rt, _ = review_store
+    people = {"one": ["h1a", "h1b"], "two": ["h2a", "h2b"]}
+    queue = review.create_queue(
+        rt.store, JOKES, [p for ps in people.values() for p in ps], k=2, name="team", backlog=False
+    )
+    ids = [flywheel.predict(JOKES, {"topic": f"team {t}"}, runtime=rt).trace_id for t in TOPICS[:4]]
+    assert rt.outbox.flush(timeout=30)
+    hosts = {name: start_host(tmp_path / name, rt.store.tracking_uri) for name in people}
+    try:
+        pages = {
+            who: open_page(
+                browser,
+                f"{hosts[name].base_url}/voila/render/rating.ipynb?reviewer={who}&model={JOKES}&queue=team",
+            )
+            for name, ps in people.items()
+            for who in ps
+        }
+        for page in pages.values():
+            page.wait_for_selector(f"{CARD}, .fw-empty", timeout=LOAD)
+            assert_clean(page)
+        answered: list[tuple[str, str]] = []
+        while True:
+            active = {who: shown(page) for who, page in pages.items()}
+            active = {who: t for who, t in active.items() if t is not None}
+            if not active:
+                break
+            for who in active:  # all at once: nobody waits for another reviewer
+                pages[who].keyboard.press("u")
+            for who, trace_id in active.items():
+                answered.append((trace_id, who))
+                wait_moved_on(pages[who], trace_id)
+        for page in pages.values():
+            assert_clean(page)
+            page.close()
+    finally:
+        for host in hosts.values():
+            host.stop()
+    assert max(Counter(answered).values()) == 1  # nobody was shown an item twice
+    per_item = Counter(t for t, _ in answered)
+    assert {t: per_item[t] for t in ids} == {t: 2 for t in ids}
+    for trace_id in ids:
+        got = ratings(rt, trace_id, count=2)
+        sources = sorted(a.source.source_id for a in got["user_rating"])
+        assert len(set(sources)) == 2 and sources == sorted(w for t, w in answered if t == trace_id)
+
+    import mlflow.genai.review_queues as rq
+
+    with rt.store.fluent():
+        items = {i.item_id: i for i in rq.list_review_queue_items(queue.queue_id, max_results=1000)}
+    assert all(items[t].status == "complete" for t in ids)

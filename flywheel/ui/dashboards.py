@@ -63,7 +63,12 @@ def free_port(preferred: int, host: str = "127.0.0.1") -> int:
     raise OSError("no free port")
 
 
-def voila_command(directory: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+def voila_command(
+    directory: Path, port: int, host: str = "127.0.0.1", reviewer_header: str | None = None
+) -> list[str]:
+    """Voila on `directory`; with `reviewer_header` (FLYWHEEL_REVIEWER_HEADER) Voila hands that
+    request header to each kernel (`http_header_envs`), where it is the signed-in reviewer."""
+    headers = [f"--VoilaConfiguration.http_header_envs={[reviewer_header]!r}"] if reviewer_header else []
     return [
         sys.executable,
         "-m",
@@ -75,6 +80,7 @@ def voila_command(directory: Path, port: int, host: str = "127.0.0.1") -> list[s
         "--VoilaConfiguration.show_tracebacks=False",
         "--theme=light",
         "--Voila.port_retries=0",
+        *headers,
     ]
 
 
@@ -160,7 +166,10 @@ def launch(
     port = free_port(port, host)
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
-        voila_command(directory, port, host), env=kernel_env(), cwd=directory, start_new_session=True
+        voila_command(directory, port, host, get_settings().flywheel_reviewer_header),
+        env=kernel_env(),
+        cwd=directory,
+        start_new_session=True,
     )
     launched = Launched(process, base, api_url, started_api)
     launched.urls = {name: f"{base}/voila/render/{name}" for name in DASHBOARDS}

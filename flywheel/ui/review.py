@@ -33,7 +33,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import registry
-from flywheel.review import LEASE_SECONDS, QueueItem, ReviewQueue
+from flywheel.config import signed_in_user
+from flywheel.review import NUMERIC, PASS_FAIL, TEXT, Label, QueueItem, ReviewQueue, list_queues
 from flywheel.review import steps as review_steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
@@ -82,6 +83,12 @@ function field(el) {
   }
   return null;
 }
+function label(el) {
+  for (var i = 0; i < el.classList.length; i++) {
+    if (el.classList[i].indexOf('fw-label-') === 0) return el.classList[i].slice(9);
+  }
+  return null;
+}
 function send(panel, cls) {
   var b = panel.querySelector('button.' + cls), box = panel.querySelector('.fw-channel input');
   if (!b || b.disabled || !box) return false;
@@ -92,8 +99,13 @@ function send(panel, cls) {
     var k = field(w), t = w.querySelector('textarea');
     if (k !== null && t) { fixed = fixed || {}; fixed[k] = t.value; }
   });
-  var ev = {seq: ++seq, action: actions[cls], trace: trace, correction: fixed,
-    comment: note ? note.value : null, reviewer: who ? who.value : null};
+  var answers = null;
+  panel.querySelectorAll('.fw-label' + mine).forEach(function (w) {
+    var i = label(w), t = w.querySelector('input, textarea');
+    if (i !== null && t) { answers = answers || {}; answers[i] = t.value; }
+  });
+  var ev = {seq: ++seq, action: actions[cls], trace: trace, correction: fixed, answers: answers,
+    comment: note ? note.value : null, reviewer: who && !who.disabled ? who.value : null};
   box.__fwEvents = (box.__fwEvents || []).concat([ev]).slice(-%(keep)d);
   box.value = JSON.stringify({events: box.__fwEvents});
   box.dispatchEvent(new Event('input', {bubbles: true}));
@@ -150,7 +162,7 @@ class RatingPanel(widgets.VBox):
         model: str | None,
         version: str | None,
         reviewer: str,
-        lease_seconds: float,
+        queue: str = "default",
     ) -> None:
         super().__init__()
         self.add_class("fw-panel")
@@ -168,12 +180,24 @@ class RatingPanel(widgets.VBox):
                 ),
             ]
             return
+        # behind authentication the reviewer is who signed in, never what is typed
+        self.signed_in = signed_in_user(runtime.settings)
         self.reviewer = classed(
             widgets.Text(
-                value=reviewer, description="Reviewer", placeholder="your name", continuous_update=False
+                value=reviewer if self.signed_in is None else self.signed_in,
+                description="Reviewer",
+                placeholder="your name",
+                continuous_update=False,
+                disabled=self.signed_in is not None,
             ),
             "fw-reviewer",
         )
+        self.queue_choice = classed(widgets.Dropdown(description="Queue"), "fw-queue")
+        self._wanted_queue = queue
+        self.identity = html_widget(self._identity_note(), "fw-identity")
+        self.labels: list[Label] = []
+        self.answers: list[widgets.Widget] = []
+        self.answers_box = classed(widgets.VBox(), "fw-answers")
         self.model = classed(
             widgets.Dropdown(options=names, value=model if model in names else names[0], description="Model"),
             "fw-model",
@@ -199,13 +223,15 @@ class RatingPanel(widgets.VBox):
                     self.corrections_box,
                     html_widget('<div class="fw-field">comment</div>'),
                     self.comment_box,
+                    self.answers_box,
                 ]
             ),
             "fw-editor",
         )
         self.children = [
             html_widget(CSS),
-            widgets.HBox([self.reviewer, self.model, self.version]),
+            widgets.HBox([self.reviewer, self.model, self.version, self.queue_choice]),
+            self.identity,
             self.progress,
             self.item,
             self.editor,
@@ -216,9 +242,8 @@ class RatingPanel(widgets.VBox):
             self.channel,
         ]
         guard = guarded(self.status)
-        self._lease_seconds = lease_seconds
         self._quiet = False
-        atexit.register(self._release)  # a closed tab's kernel exits: free its item, deliver what is left
+        atexit.register(self._release)  # a closed tab's kernel exits: deliver what is left
         self.up.on_click(guard(lambda _: self.do_rate("thumbs_up")))
         self.down.on_click(guard(lambda _: self.do_rate("thumbs_down")))
         self.skip.on_click(guard(lambda _: self.do_skip()))
@@ -226,6 +251,7 @@ class RatingPanel(widgets.VBox):
         self.reviewer.observe(guard(self._reviewer_changed), names="value")
         self.model.observe(guard(lambda _: self._load_versions(None)), names="value")
         self.version.observe(guard(lambda _: self._quiet or self._restart()), names="value")
+        self.queue_choice.observe(guard(lambda _: self._quiet or self._restart()), names="value")
         self.channel.observe(self._on_channel, names="value")
         guard(self._load_versions)(version)
 
@@ -237,9 +263,14 @@ class RatingPanel(widgets.VBox):
             (f"v{v.version} · {v.stage}", v.version) for v in versions
         ]
         value = wanted if wanted in [v for _, v in options] else ALL_VERSIONS
+        prefix = f"{self.model.value}/"
+        queues = [q.name[len(prefix) :] for q in list_queues(self.runtime.store, self.model.value)]
+        queues = queues or ["default"]
+        chosen = self._wanted_queue if self._wanted_queue in queues else queues[0]
         self._quiet = True
         try:
             self.version.options, self.version.value = options, value
+            self.queue_choice.options, self.queue_choice.value = queues, chosen
         finally:
             self._quiet = False
         self._restart()
@@ -249,15 +280,33 @@ class RatingPanel(widgets.VBox):
             self.queue.close()
         version = None if self.version.value in (None, ALL_VERSIONS) else self.version.value
         self.queue = ReviewQueue(
-            self.runtime, self.model.value, version, self.reviewer.value.strip(), self._lease_seconds
+            self.runtime,
+            self.model.value,
+            version,
+            self.reviewer.value.strip(),
+            self.queue_choice.value or "default",
         )
+        self.labels = self.queue.extra_labels
         self.queue.next()
         self._show()
 
+    def _identity_note(self) -> str:
+        if self.signed_in is None:
+            return (
+                '<div class="fw-muted fw-no-auth">No authentication is configured: ratings are recorded '
+                "under the name typed in the Reviewer box.</div>"
+            )
+        if not self.signed_in:
+            return (
+                '<div class="fw-msg fw-msg-error fw-not-signed-in">Sign-in required: this dashboard takes '
+                "the reviewer from the signed-in user, and no user came with this page.</div>"
+            )
+        return f'<div class="fw-muted fw-signed-in">Signed in as <b>{esc(self.signed_in)}</b>.</div>'
+
     def _reviewer_changed(self, _: Any) -> None:
-        if self.queue is not None:
-            self.queue.reviewer = self.reviewer.value.strip()
-            self._show_progress()
+        if self.signed_in is not None:
+            return  # the signed-in user cannot be changed from the page
+        self._restart()  # another reviewer: another worklist
 
     def _release(self) -> None:
         try:
@@ -278,10 +327,15 @@ class RatingPanel(widgets.VBox):
         q = self._q()
         p = q.progress()
         more = "+" if p.capped else ""
-        who = "" if q.reviewer else " · rating as <b>anonymous</b>: type your name above"
+        why = q.why_not()
+        if why is not None:
+            self.progress.value = f'<div class="fw-muted fw-why">Nothing to review: {esc(why)}.</div>'
+            return
         self.progress.value = (
-            f'<div class="fw-muted"><b>{p.rated}{more}</b> rated · <b>{p.remaining}{more}</b> remaining '
-            f"· {p.mine} by you in this session{who}</div>"
+            f'<div class="fw-muted"><b>{p.rated}{more}</b> done by all reviewers · '
+            f"<b>{p.remaining}{more}</b> remaining for you "
+            f"· {p.mine} by you in this session · queue {esc(q.queue.name if q.queue else '')}"
+            f" (k={q.queue.k if q.queue else 0})</div>"
         )
 
     def _show(self, prefill: dict[str, Any] | None = None) -> None:
@@ -291,6 +345,12 @@ class RatingPanel(widgets.VBox):
         for b in (self.up, self.down, self.skip):
             b.disabled = item is None
         self.undo.disabled = not q.history
+        if item is None and q.why_not() is not None:
+            self.item.value = (
+                f'<div class="fw-empty-state fw-empty">Nothing to review: {esc(q.why_not() or "")}.</div>'
+            )
+            self.editor.layout.display = "none"
+            return
         if item is None:
             self.item.value = (
                 '<div class="fw-empty-state fw-empty">All caught up: nothing left to review for '
@@ -304,7 +364,7 @@ class RatingPanel(widgets.VBox):
         # lands on those, never on this item's; the boxes of two items ago are long settled
         for old in self._retired:
             old.close()
-        self._retired = [*self.corrections.values(), self.comment]
+        self._retired = [*self.corrections.values(), self.comment, *self.answers]
         self.corrections = {
             k: classed(
                 widgets.Textarea(
@@ -319,11 +379,14 @@ class RatingPanel(widgets.VBox):
             )
             for k, v in item.outputs.items()
         }
-        for box in self.corrections.values():
-            box.observe(lambda _: q.renew(), names="value")
         self.corrections_box.children = list(self.corrections.values())
         self.comment = self._comment_box(prefill.get("comment") or "", item.trace_id)
         self.comment_box.children = [self.comment]
+        self.answers = [
+            self._answer_box(i, lab, item.trace_id, prefill.get("answers", {}))
+            for i, lab in enumerate(self.labels)
+        ]
+        self.answers_box.children = self.answers
         self.item.value = self._card(item)  # last: the page tends to draw the card after the boxes
 
     def _comment_box(self, value: str, trace_id: str = "") -> widgets.Textarea:
@@ -334,14 +397,50 @@ class RatingPanel(widgets.VBox):
             "fw-comment",
             f"fw-for-{trace_id}",
         )
-        box.observe(lambda _: self.queue and self.queue.renew(), names="value")
         return box
 
+    def _answer_box(self, index: int, lab: Label, trace_id: str, prefill: dict[str, Any]) -> widgets.Widget:
+        """One of the queue's own questions: a choice, or a text box (numbers and text)."""
+        value = prefill.get(lab.name)
+        title = lab.title + (f" ({lab.instruction})" if lab.instruction else "")
+        if lab.kind in (NUMERIC, TEXT):
+            box: widgets.Widget = widgets.Text(
+                value="" if value is None else str(value),
+                description=lab.title,
+                placeholder=title,
+                layout=widgets.Layout(width="100%"),
+            )
+        else:
+            options = ["pass", "fail"] if lab.kind == PASS_FAIL else list(lab.options)
+            if isinstance(value, bool):
+                value = "pass" if value else "fail"
+            box = widgets.Dropdown(
+                options=[("", "")] + [(o, o) for o in options],
+                value=value if value in options else "",
+                description=lab.title,
+            )
+        return classed(box, "fw-label", f"fw-label-{index}", f"fw-for-{trace_id}")
+
+    def _answers(self, sent: dict[str, Any] | None) -> dict[str, Any]:
+        """{schema name: value} from the boxes (the page's text values win: see the docstring)."""
+        out: dict[str, Any] = {}
+        for i, (lab, box) in enumerate(zip(self.labels, self.answers, strict=False)):
+            value = box.value
+            if sent and str(i) in sent and isinstance(sent[str(i)], str) and lab.kind in (NUMERIC, TEXT):
+                value = sent[str(i)]
+            if value not in ("", None):
+                out[lab.name] = value
+        return out
+
     def _card(self, item: QueueItem) -> str:
+        q = self.queue
+        blind = q is None or q.queue is None or q.queue.blind
+        # blind review: a link to MLflow's trace page would show every reviewer's answers
+        link = esc(item.trace_id) if blind else trace_link(item.trace_id, self.runtime)
         return (
             f'<div class="fw-card" data-trace-id="{esc(item.trace_id)}">'
             f'<div>{badge(f"v{item.version}")}<span class="fw-muted">{esc(item.model)} · '
-            f"{esc(fmt_time(item.request_time))} UTC · trace {trace_link(item.trace_id, self.runtime)}"
+            f"{esc(fmt_time(item.request_time))} UTC · trace {link}"
             "</span></div>"
             f'<div class="fw-title">Inputs</div>{fields_html(item.inputs)}'
             f'<div class="fw-title">Output</div>{fields_html(item.outputs)}'
@@ -378,7 +477,7 @@ class RatingPanel(widgets.VBox):
         """One action with what the page showed when it was asked for: {action, trace, correction,
         comment, reviewer}; an action on an item no longer shown is ignored."""
         who = event.get("reviewer")
-        if isinstance(who, str) and who != self.reviewer.value:
+        if self.signed_in is None and isinstance(who, str) and who != self.reviewer.value:
             self.reviewer.value = who  # typed just before; its own sync may still be on its way
         action = event.get("action")
         if action == "undo":
@@ -399,9 +498,21 @@ class RatingPanel(widgets.VBox):
                 if isinstance(fixed, dict)
                 else None
             )
-            self.do_rate(action, values, comment if isinstance(comment, str) else None)
+            sent = event.get("answers")
+            self.do_rate(
+                action,
+                values,
+                comment if isinstance(comment, str) else None,
+                sent if isinstance(sent, dict) else None,
+            )
 
-    def do_rate(self, rating: str, values: dict[str, str] | None = None, comment: str | None = None) -> None:
+    def do_rate(
+        self,
+        rating: str,
+        values: dict[str, str] | None = None,
+        comment: str | None = None,
+        answers: dict[str, Any] | None = None,
+    ) -> None:
         """Rate the item shown; `values` (the correction boxes' texts) and `comment` default to the
         widgets' values in the kernel."""
         q = self._q()
@@ -411,7 +522,9 @@ class RatingPanel(widgets.VBox):
             return
         boxes = {k: b.value for k, b in self.corrections.items()}
         fixed = edited(boxes if values is None else values, item.outputs)
-        receipt = q.rate(rating, fixed, self.comment.value if comment is None else comment)
+        receipt = q.rate(
+            rating, fixed, self.comment.value if comment is None else comment, self._answers(answers)
+        )
         extra = " with a correction" if receipt.corrected_output else ""
         word = "up" if rating == "thumbs_up" else "down"
         self._show()
@@ -431,6 +544,8 @@ class RatingPanel(widgets.VBox):
         prefill = receipt.to_dict() if receipt is not None else None
         if prefill is not None and prefill.get("corrected_output") is None:
             prefill["corrected_output"] = {}
+        if prefill is not None:
+            prefill["answers"] = self._q().undone_answers
         self._show(prefill)
         what = "rating taken back" if receipt is not None else "skip undone"
         say(self.status, "ok", f"Undone: {what}; the item is shown again.")
@@ -442,10 +557,11 @@ def rating_panel(
     model: str | None = None,
     version: str | None = None,
     reviewer: str = "",
-    lease_seconds: float = LEASE_SECONDS,
+    queue: str = "default",
     runtime: Runtime | None = None,
 ) -> widgets.VBox:
-    """The review queue; `query_string` (Voila's QUERY_STRING) may set reviewer, model and version."""
+    """The review queue; `query_string` (Voila's QUERY_STRING) may set reviewer (ignored behind
+    authentication), model, version and queue."""
     q = parse_query(query_string)
     try:
         return RatingPanel(
@@ -453,7 +569,7 @@ def rating_panel(
             q.get("model", model),
             q.get("version", version),
             q.get("reviewer", reviewer),
-            lease_seconds,
+            q.get("queue", queue),
         )
     except Exception as exc:  # a store that cannot be opened: one line, not a traceback
         return store_error(exc)
