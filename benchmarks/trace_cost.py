@@ -90,27 +90,30 @@ def main() -> None:
                 program(topic=TOPICS[i % len(TOPICS)])
         mlflow.flush_trace_async_logging()
 
-    with store.fluent():  # autolog writes to its own experiment of the same store
-        mlflow.set_experiment("autolog")
-        autolog_experiment = mlflow.get_experiment_by_name("autolog").experiment_id
+    # autolog writes to its own experiment of the same store, through MLflow's global URI (not
+    # Store.fluent(): holding its lock while flywheel loads a program would deadlock)
+    mlflow.set_tracking_uri(store.tracking_uri)
+    autolog_experiment = mlflow.set_experiment("autolog").experiment_id
 
-        bare()  # warm imports and caches of each path before timing
-        asyncio.run(through_flywheel(5))
-        runtime.outbox.flush(timeout=60)
-        mlflow.dspy.autolog()
-        autolog()
+    bare()  # warm imports and caches of each path before timing
+    asyncio.run(through_flywheel(5))
+    runtime.outbox.flush(timeout=60)
+    mlflow.dspy.autolog()
+    autolog()
+    mlflow.dspy.autolog(disable=True)
+
+    cost = {"bare": _cpu(bare), "flywheel": _cpu(flywheel_path)}
+    mlflow.dspy.autolog()
+    try:
+        cost["autolog"] = _cpu(autolog)
+    finally:
         mlflow.dspy.autolog(disable=True)
-
-        cost = {"bare": _cpu(bare), "flywheel": _cpu(flywheel_path)}
-        mlflow.dspy.autolog()
-        try:
-            cost["autolog"] = _cpu(autolog)
-        finally:
-            mlflow.dspy.autolog(disable=True)
     per_call = {k: v * 1000 / n for k, v in cost.items()}
     fly_over = per_call["flywheel"] - per_call["bare"]
     auto_over = per_call["autolog"] - per_call["bare"]
-    spans = len(store.client.get_trace(asyncio.run(through_flywheel(1))[0]).data.spans)
+    sample = asyncio.run(through_flywheel(1))[0]
+    runtime.outbox.flush(timeout=60)
+    spans = len(store.client.get_trace(sample).data.spans)
 
     print(f"\nstore: {home}  calls: {n}  cores: {os.cpu_count()}  spans per flywheel trace: {spans}\n")
     print("| path | CPU ms per call | overhead above the bare call |")
@@ -160,16 +163,14 @@ def main() -> None:
             if not token:
                 return count
 
-    with store.fluent():
-        mlflow.set_experiment(experiment_id=autolog_experiment)
-        before = stored(autolog_experiment)
-        mlflow.dspy.autolog()
-        try:
-            auto_rate = paced(autolog_call)
-            mlflow.flush_trace_async_logging()
-        finally:
-            mlflow.dspy.autolog(disable=True)
-        auto_stored = stored(autolog_experiment) - before
+    before = stored(autolog_experiment)
+    mlflow.dspy.autolog()
+    try:
+        auto_rate = paced(autolog_call)
+        mlflow.flush_trace_async_logging()
+    finally:
+        mlflow.dspy.autolog(disable=True)
+    auto_stored = stored(autolog_experiment) - before
     fly_before = stored(store.experiment_id)
     fly_rate = paced(flywheel_call)
     assert runtime.outbox.flush(timeout=600), runtime.outbox.last_error
