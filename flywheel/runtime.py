@@ -191,11 +191,14 @@ class Runtime:
         payload["inputs"] = limits.stored(payload["inputs"], *limit)
         payload["outputs"] = limits.stored(payload["outputs"], *limit)
         payload["error"] = limits.stored(payload["error"], *limit)
-        for span in payload.get("spans") or []:  # the call tree repeats the inputs (e.g. in prompts)
+        spans = list(payload.get("spans") or [])  # the record keeps its own list
+        for i, span in enumerate(spans):  # the call tree repeats the inputs (e.g. in prompts)
             for part in ("inputs", "outputs"):
                 text = span.get(part)
                 if isinstance(text, str) and len(text) > limit[0]:
-                    span[part] = json.dumps(limits.stored(json.loads(text), *limit), ensure_ascii=False)
+                    cut = json.dumps(limits.stored(json.loads(text), *limit), ensure_ascii=False)
+                    spans[i] = span = {**span, part: cut}
+        payload["spans"] = spans
         return payload
 
     async def commit_trace(self, record: tracing.TraceRecord) -> None:

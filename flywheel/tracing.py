@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -261,8 +261,12 @@ class TraceRecord:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """The outbox payload: plain JSON types, with `model` and `version` at the top level."""
-        return asdict(self)
+        """The outbox payload: plain JSON types, with `model` and `version` at the top level.
+
+        Shallow (the call tree's span records are shared, not deep-copied as `asdict` would:
+        that copy cost more CPU than the rest of the record); whoever changes a span record
+        copies it first (`Runtime._trace_payload`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def tags(self) -> dict[str, str]:
         """Trace tags, each within TAG_CHARS: export reads inputs and outputs from here, and from
