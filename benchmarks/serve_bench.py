@@ -349,6 +349,13 @@ def main() -> None:
             ml = bench_mlflow_serve(env, args)
             print(f"  mlflow models serve: {ml}", flush=True)
             rows.append(("mlflow models serve (defaults)", ml))
+    if rows:
+        fly = rows[0][1]
+        print(
+            f"\nflywheel: {fly['rps'] / limit:.0%} of the {limit:.0f} req/s ceiling; "
+            f"p99 {fly['p99_ms']:.0f} ms = {fly['p99_ms'] / 100:.1f} x the LM's 100 ms; "
+            f"outbox drained {fly['drain_s']:.1f}s after the load"
+        )
     sizes = [int(s) for s in args.export_sizes.split(",") if s]
     exports = bench_export(sizes, args.rated_share) if sizes else []
 
@@ -360,7 +367,7 @@ def main() -> None:
             f"| {name} | {r['rps']:.0f} | {r['rps'] / limit:.0%} of {limit:.0f} | {r['p50_ms']:.0f} | "
             f"{r['p99_ms']:.0f} | {r['errors']} | {complete} |"
         )
-    if rows:
+    if len(rows) > 1:
         print(
             f"\nflywheel / mlflow models serve throughput: {rows[0][1]['rps'] / rows[1][1]['rps']:.1f}x; "
             f"outbox drained {rows[0][1]['drain_s']:.1f}s after the load stopped"
