@@ -62,7 +62,7 @@ def rating_stats(model: str, runtime: Runtime) -> dict[str, VersionStats]:
     runtime.outbox.deliver_available(max_batches=20)
     stats: dict[str, VersionStats] = {}
     for info in export.rated_trace_infos(runtime, model):
-        row = export.row_from_trace(info)
+        row = export.row_from_trace(info, policy=runtime.settings.export_rules)
         if row is None:
             continue
         s = stats.setdefault(str(row["model_version"]), VersionStats())
