@@ -73,7 +73,7 @@ def _human(a: Any) -> bool:
     return a.source is not None and str(a.source.source_type).endswith("HUMAN")
 
 
-def _newest_per_source(assessments: Iterable[Any], name: str) -> dict[str, Any]:
+def newest_per_source(assessments: Iterable[Any], name: str) -> dict[str, Any]:
     """{source id: its newest valid HUMAN assessment `name`}."""
     out: dict[str, Any] = {}
     for a in assessments:
@@ -121,7 +121,7 @@ def answers_from_infos(
                 model is not None and name != RATING and not name.startswith(f"{model}:")
             ):
                 continue
-            for who, a in _newest_per_source(assessments, name).items():
+            for who, a in newest_per_source(assessments, name).items():
                 if is_adjudicator(who):
                     decisions.setdefault(name, {})[info.trace_id] = _value(a)
                 elif people is None or who in people:
@@ -253,7 +253,7 @@ def _finite(x: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _key(value: Any) -> Any:
+def answer_key(value: Any) -> Any:
     """A hashable, comparable stand-in for an answer (lists and objects as JSON)."""
     if isinstance(value, (dict, list)):
         import json
@@ -269,13 +269,13 @@ def cohen_kappa(first: list[Any], second: list[Any]) -> float | None:
     import numpy as np
     from statsmodels.stats.inter_rater import cohens_kappa
 
-    cats = sorted({_key(v) for v in [*first, *second]}, key=repr)
+    cats = sorted({answer_key(v) for v in [*first, *second]}, key=repr)
     if len(cats) < 2:
         return None  # one category: chance agreement is 1, kappa is 0/0
     index = {c: i for i, c in enumerate(cats)}
     table = np.zeros((len(cats), len(cats)))
     for x, y in zip(first, second, strict=True):
-        table[index[_key(x)], index[_key(y)]] += 1
+        table[index[answer_key(x)], index[answer_key(y)]] += 1
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         return _finite(cohens_kappa(table, return_results=False))
@@ -288,14 +288,14 @@ def fleiss(items: list[list[Any]]) -> float | None:
     import numpy as np
     from statsmodels.stats.inter_rater import fleiss_kappa
 
-    cats = sorted({_key(v) for item in items for v in item}, key=repr)
+    cats = sorted({answer_key(v) for item in items for v in item}, key=repr)
     if len(cats) < 2:
         return None
     index = {c: i for i, c in enumerate(cats)}
     table = np.zeros((len(items), len(cats)))
     for row, item in enumerate(items):
         for v in item:
-            table[row, index[_key(v)]] += 1
+            table[row, index[answer_key(v)]] += 1
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         return _finite(fleiss_kappa(table, method="fleiss"))
@@ -313,14 +313,14 @@ def krippendorff_alpha(by_item: Mapping[str, Mapping[str, Any]], level: str = NO
     if level == INTERVAL:
         code: dict[Any, float] = {}
     else:
-        cats = sorted({_key(v) for a in by_item.values() for v in a.values()}, key=repr)
+        cats = sorted({answer_key(v) for a in by_item.values() for v in a.values()}, key=repr)
         code = {c: float(i) for i, c in enumerate(cats)}
     data = np.full((len(raters), len(items)), np.nan)
     for j, item in enumerate(items):
         for i, rater in enumerate(raters):
             if rater in by_item[item]:
                 v = by_item[item][rater]
-                data[i, j] = float(v) if level == INTERVAL else code[_key(v)]
+                data[i, j] = float(v) if level == INTERVAL else code[answer_key(v)]
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
@@ -338,7 +338,7 @@ def level_of(values: Iterable[Any]) -> str:
 
 def majority(values: Iterable[Any]) -> Any | None:
     """The answer more than half of `values` gave, else None."""
-    vals = [_key(v) for v in values]
+    vals = [answer_key(v) for v in values]
     if not vals:
         return None
     top, count = Counter(vals).most_common(1)[0]
@@ -356,7 +356,7 @@ def label_agreement(
     level = level or level_of(v for a in by_item.values() for v in a.values())
     multi = {t: a for t, a in by_item.items() if len(a) >= 2}
     reviewers = tuple(sorted({r for a in by_item.values() for r in a}))
-    agree = [len({_key(v) for v in a.values()}) == 1 for a in multi.values()]
+    agree = [len({answer_key(v) for v in a.values()}) == 1 for a in multi.values()]
     percent = sum(agree) / len(agree) if agree else None
     disagreements = tuple(sorted(t for t, ok in zip(multi, agree, strict=True) if not ok))
 
@@ -365,7 +365,7 @@ def label_agreement(
         shared = sorted(t for t, ans in by_item.items() if a in ans and b in ans)
         xs = [by_item[t][a] for t in shared]
         ys = [by_item[t][b] for t in shared]
-        same = sum(_key(x) == _key(y) for x, y in zip(xs, ys, strict=True))
+        same = sum(answer_key(x) == answer_key(y) for x, y in zip(xs, ys, strict=True))
         pairs.append(
             PairAgreement(a, b, len(shared), same / len(shared) if shared else None, cohen_kappa(xs, ys))
         )
@@ -377,12 +377,12 @@ def label_agreement(
             if r not in ans:
                 continue
             if t in decisions:
-                consensus = _key(decisions[t])
+                consensus = answer_key(decisions[t])
             else:
                 consensus = majority(v for who, v in ans.items() if who != r)
             if consensus is None:
                 continue
-            mine.append(_key(ans[r]))
+            mine.append(answer_key(ans[r]))
             theirs.append(consensus)
         answered = sum(r in ans for ans in by_item.values())
         same = sum(x == y for x, y in zip(mine, theirs, strict=True))
@@ -445,7 +445,7 @@ class Decision:
 def decide(assessments: Iterable[Any], policy: Iterable[str] = DEFAULT_POLICY) -> Decision | None:
     """The rating a row is made of, by the first rule of `policy` that applies; None when none does."""
     assessments = list(assessments)
-    latest = _newest_per_source(assessments, RATING)
+    latest = newest_per_source(assessments, RATING)
     if not latest:
         return None
     judged = {w: a for w, a in latest.items() if is_adjudicator(w)}
@@ -465,8 +465,8 @@ def decide(assessments: Iterable[Any], policy: Iterable[str] = DEFAULT_POLICY) -
             top = majority(assessment_value(a) for a in people.values())
             if top is None:
                 continue
-            voters = {w: a for w, a in people.items() if _key(assessment_value(a)) == top}
-            corrected = set(_newest_per_source(assessments, CORRECTION))
+            voters = {w: a for w, a in people.items() if answer_key(assessment_value(a)) == top}
+            corrected = set(newest_per_source(assessments, CORRECTION))
             pool = {w: a for w, a in voters.items() if w in corrected} or voters
             who, a = newest(pool)
             return Decision(rule, a, who, tuple(sorted(voters)))
