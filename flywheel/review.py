@@ -847,21 +847,30 @@ class Adjudication:
         return sorted(i.item_id for i in queue_items(self.runtime.store, self.queue_id, status="pending"))
 
     def next(self) -> AdjudicationItem | None:
+        """The oldest item waiting for a decision, with every answer."""
         self.runtime.outbox.deliver_available(max_batches=20)
         self.current = None
-        store = self.runtime.store
         self.sweep()
         for trace_id in self.pending():
-            info = store.tracking.get_trace_info(trace_id)
-            if served_call(info) is None:
-                continue
-            self.current = AdjudicationItem(
-                _item(info, store.tracking),
-                tuple(all_answers(store, trace_id)),
-                tuple(disagreement(store, self.queue, trace_id)),
-            )
-            return self.current
+            if self.open(trace_id) is not None:
+                return self.current
         return None
+
+    def open(self, trace_id: str) -> AdjudicationItem | None:
+        """Show one waiting item (None when it is not waiting for a decision)."""
+        assert self.queue is not None
+        store = self.runtime.store
+        if trace_id not in self.pending():
+            return None
+        info = store.tracking.get_trace_info(trace_id)
+        if served_call(info) is None:
+            return None
+        self.current = AdjudicationItem(
+            _item(info, store.tracking),
+            tuple(all_answers(store, trace_id)),
+            tuple(disagreement(store, self.queue, trace_id)),
+        )
+        return self.current
 
     def decide(
         self,
