@@ -908,3 +908,82 @@ class Adjudication:
         )
         self.next()
         return receipt
+
+
+# --- progress per queue and reviewer ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReviewerProgress:
+    reviewer: str
+    done: int  # items of the queue this reviewer completed
+    remaining: int  # assigned to them and not done yet
+    per_hour: float | None  # between their first and last completion; None before two
+    kappa: float | None  # Cohen's kappa of their ratings against consensus, so far
+
+
+@dataclass(frozen=True)
+class QueueProgress:
+    queue: str
+    done: int  # items all k reviewers finished
+    remaining: int
+    per_hour: float | None
+    kappa: float | None  # Fleiss' kappa of the ratings so far
+    reviewers: tuple[ReviewerProgress, ...] = ()
+    adjudication: int = 0  # items waiting for an adjudicator
+
+
+def _per_hour(times: list[int]) -> float | None:
+    times = sorted(t for t in times if t)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) / ((times[-1] - times[0]) / 3_600_000)
+
+
+def queue_progress(runtime: Runtime, queue: Queue) -> QueueProgress:
+    """Done, remaining, items per hour and agreement so far, for the queue and each reviewer."""
+    store = runtime.store
+    items = queue_items(store, queue.queue_id)
+    ids = {i.item_id for i in items}
+    done = [i for i in items if str(i.status) == "complete"]
+    report = agreement.report(
+        store,
+        queue.model,
+        queue=queue.name,
+        reviewers=queue.reviewers,
+        trace_ids=[i.item_id for i in done],
+        labels=[RATING],
+    )
+    rating = report.labels.get(RATING)
+    people = []
+    for r in queue.reviewers:
+        mine = [i for i in queue_items(store, user_queue_id(store, r)) if i.item_id in ids]
+        finished = [i for i in mine if str(i.status) == "complete"]
+        vs = rating.reviewer(r) if rating is not None else None
+        people.append(
+            ReviewerProgress(
+                r,
+                len(finished),
+                len(mine) - len(finished),
+                _per_hour([i.completed_time_ms for i in finished]),
+                vs.kappa if vs is not None else None,
+            )
+        )
+    try:
+        from mlflow.exceptions import MlflowException
+
+        adj = store.tracking.get_review_queue_by_name(
+            store.experiment_id, name=queue.name + ADJUDICATION_SUFFIX
+        )
+        waiting = len(queue_items(store, adj.queue_id, status="pending"))
+    except MlflowException:
+        waiting = 0
+    return QueueProgress(
+        queue.name,
+        len(done),
+        len(items) - len(done),
+        _per_hour([i.completed_time_ms for i in done]),
+        rating.fleiss_kappa if rating is not None else None,
+        tuple(people),
+        waiting,
+    )

@@ -23,7 +23,8 @@ def test_rows_formats_dataframe_and_examples(demo_store_rw: Store) -> None:
     )
     rows = export_rows("support-router")
     row = next(r for r in rows if r["trace_id"] == answer.trace_id)
-    assert list(row) == ["ticket", "category", "trace_id", "model_version", "rating", "comment", "decision_rule"]
+    meta = ["trace_id", "model_version", "rating", "comment", "decision_rule"]
+    assert list(row) == ["ticket", "category", *meta]
     assert row["decision_rule"] == "single"  # one reviewer: the single-answer rule
     assert row["category"] == "shipping"
     parsed = list(csv.DictReader(io.StringIO(export.to_csv([row]))))
