@@ -8,6 +8,7 @@ the API's key guards. Both are audited with the dashboard as the actor.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import io
 from dataclasses import dataclass, field
@@ -261,9 +262,6 @@ class ModelsPanel(widgets.VBox):
         self.agree_queue = classed(widgets.Dropdown(description="Queue"), "fw-agree-queue")
         self.agree_label = classed(widgets.Dropdown(description="Label"), "fw-agree-label")
         self.agreement = html_widget("", "fw-agreement")
-        self.agree_plot = classed(
-            widgets.Image(format="png", layout=widgets.Layout(max_width="760px")), "fw-agreement-plot"
-        )
         self.review_progress = html_widget("", "fw-review-progress")
         self.report: agreement.AgreementReport | None = None
         self.promote_version = classed(widgets.Dropdown(description="Version"), "fw-promote-version")
@@ -299,7 +297,6 @@ class ModelsPanel(widgets.VBox):
             html_widget('<div class="fw-title">Reviewer agreement</div>'),
             widgets.HBox([self.agree_queue, self.agree_label]),
             self.agreement,
-            self.agree_plot,
             html_widget('<div class="fw-title">Review progress</div>'),
             self.review_progress,
             html_widget('<div class="fw-title">Promote</div>'),
@@ -375,13 +372,19 @@ class ModelsPanel(widgets.VBox):
         self.show_agreement()
 
     def show_agreement(self) -> None:
+        """The chosen label's table and plot, drawn as one HTML value (they never disagree)."""
         lab = (
             self.report.labels.get(self.agree_label.value) if self.report and self.agree_label.value else None
         )
-        self.agreement.value = agreement_html(lab if lab is not None and lab.items else None)
+        lab = lab if lab is not None and lab.items else None
         png = agreement_png(lab) if lab is not None else b""
-        self.agree_plot.value = png
-        self.agree_plot.layout.display = "block" if png else "none"
+        plot = (
+            f'<img class="fw-agreement-plot" alt="kappa per pair" style="max-width:760px" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            if png
+            else ""
+        )
+        self.agreement.value = agreement_html(lab) + plot
 
     def ask(self, version: str | None, stage: str) -> None:
         """First click of a stage button: ask for confirmation, naming what else changes."""
