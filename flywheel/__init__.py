@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 # public name -> "module:attribute"
 _EXPORTS: dict[str, str] = {
     "STAGES": "flywheel.errors:STAGES",
+    "AgreementReport": "flywheel.agreement:AgreementReport",
+    "agreement_report": "flywheel.runtime:agreement_report",
     "AsyncClient": "flywheel.http.client:AsyncClient",
     "Cancelled": "flywheel.errors:Cancelled",
     "Client": "flywheel.http.client:Client",
@@ -97,6 +99,7 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
+    from flywheel.agreement import AgreementReport
     from flywheel.compile import CompileResult, available_optimizers, compile_program
     from flywheel.config import Settings, get_settings, load_settings
     from flywheel.errors import (
@@ -125,6 +128,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     )
     from flywheel.runtime import (
         Runtime,
+        agreement_report,
         apredict,
         export_rows,
         gate,

@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 
 from flywheel.errors import STAGES, ConfigError
 
+EXPORT_RULES = ("adjudicated", "majority", "single", "latest")  # flywheel.agreement's rules
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -76,6 +77,12 @@ class Settings:
     watch_min_requests: int = 100
     watch_min_ratings: int = 30
     watch_baseline_window: float = 86400.0
+    export_policy: str = "adjudicated,majority,single,latest"
+
+    @property
+    def export_rules(self) -> tuple[str, ...]:
+        """EXPORT_POLICY as the ordered rules (checked by load_settings)."""
+        return parse_rules("EXPORT_POLICY", self.export_policy, EXPORT_RULES)
 
     @property
     def artifact_root(self) -> Path:
@@ -103,6 +110,16 @@ def _parse_number(name: str, raw: str, kind: type, low: float, high: float) -> A
     if not low <= value <= high:
         raise ConfigError(f"{name}={raw!r} is out of range ({low:g} to {high:g})")
     return value
+
+
+def parse_rules(name: str, raw: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated, ordered list of rules from `allowed`, each at most once, at least one."""
+    parts = [p.strip().lower() for p in raw.split(",") if p.strip()]
+    if not parts or len(set(parts)) != len(parts) or any(p not in allowed for p in parts):
+        raise ConfigError(
+            f"{name}={raw!r} must list one or more of {', '.join(allowed)}, each once, in order"
+        )
+    return tuple(parts)
 
 
 _NUMBERS: dict[str, tuple[type, float, float]] = {
@@ -179,6 +196,8 @@ def load_settings(
             values[field.name] = raw.strip().lower() or "auto"
             if values[field.name] not in ("auto", "lm15", "litellm"):
                 raise ConfigError(f"FLYWHEEL_LM_ENGINE={raw!r} is not one of auto, lm15, litellm")
+        elif field.name == "export_policy":
+            values[field.name] = ",".join(parse_rules(name, raw, EXPORT_RULES))
         elif field.name == "flywheel_home":
             values[field.name] = Path(raw)
         else:

@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
 from flywheel import registry
+from flywheel.agreement import DEFAULT_POLICY, decide
 from flywheel.errors import ExportError
 from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
 from flywheel.tracing import ServedCall, complete_calls, model_filter, served_call
@@ -37,7 +38,8 @@ RATING_FILTERS = ("thumbs_up", "thumbs_down", "any")
 FORMATS = ("csv", "json", "jsonl")
 PAGE = 5000  # local SQL stores; a tracking server accepts at most REST_PAGE per request
 REST_PAGE = 500
-META_COLUMNS = ("trace_id", "model_version", "rating", "comment")
+RULE = "decision_rule"  # which rule of EXPORT_POLICY produced the row (flywheel.agreement)
+META_COLUMNS = ("trace_id", "model_version", "rating", "comment", RULE)
 CORRECTED = "corrected"
 
 
@@ -98,19 +100,23 @@ def _reviewer(assessment: Any) -> str | None:
     return source.source_id if source is not None else None
 
 
-def row_from_trace(info: Any, call: ServedCall | None = None) -> dict[str, Any] | None:
+def row_from_trace(
+    info: Any, call: ServedCall | None = None, policy: tuple[str, ...] = DEFAULT_POLICY
+) -> dict[str, Any] | None:
     """One training row: input fields, output fields (correction wins), then provenance.
 
-    The newest valid rating decides whose feedback the row is: its correction and comment
-    are that reviewer's, never another reviewer's who disagreed. `call` is the complete
-    prediction when the tags were truncated (tracing.complete_calls).
+    The export policy (`agreement.decide`: adjudicated > majority > single > latest, as
+    EXPORT_POLICY orders them) picks the rating, and the row's correction and comment are those
+    of the same source, never of a reviewer who disagreed; `decision_rule` names the rule. None
+    when no rule of the policy applies. `call` is the complete prediction when the tags were
+    truncated (tracing.complete_calls).
     """
     call = call or served_call(info)
     assessments = list(info.assessments or [])
-    rating = _latest(assessments, RATING)
-    if call is None or rating is None:
+    decision = decide(assessments, policy)
+    if call is None or decision is None:
         return None
-    reviewer = _reviewer(rating)
+    reviewer = decision.source
     inputs, outputs = call.inputs, call.outputs
     correction = _latest(assessments, CORRECTION, reviewer)
     if correction is not None and isinstance(value := assessment_value(correction), dict):
@@ -121,8 +127,9 @@ def row_from_trace(info: Any, call: ServedCall | None = None) -> dict[str, Any] 
         **outputs,
         "trace_id": info.trace_id,
         "model_version": call.version,
-        "rating": assessment_value(rating),
+        "rating": assessment_value(decision.rating),
         "comment": assessment_value(comment) if comment is not None else None,
+        RULE: decision.rule,
         CORRECTED: correction is not None,
     }
 
@@ -148,9 +155,10 @@ def export_rows(
         raise ExportError("limit must be a positive number")
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
     runtime.outbox.deliver_available()  # include what was just rated, without stalling
+    policy = runtime.settings.export_rules
     chosen: list[Any] = []
     for info in rated_trace_infos(runtime, model, start_date, end_date):
-        row = row_from_trace(info)
+        row = row_from_trace(info, policy=policy)
         if row is None or (rating != "any" and row["rating"] != rating):
             continue
         chosen.append(info)
@@ -159,7 +167,7 @@ def export_rows(
     complete = complete_calls(runtime.store.tracking, chosen)  # only truncated rows read spans
     rows: list[dict[str, Any]] = []
     for info in chosen:
-        row = row_from_trace(info, complete.get(info.trace_id))
+        row = row_from_trace(info, complete.get(info.trace_id), policy)
         if row is None:
             continue
         if not with_corrected:

@@ -45,6 +45,7 @@ PREFERENCE = "pairwise_preference"  # on both traces of an A/B pair: which one t
 PREFERENCES = ("A", "B", "tie")
 FEEDBACK_ID = "flywheel.feedback_id"
 ANONYMOUS = "anonymous"
+ADJUDICATOR = "adjudicator:"  # source id prefix of an adjudicator's decision (review.Adjudication)
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,22 @@ def submit(
     comment: str | None = None,
     user_id: str | None = None,
     labels: dict[str, Any] | None = None,
+    adjudication: bool = False,
 ) -> Receipt:
     """Validate and durably queue feedback; returns once it cannot be lost.
 
     The receipt is `pending` when the trace is not known yet (the API's 202). `labels`: answers
     to a review queue's own questions ({schema name: value}, checked by `review`), written as
-    assessments of those names beside the rating.
+    assessments of those names beside the rating. A user id starting `adjudicator:` is an
+    adjudicator's decision: only `adjudication=True` (the admin-guarded review.Adjudication) may
+    write one, so nobody can pass for an adjudicator through the API.
     """
+    if ((user_id or "").strip().lower().startswith(ADJUDICATOR)) != adjudication:
+        raise FeedbackError(
+            f"user_id {user_id!r}: ids starting {ADJUDICATOR!r} are reserved for adjudicators' decisions"
+            if not adjudication
+            else f"an adjudication needs a user id starting {ADJUDICATOR!r}"
+        )
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
     if not trace_id or not trace_id.strip():

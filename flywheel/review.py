@@ -45,11 +45,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flywheel import feedback
+from flywheel import agreement, feedback
 from flywheel.calltree import Step
 from flywheel.calltree import steps as calltree_steps
 from flywheel.errors import ReviewError
-from flywheel.feedback import COMMENT, CORRECTION, FEEDBACK_ID, RATING, RATINGS
+from flywheel.feedback import ADJUDICATOR, COMMENT, CORRECTION, FEEDBACK_ID, RATING, RATINGS
 from flywheel.store import Store
 from flywheel.tracing import complete_calls, model_filter, served_call
 
@@ -631,7 +631,9 @@ class ReviewQueue:
         store.tracking.set_review_queue_item_status(
             self._uq(), item_id=trace_id, status="complete", completed_by=self.reviewer
         )
-        close_if_done(store, self.queue, trace_id, self.reviewer)
+        if close_if_done(store, self.queue, trace_id, self.reviewer):
+            self.runtime.outbox.deliver_available(max_batches=20)  # my answer, to compare it
+            flag_disagreements(store, self.queue, [trace_id])
 
     def skip(self) -> QueueItem | None:
         item = self._shown()
@@ -709,3 +711,279 @@ def retract(runtime: Runtime, trace_id: str, receipt: feedback.Receipt) -> int:
     for a in ours:
         tracking.delete_assessment(trace_id, a.assessment_id)
     return len(ours)
+
+
+# --- adjudication -------------------------------------------------------------------------------
+#
+# An item whose k answers disagree on a compared question (thumbs, pass/fail, categorical,
+# numeric; not free text or the correction) goes to the queue's adjudication queue: an MLflow
+# custom review queue named `<model>/<name>/adjudication`, holding the trace. It is flagged the
+# moment its last reviewer finishes (and by `flag_disagreements` for what was finished before).
+# An adjudicator (an admin: the dashboards ask for FLYWHEEL_ADMIN_KEY when it is set) sees every
+# answer and decides; the decision is an assessment like any answer, whose source id is
+# `adjudicator:<name>`, and the item is set complete in the adjudication queue.
+
+ADJUDICATION_SUFFIX = "/adjudication"
+
+
+def compared_labels(store: Store, queue: Queue) -> list[Label]:
+    """The queue's questions agreement is measured on: all but free text and the correction."""
+    ids = set(queue.schema_ids)
+    return [
+        lab
+        for lab in labels(store, queue.model)
+        if lab.schema_id in ids and lab.kind not in (TEXT, CORRECTED)
+    ]
+
+
+def adjudication_queue_id(store: Store, queue: Queue) -> str:
+    """The id of `queue`'s adjudication queue (created on first use, by any host)."""
+    from mlflow.exceptions import MlflowException
+
+    name = queue.name + ADJUDICATION_SUFFIX
+    try:
+        return store.tracking.get_review_queue_by_name(store.experiment_id, name=name).queue_id
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    try:
+        q = store.tracking.create_review_queue(
+            store.experiment_id, name=name, queue_type="custom", schema_ids=list(queue.schema_ids)
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        q = store.tracking.get_review_queue_by_name(store.experiment_id, name=name)
+    return q.queue_id
+
+
+def disagreement(store: Store, queue: Queue, trace_id: str) -> list[str]:
+    """The compared questions on which the queue's reviewers answered `trace_id` differently."""
+    names = [lab.name for lab in compared_labels(store, queue)]
+    info = store.tracking.get_trace_info(trace_id)
+    answers, _ = agreement.answers_from_infos([info], reviewers=queue.reviewers, labels=names)
+    return sorted(
+        name
+        for name, by_item in answers.items()
+        if len({agreement.answer_key(v) for v in by_item.get(trace_id, {}).values()}) > 1
+    )
+
+
+def flag_disagreements(store: Store, queue: Queue, trace_ids: Iterable[str] | None = None) -> list[str]:
+    """Put the finished items (or `trace_ids`) whose answers disagree into the adjudication
+    queue; returns them. Idempotent: adding an item twice is a no-op in MLflow."""
+    if trace_ids is None:
+        trace_ids = [i.item_id for i in queue_items(store, queue.queue_id, status="complete")]
+    flagged = [t for t in trace_ids if disagreement(store, queue, t)]
+    if flagged:
+        adj = adjudication_queue_id(store, queue)
+        for start in range(0, len(flagged), PAGE):
+            store.tracking.add_items_to_review_queue(adj, item_ids=flagged[start : start + PAGE])
+    return flagged
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One source's answers on a trace: the rating, correction, comment and the queue's questions."""
+
+    source: str
+    values: dict[str, Any]
+    adjudicated: bool = False
+
+
+@dataclass(frozen=True)
+class AdjudicationItem:
+    item: QueueItem
+    answers: tuple[Answer, ...]  # every reviewer's (and any earlier decision), nothing hidden
+    disagree_on: tuple[str, ...]
+
+
+def all_answers(store: Store, trace_id: str) -> list[Answer]:
+    """Every HUMAN source's newest valid answers on a trace (what an adjudicator sees)."""
+    info = store.tracking.get_trace_info(trace_id)
+    by_source: dict[str, dict[str, Any]] = {}
+    for name in {a.name for a in info.assessments or []}:
+        for who, a in agreement.newest_per_source(info.assessments or [], name).items():
+            by_source.setdefault(who, {})[name] = feedback.assessment_value(a)
+    return [
+        Answer(who, values, who.startswith(ADJUDICATOR))
+        for who, values in sorted(by_source.items(), key=lambda kv: (kv[0].startswith(ADJUDICATOR), kv[0]))
+    ]
+
+
+class Adjudication:
+    """An adjudicator working a queue's adjudication queue: every answer shown, one decision each.
+
+    Callers guard it: the dashboards ask for the admin key when FLYWHEEL_ADMIN_KEY is set.
+    """
+
+    def __init__(
+        self, runtime: Runtime, model: str, queue: str = "default", adjudicator: str = "admin"
+    ) -> None:
+        self.runtime, self.model = runtime, model
+        self.name = normalize_reviewer(adjudicator) or "admin"
+        self.source = ADJUDICATOR + self.name
+        self.queue = get_queue(runtime.store, model, queue)
+        if self.queue is None:
+            raise ReviewError(f"there is no review queue {queue_name(model, queue)!r}")
+        self.queue_id = adjudication_queue_id(runtime.store, self.queue)
+        self.labels = [
+            lab for lab in labels(runtime.store, model) if lab.schema_id in set(self.queue.schema_ids)
+        ]
+        self.current: AdjudicationItem | None = None
+        self._swept = 0.0
+
+    def sweep(self, force: bool = False) -> list[str]:
+        """Flag the queue's finished items that disagree (an answer may have reached MLflow only
+        after its item was finished, from another host's outbox)."""
+        now = time.monotonic()
+        if not force and now - self._swept < TOP_UP_EVERY:
+            return []
+        self._swept = now
+        assert self.queue is not None
+        return flag_disagreements(self.runtime.store, self.queue)
+
+    def pending(self) -> list[str]:
+        return sorted(i.item_id for i in queue_items(self.runtime.store, self.queue_id, status="pending"))
+
+    def next(self) -> AdjudicationItem | None:
+        """The oldest item waiting for a decision, with every answer."""
+        self.runtime.outbox.deliver_available(max_batches=20)
+        self.current = None
+        self.sweep()
+        for trace_id in self.pending():
+            if self.open(trace_id) is not None:
+                return self.current
+        return None
+
+    def open(self, trace_id: str) -> AdjudicationItem | None:
+        """Show one waiting item (None when it is not waiting for a decision)."""
+        assert self.queue is not None
+        store = self.runtime.store
+        if trace_id not in self.pending():
+            return None
+        info = store.tracking.get_trace_info(trace_id)
+        if served_call(info) is None:
+            return None
+        self.current = AdjudicationItem(
+            _item(info, store.tracking),
+            tuple(all_answers(store, trace_id)),
+            tuple(disagreement(store, self.queue, trace_id)),
+        )
+        return self.current
+
+    def decide(
+        self,
+        rating: str,
+        corrected_output: dict[str, Any] | None = None,
+        comment: str | None = None,
+        answers: dict[str, Any] | None = None,
+    ) -> feedback.Receipt:
+        """The decision on the item shown: assessments with source `adjudicator:<name>`; the item
+        is complete in the adjudication queue once the decision is in MLflow."""
+        if self.current is None:
+            raise ReviewError("no item is shown; nothing waits for adjudication")
+        extra = {lab.name: lab for lab in self.labels if not lab.builtin}
+        checked = {}
+        for key, value in (answers or {}).items():
+            lab = extra.get(key) or next((x for x in extra.values() if x.title == key), None)
+            if lab is None:
+                raise ReviewError(f"{key!r} is not a question of this queue")
+            if value is not None and value != "":
+                checked[lab.name] = lab.check(value)
+        trace_id = self.current.item.trace_id
+        receipt = feedback.submit(
+            self.runtime,
+            trace_id,
+            rating,
+            corrected_output=corrected_output,
+            comment=comment,
+            user_id=self.source,
+            labels=checked,
+            adjudication=True,
+        )
+        self.runtime.outbox.flush(timeout=10)
+        self.runtime.store.tracking.set_review_queue_item_status(
+            self.queue_id, item_id=trace_id, status="complete", completed_by=self.source
+        )
+        self.next()
+        return receipt
+
+
+# --- progress per queue and reviewer ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReviewerProgress:
+    reviewer: str
+    done: int  # items of the queue this reviewer completed
+    remaining: int  # assigned to them and not done yet
+    per_hour: float | None  # between their first and last completion; None before two
+    kappa: float | None  # Cohen's kappa of their ratings against consensus, so far
+
+
+@dataclass(frozen=True)
+class QueueProgress:
+    queue: str
+    done: int  # items all k reviewers finished
+    remaining: int
+    per_hour: float | None
+    kappa: float | None  # Fleiss' kappa of the ratings so far
+    reviewers: tuple[ReviewerProgress, ...] = ()
+    adjudication: int = 0  # items waiting for an adjudicator
+
+
+def _per_hour(times: list[int]) -> float | None:
+    times = sorted(t for t in times if t)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) / ((times[-1] - times[0]) / 3_600_000)
+
+
+def queue_progress(runtime: Runtime, queue: Queue) -> QueueProgress:
+    """Done, remaining, items per hour and agreement so far, for the queue and each reviewer."""
+    store = runtime.store
+    items = queue_items(store, queue.queue_id)
+    ids = {i.item_id for i in items}
+    done = [i for i in items if str(i.status) == "complete"]
+    report = agreement.report(
+        store,
+        queue.model,
+        queue=queue.name,
+        reviewers=queue.reviewers,
+        trace_ids=[i.item_id for i in done],
+        labels=[RATING],
+    )
+    rating = report.labels.get(RATING)
+    people = []
+    for r in queue.reviewers:
+        mine = [i for i in queue_items(store, user_queue_id(store, r)) if i.item_id in ids]
+        finished = [i for i in mine if str(i.status) == "complete"]
+        vs = rating.reviewer(r) if rating is not None else None
+        people.append(
+            ReviewerProgress(
+                r,
+                len(finished),
+                len(mine) - len(finished),
+                _per_hour([i.completed_time_ms for i in finished]),
+                vs.kappa if vs is not None else None,
+            )
+        )
+    try:
+        from mlflow.exceptions import MlflowException
+
+        adj = store.tracking.get_review_queue_by_name(
+            store.experiment_id, name=queue.name + ADJUDICATION_SUFFIX
+        )
+        waiting = len(queue_items(store, adj.queue_id, status="pending"))
+    except MlflowException:
+        waiting = 0
+    return QueueProgress(
+        queue.name,
+        len(done),
+        len(items) - len(done),
+        _per_hour([i.completed_time_ms for i in done]),
+        rating.fleiss_kappa if rating is not None else None,
+        tuple(people),
+        waiting,
+    )

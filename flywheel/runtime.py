@@ -29,13 +29,14 @@ from flywheel import feedback, limits, tracing
 from flywheel.canary import TrafficPlans
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
-from flywheel.errors import Unavailable
+from flywheel.errors import ReviewError, Unavailable
 from flywheel.loader import Loader
 from flywheel.outbox import Outbox
 
 if TYPE_CHECKING:
     import dspy
 
+    from flywheel.agreement import AgreementReport
     from flywheel.gate import GateResult
     from flywheel.loader import LoadedProgram
     from flywheel.loop import LoopTurn
@@ -252,6 +253,34 @@ class Runtime:
     def load(self, model: str, ref: str | int | None = None) -> LoadedProgram:
         return self.programs.load(model, ref)
 
+    def agreement_report(
+        self, model: str, queue: str | None = None, labels: list[str] | None = None
+    ) -> AgreementReport:
+        """Reviewer agreement per label of `model` (of one review queue's items and reviewers)."""
+        from flywheel import agreement, review
+
+        self.outbox.deliver_available(max_batches=20)
+        kinds = {lab.name: lab.kind for lab in review.labels(self.store, model)}
+        levels = {
+            n: agreement.INTERVAL if k == review.NUMERIC else agreement.NOMINAL for n, k in kinds.items()
+        }
+        compared = [n for n, k in kinds.items() if k not in (review.TEXT, review.CORRECTED)]
+        if queue is None:
+            return agreement.report(self.store, model, labels=labels or compared, levels=levels)
+        q = review.get_queue(self.store, model, queue)
+        if q is None:
+            raise ReviewError(f"there is no review queue {review.queue_name(model, queue)!r}")
+        items = [i.item_id for i in review.queue_items(self.store, q.queue_id)]
+        return agreement.report(
+            self.store,
+            model,
+            queue=q.name,
+            reviewers=q.reviewers,
+            trace_ids=items,
+            labels=labels or compared,
+            levels=levels,
+        )
+
     def promote(self, model: str, version: str | int, stage: str) -> VersionInfo:
         from flywheel import registry
 
@@ -377,6 +406,13 @@ def submit_feedback(trace_id: str, rating: str, **kwargs: Any) -> feedback.Recei
 def export_rows(model: str, **kwargs: Any) -> list[dict[str, Any]]:
     runtime = kwargs.pop("runtime", None) or get_runtime()
     return runtime.export_rows(model, **kwargs)
+
+
+def agreement_report(
+    model: str, queue: str | None = None, labels: list[str] | None = None, *, runtime: Runtime | None = None
+) -> AgreementReport:
+    """How much reviewers agree on `model`'s labels (flywheel.agreement); `.to_frame()` for a table."""
+    return (runtime or get_runtime()).agreement_report(model, queue, labels)
 
 
 def load(model: str, ref: str | int | None = None, *, runtime: Runtime | None = None) -> LoadedProgram:

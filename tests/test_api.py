@@ -80,6 +80,7 @@ def test_spec_sequence_end_to_end(http: httpx.Client) -> None:
         "model_version": "2",
         "rating": "thumbs_down",
         "comment": "too long",
+        "decision_rule": "single",
     }
     as_csv = http.get("/export", params={"model": JOKES, "format": "csv", "rating": "thumbs_down"})
     assert as_csv.headers["content-disposition"] == 'attachment; filename="joke-generator-thumbs_down.csv"'

@@ -23,12 +23,14 @@ def test_rows_formats_dataframe_and_examples(demo_store_rw: Store) -> None:
     )
     rows = export_rows("support-router")
     row = next(r for r in rows if r["trace_id"] == answer.trace_id)
-    assert list(row) == ["ticket", "category", "trace_id", "model_version", "rating", "comment"]
+    meta = ["trace_id", "model_version", "rating", "comment", "decision_rule"]
+    assert list(row) == ["ticket", "category", *meta]
+    assert row["decision_rule"] == "single"  # one reviewer: the single-answer rule
     assert row["category"] == "shipping"
     parsed = list(csv.DictReader(io.StringIO(export.to_csv([row]))))
     assert parsed[0]["ticket"] == "My parcel, with a comma, is late" and parsed[0]["comment"] == 'say "hi"'
     assert json.loads(export.to_json([row]))[0] == row
-    assert export.to_dataframe([row]).shape == (1, 6)
+    assert export.to_dataframe([row]).shape == (1, 7)
     (example,) = export.to_examples([row], ["ticket"])
     assert isinstance(example, dspy.Example)
     assert example.inputs().toDict() == {"ticket": row["ticket"]} and example.category == "shipping"

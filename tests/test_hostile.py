@@ -163,12 +163,14 @@ def test_rating_and_correction_come_from_the_same_reviewer(http: httpx.Client) -
     row = next(r for r in rows if r["trace_id"] == trace_id)
     assert row["rating"] == "thumbs_up"
     assert row["joke"] != "Ann's better joke." and row["comment"] is None  # not Ann's
+    assert row["decision_rule"] == "latest"  # a tie nobody adjudicated: the newest (EXPORT_POLICY)
     carl = {**ann, "user_id": "carl", "corrected_output": {"joke": "Carl's."}, "comment": "meh"}
     assert http.post("/feedback", json=carl).status_code == 200
     assert get_runtime().outbox.flush()
     rows = http.get("/export", params={"model": JOKES}).json()["rows"]
     row = next(r for r in rows if r["trace_id"] == trace_id)
     assert (row["rating"], row["joke"], row["comment"]) == ("thumbs_down", "Carl's.", "meh")
+    assert row["decision_rule"] == "majority"  # Ann and Carl; the row is Carl's (the newest) whole
 
 
 # 4. limits as documented settings

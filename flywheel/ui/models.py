@@ -8,6 +8,7 @@ the API's key guards. Both are audited with the dashboard as the actor.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import io
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from flywheel import audit, canary, export, registry, rollback
+from flywheel import agreement, audit, canary, export, registry, review, rollback
 from flywheel.errors import ModelNotFound
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
@@ -62,7 +63,7 @@ def rating_stats(model: str, runtime: Runtime) -> dict[str, VersionStats]:
     runtime.outbox.deliver_available(max_batches=20)
     stats: dict[str, VersionStats] = {}
     for info in export.rated_trace_infos(runtime, model):
-        row = export.row_from_trace(info)
+        row = export.row_from_trace(info, policy=runtime.settings.export_rules)
         if row is None:
             continue
         s = stats.setdefault(str(row["model_version"]), VersionStats())
@@ -119,6 +120,118 @@ def trend_png(stats: dict[str, VersionStats]) -> bytes:
     return buf.getvalue()
 
 
+def fmt_stat(x: float | None) -> str:
+    """A kappa or alpha as the dashboard shows it (3 decimals), '-' when undefined."""
+    return "-" if x is None else f"{x:.3f}"
+
+
+def agreement_png(lab: agreement.LabelAgreement) -> bytes:
+    """Cohen's kappa per reviewer pair and per reviewer against consensus (PNG; empty if none)."""
+    from matplotlib.figure import Figure
+
+    bars = [(f"{p.a} / {p.b}", p.kappa, "pair") for p in lab.pairs if p.kappa is not None]
+    bars += [
+        (f"{r.reviewer} / consensus", r.kappa, "consensus") for r in lab.vs_consensus if r.kappa is not None
+    ]
+    if not bars:
+        return b""
+    fig = Figure(figsize=(7.5, 0.6 + 0.32 * len(bars)), dpi=100)
+    ax = fig.add_subplot()
+    ys = list(range(len(bars)))[::-1]
+    colors = ["#4c72b0" if kind == "pair" else "#dd8452" for _, _, kind in bars]
+    ax.barh(ys, [k for _, k, _ in bars], color=colors)
+    ax.set_yticks(ys, [name for name, _, _ in bars], fontsize=8)
+    for y, (_, k, _) in zip(ys, bars, strict=True):
+        ax.text(
+            k + (0.02 if k >= 0 else -0.02),
+            y,
+            f"{k:.3f}",
+            va="center",
+            ha="left" if k >= 0 else "right",
+            fontsize=8,
+        )
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_xlim(min(-0.1, min(k for _, k, _ in bars) - 0.15), 1.12)
+    ax.set_xlabel("Cohen's kappa (blue: reviewer pair, orange: reviewer vs consensus)")
+    ax.set_title(
+        f"{lab.label}: {lab.items} items, agreement {fmt_stat(lab.percent)}, "
+        f"Fleiss' kappa {fmt_stat(lab.fleiss_kappa)}, "
+        f"Krippendorff's alpha {fmt_stat(lab.krippendorff_alpha)}",
+        fontsize=9,
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def agreement_html(lab: agreement.LabelAgreement | None) -> str:
+    """The label's figures; each kappa cell carries the pair it is for (`data-pair`)."""
+    if lab is None:
+        return '<div class="fw-muted">No item has two answers yet: agreement shows here.</div>'
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    head = (
+        f'<div class="fw-agreement-summary">{esc(lab.label)} ({esc(lab.level)}): '
+        f"{lab.items} items with two or more answers; all agree on <b>{pct(lab.percent)}</b>; Fleiss' kappa "
+        f'<b class="fw-fleiss">{fmt_stat(lab.fleiss_kappa)}</b> ({lab.fleiss_items} items); '
+        f'Krippendorff\'s alpha <b class="fw-alpha">{fmt_stat(lab.krippendorff_alpha)}</b></div>'
+    )
+    rows = [
+        [esc(f"{p.a} / {p.b}"), str(p.items), pct(p.percent), _kappa_cell(f"{p.a} / {p.b}", p.kappa)]
+        for p in lab.pairs
+    ] + [
+        [
+            esc(f"{r.reviewer} / consensus"),
+            str(r.items),
+            pct(r.percent),
+            _kappa_cell(f"{r.reviewer} / consensus", r.kappa),
+        ]
+        for r in lab.vs_consensus
+    ]
+    return head + table(["pair", "items", "agree", "Cohen's kappa"], rows, "fw-agreement-table")
+
+
+def _kappa_cell(pair: str, kappa: float | None) -> str:
+    return f'<span class="fw-kappa" data-pair="{esc(pair)}">{fmt_stat(kappa)}</span>'
+
+
+def progress_html(rows: list[review.QueueProgress]) -> str:
+    """Per queue and per reviewer: done, remaining, items per hour, agreement so far."""
+    if not rows:
+        return '<div class="fw-muted">No review queue for this model yet.</div>'
+    body = []
+    for q in rows:
+        body.append(
+            [
+                f"<b>{esc(q.queue)}</b>",
+                "<i>queue</i>",
+                str(q.done),
+                str(q.remaining),
+                "-" if q.per_hour is None else f"{q.per_hour:.1f}",
+                fmt_stat(q.kappa),
+                str(q.adjudication),
+            ]
+        )
+        for r in q.reviewers:
+            body.append(
+                [
+                    "",
+                    esc(r.reviewer),
+                    str(r.done),
+                    str(r.remaining),
+                    "-" if r.per_hour is None else f"{r.per_hour:.1f}",
+                    fmt_stat(r.kappa),
+                    "",
+                ]
+            )
+    header = ["queue", "reviewer", "done", "remaining", "items / hour", "kappa so far", "to adjudicate"]
+    return table(header, body, "fw-progress-table")
+
+
 class ModelsPanel(widgets.VBox):
     def __init__(self, runtime: Runtime, model: str | None, show_overview: bool) -> None:
         super().__init__()
@@ -146,6 +259,11 @@ class ModelsPanel(widgets.VBox):
             widgets.Image(format="png", layout=widgets.Layout(max_width="760px")), "fw-trend"
         )
         self.trend_note = html_widget("", "fw-trend-note")
+        self.agree_queue = classed(widgets.Dropdown(description="Queue"), "fw-agree-queue")
+        self.agree_label = classed(widgets.Dropdown(description="Label"), "fw-agree-label")
+        self.agreement = html_widget("", "fw-agreement")
+        self.review_progress = html_widget("", "fw-review-progress")
+        self.report: agreement.AgreementReport | None = None
         self.promote_version = classed(widgets.Dropdown(description="Version"), "fw-promote-version")
         self.stage_buttons = {
             s: button(f"→ {s}", f"fw-promote-{s.lower()}", "danger" if s == "Archived" else "info")
@@ -176,6 +294,11 @@ class ModelsPanel(widgets.VBox):
             self.versions,
             self.trend_note,
             self.trend,
+            html_widget('<div class="fw-title">Reviewer agreement</div>'),
+            widgets.HBox([self.agree_queue, self.agree_label]),
+            self.agreement,
+            html_widget('<div class="fw-title">Review progress</div>'),
+            self.review_progress,
             html_widget('<div class="fw-title">Promote</div>'),
             widgets.HBox([self.promote_version, *self.stage_buttons.values()]),
             self.rollback_button,
@@ -190,6 +313,8 @@ class ModelsPanel(widgets.VBox):
         guard = guarded(self.status)
         self.model.observe(guard(lambda _: self.refresh()), names="value")
         self.refresh_button.on_click(guard(lambda _: self.refresh()))
+        self.agree_queue.observe(guard(lambda _: self.refresh_agreement()), names="value")
+        self.agree_label.observe(guard(lambda _: self.show_agreement()), names="value")
         for stage, b in self.stage_buttons.items():
             b.on_click(guard(lambda _, stage=stage: self.ask(self.promote_version.value, stage)))
         self.rollback_button.on_click(guard(lambda _: self.ask_rollback()))
@@ -220,12 +345,46 @@ class ModelsPanel(widgets.VBox):
         self.trend_note.value = (
             "" if png else '<div class="fw-muted">No ratings yet for this model; the trend shows here.</div>'
         )
+        queues = review.list_queues(store, self.model.value)
+        wanted = self.agree_queue.value
+        self.agree_queue.options = [("all reviewers", "")] + [
+            (q.name.split("/", 1)[1], q.name.split("/", 1)[1]) for q in queues
+        ]
+        names = [v for _, v in self.agree_queue.options]
+        self.agree_queue.value = wanted if wanted in names else ""
+        self.refresh_agreement()
+        self.review_progress.value = progress_html([review.queue_progress(self.runtime, q) for q in queues])
         self.live.value = live_table(canary.live_report(self.runtime, self.model.value))
         self.timeline.value = timeline_html(audit.timeline(store, self.model.value, limit=50))
         current, values = self.promote_version.value, [v.version for v in versions]
         self.promote_version.options = [(f"v{v.version} · {v.stage}", v.version) for v in versions]
         self.promote_version.value = current if current in values else values[0] if values else None
         self.cancel()
+
+    def refresh_agreement(self) -> None:
+        """Agreement of the chosen queue's reviewers (or of everyone who rated the model)."""
+        queue = self.agree_queue.value or None
+        self.report = self.runtime.agreement_report(self.model.value, queue)
+        wanted = self.agree_label.value
+        labels = list(self.report.labels)
+        self.agree_label.options = labels
+        self.agree_label.value = wanted if wanted in labels else (labels[0] if labels else None)
+        self.show_agreement()
+
+    def show_agreement(self) -> None:
+        """The chosen label's table and plot, drawn as one HTML value (they never disagree)."""
+        lab = (
+            self.report.labels.get(self.agree_label.value) if self.report and self.agree_label.value else None
+        )
+        lab = lab if lab is not None and lab.items else None
+        png = agreement_png(lab) if lab is not None else b""
+        plot = (
+            f'<img class="fw-agreement-plot" alt="kappa per pair" style="max-width:760px" '
+            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            if png
+            else ""
+        )
+        self.agreement.value = agreement_html(lab) + plot
 
     def ask(self, version: str | None, stage: str) -> None:
         """First click of a stage button: ask for confirmation, naming what else changes."""
