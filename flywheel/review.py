@@ -651,7 +651,7 @@ class _Done:
 
 
 class ReviewQueue:
-    """One reviewer working one queue of a model (optionally one version), oldest first."""
+    """One reviewer working one queue of a model (optionally one version), in routing order (`route`)."""
 
     def __init__(
         self,
