@@ -79,7 +79,7 @@ class Settings:
     watch_min_ratings: int = 30
     watch_baseline_window: float = 86400.0
     export_policy: str = "adjudicated,majority,single,latest"
-    review_routing: str = "thumbs_down,low_judge,stratified"
+    review_routing: str = "thumbs_down,low_judge"  # stratified: opt in
     review_judge_below: float = 0.5
     review_seed: int = 0
 

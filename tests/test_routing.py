@@ -26,7 +26,9 @@ DOWN, UP = "thumbs_down", "thumbs_up"
 @pytest.fixture(scope="module")
 def rt(demo_store_rw: store.Store) -> Iterator[Runtime]:
     reset_runtime()
-    yield get_runtime()
+    runtime = get_runtime()
+    runtime.settings = replace(runtime.settings, review_routing="thumbs_down,low_judge,stratified")
+    yield runtime
     reset_runtime()
 
 
@@ -63,7 +65,7 @@ def traffic(rt: Runtime) -> dict[str, Any]:
 def test_routing_setting_is_checked() -> None:
     s = load_settings({"REVIEW_ROUTING": " Low_Judge , stratified"}, env_file=None)
     assert s.routing_rules == ("low_judge", "stratified")
-    assert load_settings({}, env_file=None).routing_rules == ("thumbs_down", "low_judge", "stratified")
+    assert load_settings({}, env_file=None).routing_rules == ("thumbs_down", "low_judge")
     for bad in ("", "thumbs_down,thumbs_down", "newest"):
         with pytest.raises(ConfigError, match="REVIEW_ROUTING"):
             load_settings({"REVIEW_ROUTING": bad}, env_file=None)
