@@ -19,6 +19,7 @@ from dotenv import dotenv_values
 from flywheel.errors import STAGES, ConfigError
 
 EXPORT_RULES = ("adjudicated", "majority", "single", "latest")  # flywheel.agreement's rules
+ROUTING_RULES = ("thumbs_down", "low_judge", "stratified")  # flywheel.review's routing rules
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -78,11 +79,19 @@ class Settings:
     watch_min_ratings: int = 30
     watch_baseline_window: float = 86400.0
     export_policy: str = "adjudicated,majority,single,latest"
+    review_routing: str = "thumbs_down,low_judge"  # stratified: opt in
+    review_judge_below: float = 0.5
+    review_seed: int = 0
 
     @property
     def export_rules(self) -> tuple[str, ...]:
         """EXPORT_POLICY as the ordered rules (checked by load_settings)."""
         return parse_rules("EXPORT_POLICY", self.export_policy, EXPORT_RULES)
+
+    @property
+    def routing_rules(self) -> tuple[str, ...]:
+        """REVIEW_ROUTING as the ordered rules (checked by load_settings)."""
+        return parse_rules("REVIEW_ROUTING", self.review_routing, ROUTING_RULES)
 
     @property
     def artifact_root(self) -> Path:
@@ -146,6 +155,8 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "watch_min_requests": (int, 1, 10_000_000),
     "watch_min_ratings": (int, 1, 10_000_000),
     "watch_baseline_window": (float, 1, 365 * 86400),
+    "review_judge_below": (float, -1e12, 1e12),
+    "review_seed": (int, 0, 2**63 - 1),
 }
 
 
@@ -198,6 +209,8 @@ def load_settings(
                 raise ConfigError(f"FLYWHEEL_LM_ENGINE={raw!r} is not one of auto, lm15, litellm")
         elif field.name == "export_policy":
             values[field.name] = ",".join(parse_rules(name, raw, EXPORT_RULES))
+        elif field.name == "review_routing":
+            values[field.name] = ",".join(parse_rules(name, raw, ROUTING_RULES))
         elif field.name == "flywheel_home":
             values[field.name] = Path(raw)
         else:

@@ -42,16 +42,17 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from flywheel import agreement, feedback
 from flywheel.calltree import Step
 from flywheel.calltree import steps as calltree_steps
+from flywheel.config import ROUTING_RULES
 from flywheel.errors import ReviewError
 from flywheel.feedback import ADJUDICATOR, COMMENT, CORRECTION, FEEDBACK_ID, RATING, RATINGS
 from flywheel.store import Store
-from flywheel.tracing import complete_calls, model_filter, served_call
+from flywheel.tracing import complete_calls, model_filter, served_call, trace_time
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -468,6 +469,157 @@ def close_if_done(store: Store, queue: Queue, trace_id: str, by: str) -> bool:
     return done
 
 
+# --- routing: the order a reviewer's items come in ---------------------------------------------
+#
+# REVIEW_ROUTING lists rules in order; an item goes where the first rule that picks it puts it:
+#
+# - `thumbs_down`: an end user gave it thumbs down: a valid HUMAN `user_rating` of thumbs_down
+#   whose source is neither a reviewer of one of the model's queues nor an adjudicator (what
+#   `/feedback` and `feedback.submit` write for the people using the model). Oldest first.
+# - `low_judge`: a judge scored it low: a valid assessment from an LLM judge or an mlflow.genai
+#   scorer (source LLM_JUDGE or CODE) whose value is below REVIEW_JUDGE_BELOW (a number), false,
+#   or one of "no", "fail", "false", "thumbs_down". Lowest score first. flywheel itself writes no
+#   judge assessments on served traces; a trace without one is simply not picked by this rule.
+# - `stratified`: a seeded random sample per version: each version's items in an order fixed by
+#   a hash of (REVIEW_SEED, queue id, trace id), the versions taking turns, so the first n items
+#   hold about n / versions of each. The same items give the same order on every host and run.
+#
+# What no rule picks comes last, oldest first. Each item carries the reason it was picked.
+
+THUMBS_DOWN_RULE, LOW_JUDGE_RULE, STRATIFIED_RULE = ROUTING_RULES
+JUDGE_SOURCES = ("LLM_JUDGE", "CODE")
+_LOW_WORDS = {"no", "fail", "false", "thumbs_down"}
+
+
+@dataclass(frozen=True)
+class Routed:
+    trace_id: str
+    rule: str  # a routing rule, or "" (no rule picked it: oldest first)
+    reason: str  # shown on the card: "picked because: <reason>"
+
+
+def _source_type(a: Any) -> str:
+    return str(a.source.source_type).rsplit(".", 1)[-1] if a.source is not None else ""
+
+
+def end_user_thumbs_down(info: Any, reviewers: Iterable[str]) -> bool:
+    """An end user (not a queue's reviewer, not an adjudicator) gave the trace thumbs down."""
+    people = set(reviewers)
+    for a in info.assessments or []:
+        if a.name != RATING or a.valid is False or _source_type(a) != "HUMAN":
+            continue
+        who = normalize_reviewer(a.source.source_id or "")
+        if who in people or agreement.is_adjudicator(who):
+            continue
+        if feedback.assessment_value(a) == "thumbs_down":
+            return True
+    return False
+
+
+def low_judge_score(info: Any, below: float) -> tuple[float, str] | None:
+    """(score, "name = value") of the trace's lowest judge assessment under `below`, or None."""
+    low: tuple[float, str] | None = None
+    for a in info.assessments or []:
+        if a.valid is False or _source_type(a) not in JUDGE_SOURCES:
+            continue
+        value = feedback.assessment_value(a)
+        if isinstance(value, bool):
+            score = None if value else float("-inf")
+        elif isinstance(value, (int, float)):
+            score = float(value) if math.isfinite(value) and value < below else None
+        elif isinstance(value, str):
+            score = float("-inf") if value.strip().lower() in _LOW_WORDS else None
+        else:
+            score = None
+        if score is not None and (low is None or score < low[0]):
+            low = (score, f"{a.name} = {value}")
+    return low
+
+
+def _infos(store: Store, model: str, trace_ids: list[str]) -> dict[str, Any]:
+    """Trace infos (with assessments) of `trace_ids`: one search from the oldest of them on."""
+    wanted = set(trace_ids)
+    times = [trace_time(t) for t in trace_ids]
+    known = [t for t in times if t is not None]
+    since = ""
+    if known and len(known) == len(times):
+        since = f" AND trace.timestamp_ms >= {int(min(known) * 1000) - 60_000}"
+    found: dict[str, Any] = {}
+    token = None
+    while wanted - found.keys():
+        infos, token = store.tracking.search_traces(
+            locations=[store.experiment_id],
+            filter_string=f"{model_filter(model)}{since}",
+            max_results=agreement.PAGE,
+            order_by=["timestamp_ms ASC"],
+            page_token=token,
+        )
+        found.update((i.trace_id, i) for i in infos if i.trace_id in wanted)
+        if not token or not infos:
+            break
+    for t in wanted - found.keys():  # not found by the search (e.g. a clock far off): one by one
+        found[t] = store.tracking.get_trace_info(t)
+    return found
+
+
+def _stratified(queue: Queue, by_version: dict[str, list[str]], seed: int) -> list[str]:
+    def key(trace_id: str) -> str:
+        return hashlib.sha256(f"{seed}\0{queue.queue_id}\0{trace_id}".encode()).hexdigest()
+
+    def number(version: str) -> tuple[int, str]:
+        return (int(version), "") if version.isdigit() else (-1, version)
+
+    strata = [sorted(by_version[v], key=key) for v in sorted(by_version, key=number)]
+    out: list[str] = []
+    for turn in range(max((len(s) for s in strata), default=0)):
+        out.extend(s[turn] for s in strata if turn < len(s))
+    return out
+
+
+def route(
+    store: Store,
+    queue: Queue,
+    trace_ids: Iterable[str],
+    rules: Iterable[str] = ROUTING_RULES,
+    *,
+    judge_below: float = 0.5,
+    seed: int = 0,
+) -> list[Routed]:
+    """`trace_ids` (a reviewer's pending items) in the order the routing `rules` give, each with
+    why it is there. A pure function of what is in MLflow (and the seed): same answer on any host."""
+    ids = sorted(dict.fromkeys(trace_ids))  # UUIDv7 ids: oldest first
+    if not ids:
+        return []
+    infos = _infos(store, queue.model, ids)
+    reviewers = {r for q in list_queues(store, queue.model) for r in q.reviewers} | set(queue.reviewers)
+    calls = {t: served_call(infos[t]) for t in ids}
+    versions = {t: c.version for t, c in calls.items() if c is not None}
+    left = [t for t in ids if t in versions]
+    out: list[Routed] = []
+    for rule in rules:
+        if rule == THUMBS_DOWN_RULE:
+            picked = [t for t in left if end_user_thumbs_down(infos[t], reviewers)]
+            out.extend(Routed(t, rule, "an end user gave thumbs down") for t in picked)
+        elif rule == LOW_JUDGE_RULE:
+            scored = {t: low for t in left if (low := low_judge_score(infos[t], judge_below)) is not None}
+            picked = sorted(scored, key=lambda t: scored[t][0])  # stable: oldest first among equals
+            out.extend(Routed(t, rule, f"a judge scored it low ({scored[t][1]})") for t in picked)
+        elif rule == STRATIFIED_RULE:
+            by_version: dict[str, list[str]] = {}
+            for t in left:
+                by_version.setdefault(versions[t], []).append(t)
+            picked = _stratified(queue, by_version, seed)
+            out.extend(
+                Routed(t, rule, f"random sample of v{versions[t]}, stratified by version") for t in picked
+            )
+        else:
+            raise ReviewError(f"unknown routing rule {rule!r}; rules: {', '.join(ROUTING_RULES)}")
+        done = set(picked)
+        left = [t for t in left if t not in done]
+    out.extend(Routed(t, "", "oldest first (no routing rule picked it)") for t in left)
+    return out
+
+
 # --- one reviewer's session -------------------------------------------------------------------
 
 
@@ -479,6 +631,7 @@ class QueueItem:
     inputs: dict[str, Any]
     outputs: dict[str, Any]
     request_time: int
+    reason: str = ""  # why routing put it here (see `route`); "" outside a reviewer's queue
 
 
 @dataclass(frozen=True)
@@ -498,7 +651,7 @@ class _Done:
 
 
 class ReviewQueue:
-    """One reviewer working one queue of a model (optionally one version), oldest first."""
+    """One reviewer working one queue of a model (optionally one version), in routing order (`route`)."""
 
     def __init__(
         self,
@@ -522,6 +675,8 @@ class ReviewQueue:
         self._topped_up = 0.0
         self._user_queue: str | None = None
         self.undone_answers: dict[str, Any] = {}
+        self._route: dict[str, str] = {}
+        self._routed_at = -math.inf
 
     def _labels(self) -> list[Label]:
         assert self.queue is not None
@@ -575,17 +730,39 @@ class ReviewQueue:
         if self.why_not() is not None:
             return None
         self.top_up()
-        order = self._candidates()
-        order = [t for t in order if t not in self.skipped] + [t for t in self.skipped if t in order]
+        why = self.routed(self._candidates())
+        order = [t for t in why if t not in self.skipped] + [t for t in self.skipped if t in why]
         tracking = self.runtime.store.tracking
         for trace_id in order:
             info = tracking.get_trace_info(trace_id)
             call = served_call(info)
             if call is None or (self.version is not None and call.version != str(self.version)):
                 continue
-            self.current = _item(info, tracking)
+            self.current = replace(_item(info, tracking), reason=why[trace_id])
             return self.current
         return None
+
+    def routed(self, candidates: list[str]) -> dict[str, str]:
+        """{trace id: reason} of `candidates` in routing order (REVIEW_ROUTING). The order is
+        worked out again every TOP_UP_EVERY seconds or when a new item comes, not on each answer."""
+        assert self.queue is not None
+        fresh = time.monotonic() - self._routed_at < TOP_UP_EVERY
+        if not (fresh and set(candidates) <= self._route.keys()):
+            settings = self.runtime.settings
+            self._route = {
+                r.trace_id: r.reason
+                for r in route(
+                    self.runtime.store,
+                    self.queue,
+                    candidates,
+                    settings.routing_rules,
+                    judge_below=settings.review_judge_below,
+                    seed=settings.review_seed,
+                )
+            }
+            self._routed_at = time.monotonic()
+        wanted = set(candidates)
+        return {t: why for t, why in self._route.items() if t in wanted}
 
     def rate(
         self,

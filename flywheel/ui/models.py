@@ -4,6 +4,10 @@ live traffic per version, one-click rollback and the audit timeline.
 Promotion and rollback ask for confirmation, and for the admin key when
 FLYWHEEL_ADMIN_KEY is set: the dashboard acts in-process, so it must guard what
 the API's key guards. Both are audited with the dashboard as the actor.
+
+Adjudication (issue 15): an adjudicator opens the items waiting in a queue's adjudication
+queue, sees every reviewer's answer and decides (`review.Adjudication.decide`); showing and
+deciding both ask for the same admin key.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +23,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import agreement, audit, canary, export, registry, review, rollback
-from flywheel.errors import ModelNotFound
+from flywheel.config import signed_in_user
+from flywheel.errors import ModelNotFound, ReviewError
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
@@ -28,6 +34,7 @@ from flywheel.ui.base import (
     classed,
     empty_state,
     esc,
+    fields_html,
     fmt_time,
     guarded,
     html_widget,
@@ -36,6 +43,7 @@ from flywheel.ui.base import (
     say,
     store_error,
     table,
+    text_of,
 )
 
 PROMOTE_STAGES = ("Staging", "Production", "Archived")
@@ -283,6 +291,39 @@ class ModelsPanel(widgets.VBox):
             widgets.HBox([self.confirm_text, self.confirm_yes, self.confirm_no], layout={"display": "none"}),
             "fw-confirm",
         )
+        self.adjudication: review.Adjudication | None = None
+        self.adj_queue = classed(widgets.Dropdown(description="Queue"), "fw-adj-queue")
+        signed_in = signed_in_user(runtime.settings)
+        self.adj_name = classed(
+            widgets.Text(
+                value=signed_in or "admin", description="Adjudicator", disabled=signed_in is not None
+            ),
+            "fw-adj-name",
+        )
+        self.adj_next = button("Show next waiting item", "fw-adj-next", icon="gavel")
+        self.adj_item = html_widget("", "fw-adj-item")
+        self.adj_correction = classed(
+            widgets.Textarea(placeholder="correction, a JSON object of output fields (optional)"),
+            "fw-adj-correction",
+        )
+        self.adj_comment = classed(widgets.Text(placeholder="comment (optional)"), "fw-adj-comment")
+        self.adj_answers: dict[str, widgets.Text] = {}
+        self.adj_answers_box = classed(widgets.VBox(), "fw-adj-answers")
+        self.adj_up = button("Decide thumbs up", "fw-adj-up", "success")
+        self.adj_down = button("Decide thumbs down", "fw-adj-down", "danger")
+        self.adj_editor = classed(
+            widgets.VBox(
+                [
+                    self.adj_correction,
+                    self.adj_comment,
+                    self.adj_answers_box,
+                    widgets.HBox([self.adj_up, self.adj_down]),
+                ],
+                layout={"display": "none"},
+            ),
+            "fw-adj-editor",
+        )
+        self.adj_status = html_widget("", "fw-adj-status")
         self.children = [
             html_widget(CSS),
             *(
@@ -305,6 +346,11 @@ class ModelsPanel(widgets.VBox):
             self.admin_key,
             self.confirm_box,
             self.status,
+            html_widget('<div class="fw-title">Adjudication</div>'),
+            widgets.HBox([self.adj_queue, self.adj_name, self.adj_next]),
+            self.adj_item,
+            self.adj_editor,
+            self.adj_status,
             html_widget('<div class="fw-title">Live traffic</div>'),
             self.live,
             html_widget('<div class="fw-title">Audit timeline</div>'),
@@ -320,6 +366,11 @@ class ModelsPanel(widgets.VBox):
         self.rollback_button.on_click(guard(lambda _: self.ask_rollback()))
         self.confirm_yes.on_click(guard(lambda _: self.confirm()))
         self.confirm_no.on_click(guard(lambda _: self.cancel()))
+        adj_guard = guarded(self.adj_status)
+        self.adj_next.on_click(adj_guard(lambda _: self.show_adjudication()))
+        self.adj_up.on_click(adj_guard(lambda _: self.decide("thumbs_up")))
+        self.adj_down.on_click(adj_guard(lambda _: self.decide("thumbs_down")))
+        self.adj_queue.observe(adj_guard(lambda _: self.close_adjudication()), names="value")
         guard(self.refresh)()
 
     def refresh(self) -> None:
@@ -353,7 +404,15 @@ class ModelsPanel(widgets.VBox):
         names = [v for _, v in self.agree_queue.options]
         self.agree_queue.value = wanted if wanted in names else ""
         self.refresh_agreement()
-        self.review_progress.value = progress_html([review.queue_progress(self.runtime, q) for q in queues])
+        progress = [review.queue_progress(self.runtime, q) for q in queues]
+        self.review_progress.value = progress_html(progress)
+        chosen = self.adj_queue.value
+        self.adj_queue.options = [
+            (f"{q.name.split('/', 1)[1]} ({p.adjudication} waiting)", q.name.split("/", 1)[1])
+            for q, p in zip(queues, progress, strict=True)
+        ]
+        shorts = [v for _, v in self.adj_queue.options]
+        self.adj_queue.value = chosen if chosen in shorts else (shorts[0] if shorts else None)
         self.live.value = live_table(canary.live_report(self.runtime, self.model.value))
         self.timeline.value = timeline_html(audit.timeline(store, self.model.value, limit=50))
         current, values = self.promote_version.value, [v.version for v in versions]
@@ -431,8 +490,7 @@ class ModelsPanel(widgets.VBox):
         if self.pending is None:
             say(self.status, "error", "Nothing to confirm.")
             return None
-        wanted = self.runtime.settings.flywheel_admin_key
-        if wanted and not hmac.compare_digest(self.admin_key.value.encode(), wanted.encode()):
+        if not self.admin_ok():
             what = "Rollback" if self.pending[1] == ROLLBACK else "Promotion"
             say(self.status, "error", f"{what} needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
             return None
@@ -456,6 +514,103 @@ class ModelsPanel(widgets.VBox):
     def cancel(self) -> None:
         self.pending = None
         self.confirm_box.layout.display = "none"
+
+    def admin_ok(self) -> bool:
+        """The admin key typed matches FLYWHEEL_ADMIN_KEY (always true when none is set)."""
+        wanted = self.runtime.settings.flywheel_admin_key
+        return not wanted or hmac.compare_digest(self.admin_key.value.encode(), wanted.encode())
+
+    # --- adjudication --------------------------------------------------------------------
+
+    def close_adjudication(self) -> None:
+        self.adjudication = None
+        self.adj_item.value = ""
+        self.adj_editor.layout.display = "none"
+
+    def show_adjudication(self) -> review.AdjudicationItem | None:
+        """The oldest item waiting in the chosen queue's adjudication queue, with every answer."""
+        if not self.admin_ok():
+            say(self.adj_status, "error", "Adjudication needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
+            return None
+        if not self.adj_queue.value:
+            say(self.adj_status, "info", "This model has no review queue.")
+            return None
+        name = self.adj_name.value.strip() or "admin"
+        adj = self.adjudication
+        if adj is None or adj.queue is None or adj.name != review.normalize_reviewer(name):
+            adj = self.adjudication = review.Adjudication(
+                self.runtime, self.model.value, self.adj_queue.value, adjudicator=name
+            )
+        adj.next()
+        self._draw_adjudication()
+        return adj.current
+
+    def _draw_adjudication(self) -> None:
+        adj = self.adjudication
+        current = adj.current if adj is not None else None
+        if adj is None or current is None:
+            self.close_adjudication()
+            self.adj_item.value = '<div class="fw-muted fw-adj-empty">Nothing waits for adjudication.</div>'
+            return
+        self.adj_item.value = adjudication_html(current)
+        self.adj_correction.value = ""
+        self.adj_comment.value = ""
+        extra = [lab for lab in adj.labels if not lab.builtin]
+        self.adj_answers = {
+            lab.name: classed(
+                widgets.Text(
+                    description=lab.title,
+                    placeholder=" / ".join(lab.options) or lab.kind,
+                ),
+                "fw-adj-label",
+            )
+            for lab in extra
+        }
+        self.adj_answers_box.children = list(self.adj_answers.values())
+        self.adj_editor.layout.display = "flex"
+
+    def decide(self, rating: str) -> None:
+        """The decision on the item shown: an assessment of source `adjudicator:<name>`."""
+        if not self.admin_ok():
+            say(self.adj_status, "error", "Adjudication needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
+            return
+        adj = self.adjudication
+        if adj is None or adj.current is None:
+            say(self.adj_status, "info", "Show an item first.")
+            return
+        trace_id = adj.current.item.trace_id
+        raw = self.adj_correction.value.strip()
+        try:
+            fixed = json.loads(raw) if raw else None
+        except ValueError:
+            raise ReviewError("the correction must be a JSON object of output fields") from None
+        answers = {k: box.value.strip() for k, box in self.adj_answers.items() if box.value.strip()}
+        receipt = adj.decide(rating, corrected_output=fixed, comment=self.adj_comment.value, answers=answers)
+        self._draw_adjudication()
+        say(self.adj_status, "ok", f"Decided {rating} on {trace_id} as {receipt.user_id}.")
+
+
+def adjudication_html(item: review.AdjudicationItem) -> str:
+    """One waiting item: inputs, output and every source's answers, the disputed questions marked."""
+    names = list(dict.fromkeys(n for a in item.answers for n in a.values))
+    rows = [
+        [esc(a.source) + (" <i>(decision)</i>" if a.adjudicated else "")]
+        + [
+            esc(text_of(json.dumps(a.values[n]) if isinstance(a.values.get(n), dict) else a.values.get(n)))
+            for n in names
+        ]
+        for a in item.answers
+    ]
+    header = ["source"] + [n + (" (disagree)" if n in item.disagree_on else "") for n in names]
+    it = item.item
+    return (
+        f'<div class="fw-card fw-adj-card" data-trace-id="{esc(it.trace_id)}">'
+        f'<div>{badge(f"v{it.version}")}<span class="fw-muted">{esc(it.model)} · trace {esc(it.trace_id)}'
+        f" · disagree on {esc(', '.join(item.disagree_on) or '-')}</span></div>"
+        f'<div class="fw-title">Inputs</div>{fields_html(item.item.inputs)}'
+        f'<div class="fw-title">Output</div>{fields_html(item.item.outputs)}'
+        f"{table(header, rows, 'fw-adj-answers-table')}</div>"
+    )
 
 
 def versions_table(versions: list[registry.VersionInfo], stats: dict[str, VersionStats]) -> str:

@@ -28,11 +28,13 @@ from __future__ import annotations
 import atexit
 import html
 import json
+import math
+import time
 from typing import Any
 
 import ipywidgets as widgets
 
-from flywheel import registry
+from flywheel import registry, review
 from flywheel.config import signed_in_user
 from flywheel.review import NUMERIC, PASS_FAIL, TEXT, Label, QueueItem, ReviewQueue, list_queues
 from flywheel.review import steps as review_steps
@@ -58,6 +60,7 @@ from flywheel.ui.base import (
     text_of,
     trace_link,
 )
+from flywheel.ui.models import progress_html
 from flywheel.ui.predict import edited
 
 ALL_VERSIONS = "all"
@@ -337,6 +340,7 @@ class RatingPanel(widgets.VBox):
             f"· {p.mine} by you in this session · queue {esc(q.queue.name if q.queue else '')}"
             f" (k={q.queue.k if q.queue else 0})</div>"
         )
+        self.progress.value += team_html(self.runtime, q.queue)
 
     def _show(self, prefill: dict[str, Any] | None = None) -> None:
         q = self._q()
@@ -442,6 +446,7 @@ class RatingPanel(widgets.VBox):
             f'<div>{badge(f"v{item.version}")}<span class="fw-muted">{esc(item.model)} · '
             f"{esc(fmt_time(item.request_time))} UTC · trace {link}"
             "</span></div>"
+            f"{picked_html(item.reason)}"
             f'<div class="fw-title">Inputs</div>{fields_html(item.inputs)}'
             f'<div class="fw-title">Output</div>{fields_html(item.outputs)}'
             f"{self._lm_saw(item.trace_id)}</div>"
@@ -549,6 +554,27 @@ class RatingPanel(widgets.VBox):
         self._show(prefill)
         what = "rating taken back" if receipt is not None else "skip undone"
         say(self.status, "ok", f"Undone: {what}; the item is shown again.")
+
+
+_TEAM: dict[str, tuple[float, str]] = {}  # queue id -> (when, its progress block)
+
+
+def team_html(runtime: Runtime, queue: review.Queue | None, every: float = review.TOP_UP_EVERY) -> str:
+    """Per reviewer of the queue: done, remaining, items per hour and kappa so far (the models
+    dashboard's progress table for this queue), worked out at most every `every` seconds."""
+    if queue is None:
+        return ""
+    at, block = _TEAM.get(queue.queue_id, (-math.inf, ""))
+    if time.monotonic() - at >= every:
+        table = progress_html([review.queue_progress(runtime, queue)])
+        block = f'<div class="fw-team-progress">{table}</div>'
+        _TEAM[queue.queue_id] = (time.monotonic(), block)
+    return block
+
+
+def picked_html(reason: str) -> str:
+    """The card's one line on why routing (REVIEW_ROUTING) put this item here."""
+    return f'<div class="fw-muted fw-reason">picked because: {esc(reason)}</div>' if reason else ""
 
 
 def rating_panel(

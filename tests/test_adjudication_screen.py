@@ -1,0 +1,91 @@
+"""The models dashboard's adjudication screen (issue 15), driven at the widget level (no kernel).
+
+Two reviewers disagree on a real store; the adjudicator sees both answers, decides behind the admin
+key, and the decision lands as the `adjudicator:<name>` assessment that export then returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+
+import flywheel
+from flywheel import review, store
+from flywheel.export import RULE, export_rows
+from flywheel.runtime import Runtime, get_runtime, reset_runtime
+from flywheel.ui.models import ModelsPanel, models_panel
+
+ROUTER = "support-router"
+UP, DOWN = "thumbs_up", "thumbs_down"
+
+
+@pytest.fixture(scope="module")
+def rt(demo_store_rw: store.Store) -> Iterator[Runtime]:
+    reset_runtime()
+    runtime = get_runtime()
+    runtime.settings = replace(runtime.settings, flywheel_admin_key="s3cret")
+    yield runtime
+    reset_runtime()
+
+
+def test_adjudicator_sees_every_answer_and_decides_behind_the_admin_key(rt: Runtime) -> None:
+    s = rt.store
+    ids = [flywheel.predict(ROUTER, {"ticket": f"adjudicate {i}"}, runtime=rt).trace_id for i in range(2)]
+    rt.outbox.flush(timeout=10)
+    queue = review.create_queue(s, ROUTER, ["ann", "ben"], k=2, name="screen", backlog=False)
+    review.assign(s, queue, ids)
+    for name, ratings in (("ann", (UP, UP)), ("ben", (DOWN, UP))):  # they disagree on ids[0] only
+        q = review.ReviewQueue(rt, ROUTER, reviewer=name, queue="screen")
+        while q.next() is not None:
+            assert q.current is not None
+            rating = ratings[ids.index(q.current.trace_id)]
+            q.rate(rating, comment=f"{name} says {rating}")
+    rt.outbox.flush(timeout=10)
+
+    panel = models_panel(model=ROUTER, runtime=rt)
+    assert isinstance(panel, ModelsPanel)
+    assert panel.adj_queue.value == "screen"
+    assert ("screen (1 waiting)", "screen") in panel.adj_queue.options
+
+    panel.adj_next.click()  # no key typed: nothing shown
+    assert "admin key" in panel.adj_status.value and panel.adj_item.value == ""
+
+    panel.admin_key.value = "s3cret"
+    panel.adj_name.value = "Judy"
+    panel.adj_next.click()
+    shown = panel.adj_item.value
+    assert ids[0] in shown and ids[1] not in shown
+    assert "ann says thumbs_up" in shown and "ben says thumbs_down" in shown  # every answer
+    assert "user_rating (disagree)" in shown
+    assert panel.adj_editor.layout.display == "flex"
+
+    panel.admin_key.value = "wrong"
+    panel.adj_down.click()
+    assert "admin key" in panel.adj_status.value
+    assert ids[0] in review.Adjudication(rt, ROUTER, "screen").pending()
+
+    panel.admin_key.value = "s3cret"
+    panel.adj_correction.value = '{"category": "billing"}'
+    panel.adj_comment.value = "ben is right"
+    panel.adj_down.click()
+    assert "adjudicator:judy" in panel.adj_status.value, panel.adj_status.value
+    assert "Nothing waits" in panel.adj_item.value
+    info = s.tracking.get_trace_info(ids[0])
+    decided = {
+        a.name: a.value
+        for a in info.assessments
+        if a.source.source_id == "adjudicator:judy" and a.valid is not False
+    }
+    assert decided["user_rating"] == DOWN and decided["comment"] == "ben is right"
+
+    rows = {r["trace_id"]: r for r in export_rows(rt, ROUTER, with_corrected=True)}
+    row = rows[ids[0]]
+    assert (row[RULE], row["rating"], row["category"], row["comment"]) == (
+        "adjudicated",
+        DOWN,
+        "billing",
+        "ben is right",
+    )
+    assert rows[ids[1]][RULE] == "majority"  # both said up
