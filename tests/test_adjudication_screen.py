@@ -17,6 +17,8 @@ from flywheel.export import RULE, export_rows
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.ui.models import ModelsPanel, models_panel
 
+pytestmark = pytest.mark.slow  # each module seeds the demo store (about 45 s)
+
 ROUTER = "support-router"
 UP, DOWN = "thumbs_up", "thumbs_down"
 

@@ -19,6 +19,8 @@ from flywheel.config import load_settings
 from flywheel.errors import ConfigError
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 
+pytestmark = pytest.mark.slow  # each module seeds the demo store (about 45 s)
+
 JOKES = "joke-generator"
 DOWN, UP = "thumbs_down", "thumbs_up"
 
