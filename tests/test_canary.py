@@ -10,7 +10,7 @@ import pytest
 
 from flywheel import audit, canary, export, registry, serving
 from flywheel.errors import InputError, ModelNotFound
-from flywheel.review import ReviewQueue
+from flywheel.review import ReviewQueue, create_queue
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.store import Store
 from flywheel.tracing import SHADOW_OF_TAG, model_filter, shadow_filter
@@ -148,10 +148,11 @@ def test_shadow_traces_are_linked_tagged_and_absent_from_export_queue_and_figure
         if not token or not page:
             break
     assert not {i.trace_id for i in all_model} & shadow_ids
+    create_queue(store, MODEL, ["cy"], k=1, backlog=True)  # every unrated trace of the model
     queue = ReviewQueue(runtime, MODEL, reviewer="cy")
     try:
-        # every item the queue can ever show (its candidate pages), and the first few it shows
-        candidates = {i.trace_id for page in queue._pages(rated=False, cap=100_000) for i in page}
+        # every item the queue can ever show (its reviewer's pending items), and the first few it shows
+        candidates = set(queue._candidates())
         assert {a.trace_id for a in answers[1:]} <= candidates and not candidates & shadow_ids
         item = queue.next()
         for _ in range(5):
