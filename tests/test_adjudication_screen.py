@@ -91,3 +91,38 @@ def test_adjudicator_sees_every_answer_and_decides_behind_the_admin_key(rt: Runt
         "ben is right",
     )
     assert rows[ids[1]][RULE] == "majority"  # both said up
+
+
+def test_questions_and_queues_are_set_up_from_the_dashboard_behind_the_admin_key(rt: Runtime) -> None:
+    panel = models_panel(model=ROUTER, runtime=rt)
+    assert isinstance(panel, ModelsPanel)
+    panel.admin_key.value = ""
+    panel.label_name.value, panel.label_kind.value, panel.label_options.value = "tone", "categorical", "a, b"
+    panel.label_add.click()  # no key typed: refused, nothing defined
+    assert "admin key" in panel.setup_status.value
+    assert f"{ROUTER}:tone" not in {lab.name for lab in review.labels(rt.store, ROUTER)}
+
+    panel.admin_key.value = "s3cret"
+    panel.label_options.value = "formal, casual"
+    panel.label_add.click()
+    assert "error" not in panel.setup_status.value, panel.setup_status.value
+    (tone,) = [lab for lab in review.labels(rt.store, ROUTER) if lab.name == f"{ROUTER}:tone"]
+    assert tone.kind == "categorical" and tone.options == ("formal", "casual")
+    assert (tone.title, tone.name) in panel.queue_labels.options
+
+    panel.queue_name.value, panel.queue_reviewers.value, panel.queue_k.value = "setup", "ann, bo", 2
+    panel.queue_labels.value = (tone.name,)
+    panel.queue_add.click()
+    assert "error" not in panel.setup_status.value, panel.setup_status.value
+    queue = review.get_queue(rt.store, ROUTER, "setup")
+    assert queue is not None and queue.k == 2 and queue.reviewers == ("ann", "bo") and queue.blind
+    assert tone.schema_id in queue.schema_ids
+    # MLflow's own API sees the queue, its reviewers and its questions
+    import mlflow.genai.label_schemas as ls
+    import mlflow.genai.review_queues as rq
+
+    with rt.store.fluent():
+        mq = rq.get_review_queue(name=f"{ROUTER}/setup", experiment_id=rt.store.experiment_id)
+        questions = {ls.get_label_schema(schema_id=x).name for x in mq.schema_ids}
+    assert sorted(mq.users) == ["ann", "bo"]
+    assert {f"{ROUTER}:tone", "user_rating", "corrected_output", "comment"} <= questions

@@ -324,6 +324,29 @@ class ModelsPanel(widgets.VBox):
             "fw-adj-editor",
         )
         self.adj_status = html_widget("", "fw-adj-status")
+        # review setup (admin): a model's own questions (MLflow label schemas) and its queues
+        self.label_name = classed(
+            widgets.Text(description="Question", placeholder="e.g. funny"), "fw-label-name"
+        )
+        self.label_kind = classed(
+            widgets.Dropdown(options=list(review.KINDS), value=review.CATEGORICAL, description="Kind"),
+            "fw-label-kind",
+        )
+        self.label_options = classed(
+            widgets.Text(description="Options", placeholder="comma-separated (categorical)"),
+            "fw-label-options",
+        )
+        self.label_add = button("Define question", "fw-label-add", icon="plus")
+        self.queue_name = classed(widgets.Text(value="default", description="Queue"), "fw-queue-name")
+        self.queue_reviewers = classed(
+            widgets.Text(description="Reviewers", placeholder="comma-separated, at most 10"),
+            "fw-queue-reviewers",
+        )
+        self.queue_k = classed(widgets.BoundedIntText(value=1, min=1, max=10, description="k"), "fw-queue-k")
+        self.queue_blind = classed(widgets.Checkbox(value=True, description="Blind"), "fw-queue-blind")
+        self.queue_labels = classed(widgets.SelectMultiple(description="Questions"), "fw-queue-labels")
+        self.queue_add = button("Create or update queue", "fw-queue-add", icon="users")
+        self.setup_status = html_widget("", "fw-setup-status")
         self.children = [
             html_widget(CSS),
             *(
@@ -351,6 +374,11 @@ class ModelsPanel(widgets.VBox):
             self.adj_item,
             self.adj_editor,
             self.adj_status,
+            html_widget('<div class="fw-title">Review setup</div>'),
+            widgets.HBox([self.label_name, self.label_kind, self.label_options, self.label_add]),
+            widgets.HBox([self.queue_name, self.queue_reviewers, self.queue_k, self.queue_blind]),
+            widgets.HBox([self.queue_labels, self.queue_add]),
+            self.setup_status,
             html_widget('<div class="fw-title">Live traffic</div>'),
             self.live,
             html_widget('<div class="fw-title">Audit timeline</div>'),
@@ -371,7 +399,11 @@ class ModelsPanel(widgets.VBox):
         self.adj_up.on_click(adj_guard(lambda _: self.decide("thumbs_up")))
         self.adj_down.on_click(adj_guard(lambda _: self.decide("thumbs_down")))
         self.adj_queue.observe(adj_guard(lambda _: self.close_adjudication()), names="value")
+        setup_guard = guarded(self.setup_status)
+        self.label_add.on_click(setup_guard(lambda _: self.define_label()))
+        self.queue_add.on_click(setup_guard(lambda _: self.create_queue()))
         guard(self.refresh)()
+        setup_guard(self._load_labels)()
 
     def refresh(self) -> None:
         store = self.runtime.store
@@ -519,6 +551,64 @@ class ModelsPanel(widgets.VBox):
         """The admin key typed matches FLYWHEEL_ADMIN_KEY (always true when none is set)."""
         wanted = self.runtime.settings.flywheel_admin_key
         return not wanted or hmac.compare_digest(self.admin_key.value.encode(), wanted.encode())
+
+    # --- review setup (admin) -------------------------------------------------------------
+
+    def _load_labels(self) -> None:
+        found = review.labels(self.runtime.store, self.model.value)
+        self.queue_labels.options = [(lab.title, lab.name) for lab in found if not lab.builtin]
+
+    def define_label(self) -> review.Label | None:
+        """Define one of the model's own questions (an MLflow label schema `model:question`)."""
+        if not self.admin_ok():
+            say(
+                self.setup_status,
+                "error",
+                "Defining questions needs the admin key (FLYWHEEL_ADMIN_KEY is set).",
+            )
+            return None
+        options = [o.strip() for o in self.label_options.value.split(",") if o.strip()]
+        label = review.define_label(
+            self.runtime.store,
+            self.model.value,
+            self.label_name.value.strip(),
+            self.label_kind.value,
+            options=options or None,
+        )
+        self._load_labels()
+        say(
+            self.setup_status,
+            "ok",
+            f"Question {label.title!r} ({label.kind}) is defined for {self.model.value}.",
+        )
+        return label
+
+    def create_queue(self) -> review.Queue | None:
+        """Create (or update the reviewers and k of) a queue of the model, with the chosen questions."""
+        if not self.admin_ok():
+            say(
+                self.setup_status, "error", "Creating queues needs the admin key (FLYWHEEL_ADMIN_KEY is set)."
+            )
+            return None
+        reviewers = [r.strip() for r in self.queue_reviewers.value.split(",") if r.strip()]
+        queue = review.create_queue(
+            self.runtime.store,
+            self.model.value,
+            reviewers,
+            k=int(self.queue_k.value),
+            name=self.queue_name.value.strip() or "default",
+            label_names=[*self.queue_labels.value, review.CORRECTION, review.COMMENT]
+            if self.queue_labels.value
+            else None,
+            blind=bool(self.queue_blind.value),
+        )
+        self.refresh()
+        say(
+            self.setup_status,
+            "ok",
+            f"Queue {queue.name!r}: {len(queue.reviewers)} reviewers, each item to {queue.k}.",
+        )
+        return queue
 
     # --- adjudication --------------------------------------------------------------------
 
