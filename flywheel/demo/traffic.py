@@ -96,7 +96,7 @@ def seed_traffic(
             progress("  (some traces are still on their way to MLflow)")
     queues = []
     for model in DEMO_LABELS:
-        queue = review.create_queue(store, model, DEMO_REVIEWERS, k=len(DEMO_REVIEWERS))
+        queue = review.create_queue(store, model, DEMO_REVIEWERS, k=len(DEMO_REVIEWERS), blind=False)
         review.assign(store, queue)
         queues.append(queue.name)
         progress(

@@ -264,6 +264,8 @@ def run_workbench(
             pools = len(DASHBOARDS)
             if warm_pools(bench.child("dashboards"), pools, 180.0):
                 print(f"Dashboards warm: {bench.preheat} preheated kernel(s) per page.", flush=True)
+            else:
+                print("Dashboards: kernels still starting; a page opened now starts its own.", flush=True)
         while not stop.is_set():
             for c in bench.children:
                 if not c.alive():
