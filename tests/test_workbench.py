@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,22 @@ CHROMIUM = Path(os.environ.get("FLYWHEEL_TEST_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 LOAD = 120_000
 READY = "Ctrl-C stops all of it."
+CARD = ".fw-item .fw-card"
+MOVED_ON = (
+    "t => { const c = document.querySelector('.fw-item .fw-card'); return !c || c.dataset.traceId !== t; }"
+)
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A temp folder; with FLYWHEEL_REFRESH_DOCS=1 its screenshots are copied over docs/screenshots/."""
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    if os.environ.get("FLYWHEEL_REFRESH_DOCS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for png in sorted(folder.glob("*.png")):
+            shutil.copyfile(png, DOCS_SCREENSHOTS / png.name)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +106,32 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-def test_up_opens_every_url_rates_with_the_keyboard_and_stops_everything_on_ctrl_c(
-    home: store.Store, up: Up, browser: Any
+def wait_interactive(page: Any) -> str:
+    page.wait_for_selector(CARD, timeout=LOAD)
+    page.wait_for_function(
+        "() => window.__fwKeys === true && !document.querySelector('button.fw-rate-up').disabled"
+    )
+    return str(page.get_attribute(CARD, "data-trace-id"))
+
+
+def answers_of(home: store.Store, trace: str, by: str, want: int, timeout: float = 30) -> dict[str, Any]:
+    """{assessment name: value} of `by` on `trace` once `want` of them are in MLflow (the kernel
+    delivers them through its outbox)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = home.tracking.get_trace_info(trace)
+        got = {
+            a.name: a.value
+            for a in info.assessments or []
+            if a.valid is not False and a.source.source_id == by
+        }
+        if len(got) >= want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
+def test_up_opens_every_url_and_rates_with_the_keyboard(
+    home: store.Store, up: Up, browser: Any, screenshots: Path
 ) -> None:
     urls = up.urls
     assert {"API docs", "rating", "models", "MLflow UI"} <= set(urls), up.lines
@@ -104,28 +145,25 @@ def test_up_opens_every_url_rates_with_the_keyboard_and_stops_everything_on_ctrl
     assert "Swagger UI" in page.title() and page.locator("#swagger-ui").count() == 1
     assert "/predict" in page.request.get(urls["api"] + "/openapi.json").json()["paths"]
 
+    page.set_viewport_size({"width": 1100, "height": 1250})
     page.goto(urls["models"], wait_until="domcontentloaded", timeout=LOAD)
     page.wait_for_selector(".fw-models-panel .fw-versions table", timeout=LOAD)
     assert JOKE_MODEL in page.inner_text(".fw-models-panel")
+    page.screenshot(path=str(screenshots / "workbench-models.png"), full_page=True)
+    page.set_viewport_size({"width": 1100, "height": 900})
 
     waiting = set(unrated(home, JOKE_MODEL))
     page.goto(urls["rating"], wait_until="domcontentloaded", timeout=LOAD)
-    page.wait_for_selector(".fw-item .fw-card", timeout=LOAD)
-    page.wait_for_function("() => window.__fwKeys === true")
-    trace = page.get_attribute(".fw-item .fw-card", "data-trace-id")
+    trace = wait_interactive(page)
     assert trace in waiting
-    link = page.get_attribute(".fw-item .fw-card a.fw-trace-link", "href")
+    legend = page.inner_text(".fw-legend")
+    for key in ("1", "9", "P", "F", "U", "D", "S", "Z", "Ctrl+Enter", "Esc"):
+        assert key in legend
+    link = page.get_attribute(f"{CARD} a.fw-trace-link", "href")
     assert link.startswith(urls["MLflow UI"] + "/#/experiments/"), link  # the MLflow UI `up` started
     page.keyboard.press("u")
     page.wait_for_selector(".fw-status:has-text('Saved thumbs up as alice')")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        info = home.tracking.get_trace_info(trace)
-        got = [(a.name, a.value, a.source.source_id) for a in info.assessments or [] if a.valid is not False]
-        if ("user_rating", "thumbs_up", "alice") in got:
-            break
-        time.sleep(0.5)
-    assert ("user_rating", "thumbs_up", "alice") in got
+    assert answers_of(home, trace, "alice", 1).get("user_rating") == "thumbs_up"
 
     page.goto(urls["MLflow UI"], timeout=LOAD)
     page.wait_for_function("() => document.title.includes('MLflow')", timeout=LOAD)
@@ -135,7 +173,44 @@ def test_up_opens_every_url_rates_with_the_keyboard_and_stops_everything_on_ctrl
     page.wait_for_selector("text=Predict.forward")
     page.close()
 
-    # Ctrl-C: every process `up` started (servers, workers, kernels) is gone, and it exits 0
+
+def test_keys_pressed_right_after_typing_answer_every_question(
+    home: store.Store, up: Up, browser: Any, screenshots: Path
+) -> None:
+    """Type, then at once Esc and the answer keys and the rating key (or Ctrl+Enter in the box):
+    everything typed and chosen is saved with that rating. Run it once with the CPU busy too."""
+    page = browser.new_page(viewport={"width": 1100, "height": 1000})
+    page.set_default_timeout(30_000)
+    page.goto(up.urls["rating"].replace("reviewer=alice", "reviewer=bob"), timeout=LOAD)
+    first = wait_interactive(page)
+    page.keyboard.press("2")  # the second answer of the first categorical question: tone = silly
+    page.keyboard.press("f")  # family_friendly: fail
+    page.fill(f".fw-comment.fw-for-{first} textarea", "typed, then keys at once")
+    page.keyboard.press("Escape")
+    page.screenshot(path=str(screenshots / "workbench-rating.png"), full_page=True)
+    page.keyboard.press("u")
+    page.wait_for_function(MOVED_ON, arg=first)
+    got = answers_of(home, first, "bob", 4)
+    assert got.get("user_rating") == "thumbs_up", got
+    assert got.get("comment") == "typed, then keys at once", got
+    assert got.get(f"{JOKE_MODEL}:tone") == "silly", got
+    assert got.get(f"{JOKE_MODEL}:family_friendly") is False, got
+
+    second = wait_interactive(page)
+    page.keyboard.press("3")  # tone = dry
+    page.fill(f".fw-correction-joke.fw-for-{second} textarea", "A better joke, typed fast.")
+    page.keyboard.press("Control+Enter")  # from inside the box: thumbs down with the correction
+    page.wait_for_function(MOVED_ON, arg=second)
+    got = answers_of(home, second, "bob", 3)
+    assert got.get("user_rating") == "thumbs_down", got
+    assert got.get("corrected_output") == {"joke": "A better joke, typed fast."}, got
+    assert got.get(f"{JOKE_MODEL}:tone") == "dry", got
+    page.keyboard.press("z")  # undo: the second item is back, its answers with it
+    page.wait_for_function(f"t => !({MOVED_ON})(t)", arg=second)
+    page.close()
+
+
+def test_ctrl_c_stops_every_process_it_started(up: Up) -> None:
     family = psutil.Process(up.proc.pid).children(recursive=True)
     assert len(family) >= 3
     up.proc.send_signal(signal.SIGINT)
