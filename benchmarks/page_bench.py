@@ -7,8 +7,9 @@ One run: `flywheel demo` into a temporary FLYWHEEL_HOME, then `flywheel up --pre
 /usr/bin/chromium) opens the rating page `--loads` times, each in a fresh page, and the time is
 taken from the request (`page.goto`) until the page is interactive: the card of the first item
 is drawn, the key listener is installed and the rate buttons are enabled (a key press rates).
-With preheating, each load waits until Voila has refilled the rating page's pool (its log line),
-as a reviewer coming back later would find it. Prints a markdown table; nothing is asserted.
+With preheating, each load waits until the rating page's pool holds a warm kernel again
+(`warm_up`'s line in Voila's log), as a reviewer coming back later would find it.
+Prints a markdown table; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def _pool_filled(home: Path, times: int, timeout: float = 180) -> None:
+def _warm(home: Path, kernels: int, timeout: float = 300) -> None:
+    """Until `kernels` dashboard kernels have run their first cell (`warm_up` logs a line)."""
+    from flywheel.ui.widgets import READY_LINE
+
     log = home / "logs" / "dashboards.log"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.read_text(errors="replace").count("Kernel pool of rating.ipynb is filled") >= times:
-            time.sleep(0.5)  # the kernel is done with its first cell; let its output settle
+        if log.read_text(errors="replace").count(READY_LINE) >= kernels:
+            time.sleep(1)  # its first cell's output reaches Voila's rendered cache
             return
         time.sleep(0.2)
     raise TimeoutError("the rating page's kernel pool was not refilled")
@@ -82,14 +86,14 @@ def measure(home: Path, preheat: int, loads: int, browser: object) -> list[float
     try:
         for i in range(loads):
             if preheat:
-                _pool_filled(home, i + 1)  # once at start, then once per load that took a kernel
+                _warm(home, 4 + i)  # the four pages' kernels, then the one refilled per load
             page = browser.new_page(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
             start = time.monotonic()
             page.goto(urls["rating"], wait_until="commit", timeout=180_000)
             page.wait_for_function(INTERACTIVE, timeout=180_000)
             times.append(time.monotonic() - start)
-            page.close()
-            time.sleep(2)  # Voila shuts the closed page's kernel down
+            page.close(run_before_unload=True)  # as a closed tab: Voila shuts its kernel down
+            time.sleep(2)
     finally:
         _stop(proc)
     return times

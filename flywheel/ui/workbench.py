@@ -142,11 +142,14 @@ def _wait_ready(children: list[Child], timeout: float) -> None:
             time.sleep(0.3)
 
 
-def warm_pools(child: Child, pools: int, timeout: float) -> bool:
-    """Wait until Voila says each dashboard's kernel pool is filled (its log line)."""
+def warm_pools(child: Child, kernels: int, timeout: float) -> bool:
+    """Wait until `kernels` dashboard kernels are warm: each writes `READY_LINE` to Voila's log once
+    its first cell (`warm_up`) is done (Voila's own "pool is filled" comes when a kernel started)."""
+    from flywheel.ui.widgets import READY_LINE
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.alive():
-        if child.log.read_text(errors="replace").count("is filled with") >= pools:
+        if child.log.read_text(errors="replace").count(READY_LINE) >= kernels:
             return True
         time.sleep(0.3)
     return False
@@ -261,8 +264,8 @@ def run_workbench(
             preheat=preheat,
         )
         if bench.preheat > 0:
-            pools = len(DASHBOARDS)
-            if warm_pools(bench.child("dashboards"), pools, 180.0):
+            kernels = len(DASHBOARDS) * bench.preheat
+            if warm_pools(bench.child("dashboards"), kernels, 300.0):
                 print(f"Dashboards warm: {bench.preheat} preheated kernel(s) per page.", flush=True)
             else:
                 print("Dashboards: kernels still starting; a page opened now starts its own.", flush=True)
