@@ -274,7 +274,9 @@ def test_each_question_has_its_own_control_and_keys_number_the_answers(rt: Runti
     assert "fw-categorical" in zeal._dom_classes and "fw-passfail" in valid._dom_classes
     assert tone.tooltips == ("calm", "angry") and valid.value is None
     # what the page sends with the rating (the active buttons' titles) wins over the kernel's value
-    panel.act({"action": "thumbs_up", "trace": ids[0], "answers": {"0": "angry", "1": "fail", "2": "high"}})
+    chosen = {"tone": "angry", "valid": "fail", "zeal": "high"}
+    sent = {str(i): chosen[lab.title] for i, lab in enumerate(panel.labels) if lab.title in chosen}
+    panel.act({"action": "thumbs_up", "trace": ids[0], "answers": sent})
     got = valid_assessments(rt, ids[0])
     assert got["support-router:tone"][0].value == "angry"
     assert got["support-router:valid"][0].value is False
