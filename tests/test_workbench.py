@@ -89,9 +89,17 @@ def up(home: store.Store) -> Iterator[Up]:
         assert any(READY in line for line in lines), lines
         yield Up(proc, lines)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # only when the test failed before its own Ctrl-C
-            proc.wait()
+        if proc.poll() is None:  # a test failed before its own Ctrl-C: stop it the same way
+            family = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            # its children run in their own sessions: a killed `up` would leave them behind
+            for p in psutil.wait_procs(family, timeout=5)[1]:
+                p.kill()
 
 
 @pytest.fixture(scope="module")
