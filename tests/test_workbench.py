@@ -99,7 +99,10 @@ def up(home: store.Store) -> Iterator[Up]:
                 proc.wait()
             # its children run in their own sessions: a killed `up` would leave them behind
             for p in psutil.wait_procs(family, timeout=5)[1]:
-                p.kill()
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
 
 @pytest.fixture(scope="module")
