@@ -15,19 +15,32 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _demo(args: argparse.Namespace) -> int:
     from flywheel.demo.seed import seed_demo
+    from flywheel.demo.traffic import DEMO_REVIEWERS, seed_traffic
     from flywheel.store import connect
 
     store = connect()
     print(f"Seeding the demo into {store.tracking_uri}")
     seed_demo(store)
+    print("Traffic waiting for review:")
+    seed_traffic(store)
     _print_models()
-    home = store.settings.flywheel_home
     print(
-        "\nBrowse it in the MLflow UI:\n"
-        f"  .venv/bin/mlflow ui --backend-store-uri {store.tracking_uri} "
-        f"--default-artifact-root {(home / 'artifacts').as_uri()}"
+        "\nOpen the workbench (API, dashboards and MLflow UI) with:\n"
+        f"  .venv/bin/flywheel up        (then rate as {' or '.join(DEMO_REVIEWERS)})"
     )
     return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from flywheel.ui.workbench import run_workbench
+
+    return run_workbench(
+        host=args.host,
+        api_port=args.api_port,
+        dashboards_port=args.dashboards_port,
+        mlflow_port=args.mlflow_port,
+        preheat=args.preheat,
+    )
 
 
 def _print_models() -> None:
@@ -162,7 +175,13 @@ def _serve(args: argparse.Namespace) -> int:
 def _dashboards(args: argparse.Namespace) -> int:
     from flywheel.ui.dashboards import launch
 
-    launch(port=args.port, open_api=not args.no_api, host=args.host, api_port=args.api_port)
+    launch(
+        port=args.port,
+        open_api=not args.no_api,
+        host=args.host,
+        api_port=args.api_port,
+        preheat=get_settings().flywheel_preheat_kernels,
+    )
     return 0
 
 
@@ -230,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", type=int, default=None, help="the API's port (default API_PORT)")
     p.add_argument("--no-api", action="store_true", help="do not start the API beside the dashboards")
     p.set_defaults(handler=_dashboards)
+    p = sub.add_parser(
+        "up", help="the workbench: the API, the dashboards (Voila) and the MLflow UI until Ctrl-C"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--api-port", type=int, default=None, help="the API's port (default API_PORT)")
+    p.add_argument("--dashboards-port", type=int, default=8866, help="Voila's port (another when taken)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="the MLflow UI's port (another when taken)")
+    p.add_argument(
+        "--preheat",
+        type=int,
+        default=None,
+        help="preheated Voila kernels per dashboard (default FLYWHEEL_PREHEAT_KERNELS)",
+    )
+    p.set_defaults(handler=_up)
     p = sub.add_parser(
         "loop", help="one turn: export ratings -> compile -> paired gate -> promote if significantly better"
     )

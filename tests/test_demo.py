@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flywheel import registry
 from flywheel.demo.data import CATEGORIES, JOKES, ticket_splits, tickets
 from flywheel.demo.seed import JOKE_MODEL, ROUTER_MODEL, accuracy, router_program, seed_demo
@@ -42,3 +44,44 @@ def test_a_program_with_more_demos_beats_one_without_on_the_demo_task() -> None:
     assert none == sum(r["category"] == CATEGORIES[0] for r in heldout) / len(heldout)
     assert none < few < many
     assert many >= 0.8
+
+
+def test_flywheel_demo_leaves_traffic_waiting_for_review(
+    fresh_store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flywheel demo` (the command) seeds, and leaves unrated predictions of both programs in
+    review queues with two label schemas each, listed by MLflow's own label-schema API."""
+    import mlflow
+    import mlflow.genai.label_schemas as label_schemas
+
+    from flywheel import review
+    from flywheel.cli import main
+    from flywheel.demo.traffic import DEMO_LABELS, DEMO_REVIEWERS, PER_MODEL, unrated
+
+    assert main(["demo"]) == 0
+    assert "wait for review" in capsys.readouterr().out
+    for model in (JOKE_MODEL, ROUTER_MODEL):
+        waiting = unrated(fresh_store, model)
+        assert len(waiting) >= PER_MODEL
+        queue = review.get_queue(fresh_store, model)
+        assert queue is not None and set(queue.reviewers) == set(DEMO_REVIEWERS)
+        items = {i.item_id for i in review.queue_items(fresh_store, queue.queue_id, status="pending")}
+        assert set(waiting) <= items
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(fresh_store.tracking_uri)  # MLflow's own API, as a user would call it
+    try:
+        exp = fresh_store.experiment_id
+        listed = {s.name for s in label_schemas.list_label_schemas(experiment_id=exp)}
+        for model, specs in DEMO_LABELS.items():
+            for spec in specs:
+                name = f"{model}:{spec['label']}"
+                assert name in listed
+                got = label_schemas.get_label_schema(experiment_id=exp, name=name)
+                kind = "InputCategorical" if spec["kind"] == review.CATEGORICAL else "InputPassFail"
+                assert type(got.input).__name__ == kind
+    finally:
+        mlflow.set_tracking_uri(previous)
+    # a second run adds nothing: the demo is idempotent
+    before = {m: sorted(unrated(fresh_store, m)) for m in (JOKE_MODEL, ROUTER_MODEL)}
+    assert main(["demo"]) == 0
+    assert {m: sorted(unrated(fresh_store, m)) for m in (JOKE_MODEL, ROUTER_MODEL)} == before

@@ -19,8 +19,8 @@ from flywheel.outbox import Outbox
 from flywheel.review import ReviewQueue
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
 from flywheel.tracing import model_key
-from flywheel.ui.base import esc
-from flywheel.ui.review import KEYS, key_listener_html
+from flywheel.ui.base import esc, fields_html
+from flywheel.ui.review import HELP, KEYS, LEGEND, key_listener_html
 from flywheel.ui.widgets import (
     ExportPanel,
     ModelsPanel,
@@ -257,6 +257,60 @@ def test_the_queues_own_questions_are_answered_as_assessments(rt: Runtime) -> No
     panel.up.click()
     assert "not a number" in status_of(panel) and shown(panel) == ids[1]  # nothing saved, still shown
     assert valid_assessments(rt, ids[1]) == {}
+
+
+def test_each_question_has_its_own_control_and_keys_number_the_answers(rt: Runtime) -> None:
+    review.define_label(rt.store, ROUTER, "tone", "categorical", options=["calm", "angry"])
+    review.define_label(rt.store, ROUTER, "valid", "pass_fail")
+    review.define_label(rt.store, ROUTER, "zeal", "categorical", options=["low", "mid", "high"])
+    ids, name = fresh_queue(rt, ROUTER, 1, ("cora",))
+    panel = rating_panel(model=ROUTER, reviewer="cora", queue=name)
+    by_title = dict(zip([lab.title for lab in panel.labels], panel.answers, strict=True))
+    tone, valid, zeal = by_title["tone"], by_title["valid"], by_title["zeal"]
+    # keys 1-9 count over the categorical questions in order; P and F answer pass/fail
+    digits = [o[0].split()[0] for w in panel.answers if "fw-categorical" in w._dom_classes for o in w.options]
+    assert digits == [str(n) for n in range(1, len(digits) + 1)] and len(digits) >= 5
+    assert [o[0].split()[0] for o in tone.options] == ["1", "2"]  # "tone" sorts first
+    assert "fw-categorical" in zeal._dom_classes and "fw-passfail" in valid._dom_classes
+    assert tone.tooltips == ("calm", "angry") and valid.value is None
+    # what the page sends with the rating (the active buttons' titles) wins over the kernel's value
+    chosen = {"tone": "angry", "valid": "fail", "zeal": "high"}
+    sent = {str(i): chosen[lab.title] for i, lab in enumerate(panel.labels) if lab.title in chosen}
+    panel.act({"action": "thumbs_up", "trace": ids[0], "answers": sent})
+    got = valid_assessments(rt, ids[0])
+    assert got["support-router:tone"][0].value == "angry"
+    assert got["support-router:valid"][0].value is False
+    assert got["support-router:zeal"][0].value == "high"
+
+
+def test_the_legend_lists_every_key() -> None:
+    keys = {k for k, _ in LEGEND}
+    assert {"1-9", "P / F", "U", "D", "S", "Z", "Ctrl+Enter", "Esc"} <= keys
+    for key in ("1-9", "P", "F", "U", "D", "S", "Z", "Ctrl+Enter", "Esc"):
+        assert f"<kbd>{key}</kbd>" in HELP
+    js = key_listener_html()
+    assert "fw-categorical" in js and "fw-passfail" in js and "mod-active" in js
+
+
+def test_fields_are_rendered_by_type_and_escaped() -> None:
+    long = "word " * 40
+    out = fields_html(
+        {
+            "story": long + "<script>x</script>",
+            "tags": ["a", "<b>", 3],
+            "meta": {"k": [1, 2], "html": "<i>"},
+            "as_text": '{"x": 1}',
+            "n": 3.5,
+            "flag": True,
+        }
+    )
+    assert "<script>" not in out and "&lt;script&gt;" in out and "&lt;b&gt;" in out
+    assert 'class="fw-value fw-text fw-long"' in out  # long text wraps
+    assert '<ol class="fw-value fw-list"><li>a</li><li>&lt;b&gt;</li><li>3</li></ol>' in out
+    assert '<pre class="fw-value fw-json">{\n  &quot;k&quot;: [\n    1,' in out  # pretty JSON
+    assert "&quot;x&quot;: 1" in out  # JSON text of an object is pretty-printed too
+    assert '<div class="fw-value fw-scalar">3.5</div>' in out
+    assert '<div class="fw-value fw-scalar">true</div>' in out
 
 
 def test_skip_and_undo(rt: Runtime) -> None:

@@ -33,7 +33,17 @@ CSS = """<style>
 .fw-muted {color: #667085; font-size: 12px;}
 .fw-field {color: #667085; font-size: 11px; text-transform: uppercase; letter-spacing: .04em;
   margin-top: 6px;}
-.fw-value {white-space: pre-wrap; font-size: 14px; line-height: 1.45;}
+.fw-value {white-space: pre-wrap; font-size: 14px; line-height: 1.45; overflow-wrap: anywhere;}
+.fw-long {max-width: 72ch;}
+.fw-list {white-space: normal; margin: 2px 0; padding-left: 22px;}
+.fw-json {font-size: 12px; background: #f5f6f8; padding: 6px 8px; border-radius: 4px; margin: 2px 0;
+  white-space: pre-wrap; max-height: 24em; overflow: auto;}
+.fw-scalar {font-variant-numeric: tabular-nums;}
+.fw-legend {font-size: 12px; color: #475467; margin-top: 6px;}
+.fw-legend kbd {display: inline-block; min-width: 1.4em; padding: 0 5px; border: 1px solid #d0d5dd;
+  border-bottom-width: 2px; border-radius: 4px; background: #fff; font: 12px/1.5 monospace;
+  text-align: center; margin-right: 3px;}
+.fw-legend span {margin-right: 14px; white-space: nowrap;}
 .fw-badge {display: inline-block; padding: 0 8px; border-radius: 10px; font-size: 12px; background: #eef0f3;
   color: #344054; margin-right: 4px;}
 .fw-badge-Production {background: #d1fadf; color: #05603a;}
@@ -94,11 +104,50 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -
     return f'<table class="fw-table {cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+LONG_TEXT = 80  # characters: a longer text (or one with line breaks) is a wrapped block
+
+
+def _as_json(text: str) -> Any:
+    """A string that is a JSON object or array, parsed; None otherwise (a program's output field
+    typed `dict` or `list` may arrive as its JSON text)."""
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "[{":
+        return None
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return None
+    return value if isinstance(value, (dict, list)) else None
+
+
+def value_html(value: Any) -> str:
+    """One field's value as the program typed it, HTML-escaped: long text wraps (line breaks kept),
+    a list of scalars becomes a list, an object (or a list of objects, or JSON text of either) is
+    pretty-printed JSON, a number or a boolean stays a short value."""
+    if isinstance(value, str):
+        parsed = _as_json(value)
+        if parsed is not None:
+            return value_html(parsed)
+        cls = "fw-text fw-long" if len(value) > LONG_TEXT or "\n" in value else "fw-text"
+        return f'<div class="fw-value {cls}">{esc(value)}</div>'
+    if isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, (str, int, float, bool)) for v in value
+    ):
+        if not value:
+            return '<div class="fw-value fw-muted">(empty list)</div>'
+        items = "".join(f"<li>{esc(fmt_value(v))}</li>" for v in value)
+        return f'<ol class="fw-value fw-list">{items}</ol>'
+    if isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+        return f'<pre class="fw-value fw-json">{esc(text)}</pre>'
+    if value is None:
+        return '<div class="fw-value fw-muted">(none)</div>'
+    return f'<div class="fw-value fw-scalar">{esc(fmt_value(value))}</div>'
+
+
 def fields_html(values: dict[str, Any]) -> str:
-    return "".join(
-        f'<div class="fw-field">{esc(k)}</div><div class="fw-value">{esc(fmt_value(v))}</div>'
-        for k, v in values.items()
-    )
+    """A program's fields (inputs or outputs) by name, each rendered by its type (`value_html`)."""
+    return "".join(f'<div class="fw-field">{esc(k)}</div>{value_html(v)}' for k, v in values.items())
 
 
 def empty_state(message: str, cls: str = "fw-empty") -> widgets.HTML:

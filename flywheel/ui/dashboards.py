@@ -64,11 +64,28 @@ def free_port(preferred: int, host: str = "127.0.0.1") -> int:
 
 
 def voila_command(
-    directory: Path, port: int, host: str = "127.0.0.1", reviewer_header: str | None = None
+    directory: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    reviewer_header: str | None = None,
+    preheat: int = 0,
 ) -> list[str]:
     """Voila on `directory`; with `reviewer_header` (FLYWHEEL_REVIEWER_HEADER) Voila hands that
-    request header to each kernel (`http_header_envs`), where it is the signed-in reviewer."""
+    request header to each kernel (`http_header_envs`), where it is the signed-in reviewer.
+
+    With `preheat` > 0 Voila keeps that many kernels per dashboard running ahead of the requests
+    (`preheat_kernel`): each has imported flywheel and opened the store, and waits in
+    `voila.utils.wait_for_request()` (the dashboards' second cell) for the request's query string
+    and headers, so a page is interactive in about a second instead of a kernel's start-up.
+    """
     headers = [f"--VoilaConfiguration.http_header_envs={[reviewer_header]!r}"] if reviewer_header else []
+    if preheat > 0:
+        headers += [
+            "--preheat_kernel=True",
+            f"--pool_size={int(preheat)}",
+            # a used kernel's replacement starts after the page settled, not while it draws
+            "--VoilaKernelManager.fill_delay=5",
+        ]
     return [
         sys.executable,
         "-m",
@@ -148,6 +165,7 @@ def launch(
     directory: Path | None = None,
     block: bool = True,
     echo: Callable[[str], None] = print,
+    preheat: int = 0,
 ) -> Launched:
     """Start Voila on dashboards/ (and the API in the background unless one answers); print the URLs.
 
@@ -166,7 +184,7 @@ def launch(
     port = free_port(port, host)
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
-        voila_command(directory, port, host, get_settings().flywheel_reviewer_header),
+        voila_command(directory, port, host, get_settings().flywheel_reviewer_header, preheat),
         env=kernel_env(),
         cwd=directory,
         start_new_session=True,

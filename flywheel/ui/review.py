@@ -73,13 +73,15 @@ KEYS = {
     "z": "fw-undo",
 }
 ACTIONS = {"fw-rate-up": "thumbs_up", "fw-rate-down": "thumbs_down", "fw-skip": "skip", "fw-undo": "undo"}
+CHOICE_KEYS = {"p": 0, "f": 1}  # pass / fail of the first pass-or-fail question
+MAX_DIGIT_CHOICES = 9  # keys 1-9: the categorical questions' answers, numbered in order
 SUBMIT = "fw-rate-down"  # Ctrl+Enter in a text box: a corrected output is a wrong one
 CHANNEL_KEEP = 8  # events the hidden channel's value carries (the kernel acts on new ones only)
 _KEY_JS = """(function(img){img.remove();
 if (window.__fwKeys || (document.querySelector('.jp-LabShell') && !document.body.hasAttribute('data-voila')))
   return;
 window.__fwKeys = true;
-var keys = %(keys)s, actions = %(actions)s, seq = 0;
+var keys = %(keys)s, actions = %(actions)s, choiceKeys = %(choice_keys)s, seq = 0;
 function field(el) {
   for (var i = 0; i < el.classList.length; i++) {
     if (el.classList[i].indexOf('fw-correction-') === 0) return el.classList[i].slice(14);
@@ -91,6 +93,18 @@ function label(el) {
     if (el.classList[i].indexOf('fw-label-') === 0) return el.classList[i].slice(9);
   }
   return null;
+}
+function choose(panel, key) {
+  var card = panel.querySelector('.fw-item .fw-card'), trace = card ? card.getAttribute('data-trace-id') : '';
+  var mine = '.fw-for-' + CSS.escape(trace || ''), b = null;
+  if (/^[1-9]$/.test(key)) {
+    b = panel.querySelectorAll('.fw-categorical' + mine + ' button')[parseInt(key, 10) - 1];
+  } else {
+    b = panel.querySelectorAll('.fw-passfail' + mine + ' button')[choiceKeys[key]];
+  }
+  if (!b || b.disabled) return false;
+  b.click();
+  return true;
 }
 function send(panel, cls) {
   var b = panel.querySelector('button.' + cls), box = panel.querySelector('.fw-channel input');
@@ -104,8 +118,10 @@ function send(panel, cls) {
   });
   var answers = null;
   panel.querySelectorAll('.fw-label' + mine).forEach(function (w) {
-    var i = label(w), t = w.querySelector('input, textarea');
-    if (i !== null && t) { answers = answers || {}; answers[i] = t.value; }
+    var i = label(w), t = w.querySelector('input, textarea'), on = w.querySelector('button.mod-active');
+    if (i === null) return;
+    if (t) { answers = answers || {}; answers[i] = t.value; }
+    else if (on) { answers = answers || {}; answers[i] = on.getAttribute('title'); }
   });
   var ev = {seq: ++seq, action: actions[cls], trace: trace, correction: fixed, answers: answers,
     comment: note ? note.value : null, reviewer: who && !who.disabled ? who.value : null};
@@ -126,8 +142,12 @@ document.addEventListener('keydown', function (e) {
     return;
   }
   if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
-  var cls = keys[(e.key || '').toLowerCase()];
+  var key = (e.key || '').toLowerCase(), cls = keys[key];
   panel = document.querySelector('.fw-rating-panel');
+  if (panel && (/^[1-9]$/.test(key) || choiceKeys[key] !== undefined)) {
+    if (choose(panel, key)) e.preventDefault();
+    return;
+  }
   if (cls && panel && send(panel, cls)) e.preventDefault();
 }, true);
 document.addEventListener('click', function (e) {
@@ -141,10 +161,22 @@ document.addEventListener('click', function (e) {
     }
   }
 }, true);})(this);"""
+LEGEND = [
+    ("1-9", "choose the numbered answer"),
+    ("P / F", "pass / fail"),
+    ("U", "thumbs up"),
+    ("D", "thumbs down"),
+    ("S", "skip"),
+    ("Z", "undo"),
+    ("Ctrl+Enter", "in a text box: save thumbs down with what you typed"),
+    ("Esc", "leave a text box"),
+]
 HELP = (
-    '<div class="fw-muted">Keys outside the text boxes: <b>U</b> thumbs up · <b>D</b> thumbs down · '
-    "<b>S</b> skip · <b>Z</b> undo. In a text box letters are just text: <b>Ctrl+Enter</b> saves "
-    "thumbs down with what you typed, <b>Esc</b> leaves the box. Ratings are saved to MLflow at once.</div>"
+    '<div class="fw-legend"><b>Keys</b> (outside the text boxes; in a text box letters are just text): '
+    + "".join(
+        f"<span>{''.join(f'<kbd>{k}</kbd>' for k in key.split(' / '))} {what}</span>" for key, what in LEGEND
+    )
+    + " Ratings are saved to MLflow at once.</div>"
 )
 
 
@@ -154,6 +186,7 @@ def key_listener_html() -> str:
         "actions": json.dumps(ACTIONS),
         "keep": CHANNEL_KEEP,
         "submit": SUBMIT,
+        "choice_keys": json.dumps(CHOICE_KEYS),
     }
     return f'<img src="data:," alt="" style="display:none" onerror="{html.escape(js, quote=True)}">'
 
@@ -415,14 +448,31 @@ class RatingPanel(widgets.VBox):
                 layout=widgets.Layout(width="100%"),
             )
         else:
+            # one button per answer (a key chooses it: 1-9 numbered over the questions, P/F), the
+            # answer itself in the title the key listener reads
             options = ["pass", "fail"] if lab.kind == PASS_FAIL else list(lab.options)
             if isinstance(value, bool):
                 value = "pass" if value else "fail"
-            box = widgets.Dropdown(
-                options=[("", "")] + [(o, o) for o in options],
-                value=value if value in options else "",
-                description=lab.title,
+            first = 1 + sum(
+                len(other.options)
+                for other in self.labels[:index]
+                if other.kind not in (PASS_FAIL, NUMERIC, TEXT)
             )
+            if lab.kind == PASS_FAIL:
+                names = ["pass  [P]", "fail  [F]"]
+            else:
+                names = [
+                    f"{first + n}  {o}" if first + n <= MAX_DIGIT_CHOICES else o
+                    for n, o in enumerate(options)
+                ]
+            box = widgets.ToggleButtons(
+                options=list(zip(names, options, strict=True)),
+                value=value if value in options else None,
+                tooltips=options,
+                description=lab.title,
+                style={"button_width": "auto"},
+            )
+            box.add_class("fw-passfail" if lab.kind == PASS_FAIL else "fw-categorical")
         return classed(box, "fw-label", f"fw-label-{index}", f"fw-for-{trace_id}")
 
     def _answers(self, sent: dict[str, Any] | None) -> dict[str, Any]:
@@ -430,8 +480,10 @@ class RatingPanel(widgets.VBox):
         out: dict[str, Any] = {}
         for i, (lab, box) in enumerate(zip(self.labels, self.answers, strict=False)):
             value = box.value
-            if sent and str(i) in sent and isinstance(sent[str(i)], str) and lab.kind in (NUMERIC, TEXT):
-                value = sent[str(i)]
+            if sent and str(i) in sent and isinstance(sent[str(i)], str):
+                choices = ("pass", "fail") if lab.kind == PASS_FAIL else lab.options
+                if lab.kind in (NUMERIC, TEXT) or sent[str(i)] in choices:
+                    value = sent[str(i)]
             if value not in ("", None):
                 out[lab.name] = value
         return out
