@@ -130,9 +130,12 @@ def wait_http(url: str, timeout: float = 120) -> None:
 
 
 def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    """Start a server; its output goes to `<FLYWHEEL_HOME>/<command>.log` (read it when a figure is odd)."""
+    log = Path(env["FLYWHEEL_HOME"]) / f"{Path(cmd[0]).name}-{cmd[2] if len(cmd) > 2 else 'server'}.log"
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
