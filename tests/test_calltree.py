@@ -54,9 +54,14 @@ def _shape(spans: list[Any]) -> list[tuple[tuple[str, ...], str]]:
     return [(path(s), str(s.span_type)) for s in ordered]
 
 
-def _autolog_trace(store: Store, program: dspy.Module, inputs: dict[str, Any]) -> Any:
+def _autolog_trace(
+    store: Store, program: dspy.Module, inputs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    # autolog writes to the process's current experiment: named by the environment (put back
+    # after the test), never by mlflow.set_experiment, whose choice would outlive this test
+    experiment_id = store.client.create_experiment("autolog")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     with store.fluent():
-        mlflow.set_experiment("autolog")
         mlflow.dspy.autolog()
         try:
             with dspy.context(lm=OfflineLM()):
@@ -66,14 +71,16 @@ def _autolog_trace(store: Store, program: dspy.Module, inputs: dict[str, Any]) -
         finally:
             mlflow.dspy.autolog(disable=True)
         trace = mlflow.get_trace(trace_id)
-    assert trace is not None and trace.data.spans
+    assert trace is not None and trace.data.spans and trace.info.experiment_id == experiment_id
     return trace
 
 
 @pytest.mark.parametrize("name", list(PROGRAMS))
-def test_the_call_tree_has_autologs_names_types_and_parents(fresh_store: Store, name: str) -> None:
+def test_the_call_tree_has_autologs_names_types_and_parents(
+    fresh_store: Store, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     build, inputs, fields = PROGRAMS[name]
-    expected = _shape(_autolog_trace(fresh_store, build(), inputs).data.spans)
+    expected = _shape(_autolog_trace(fresh_store, build(), inputs, monkeypatch).data.spans)
     registry.register_program(build(), name, store=fresh_store, **fields)
     with Runtime() as runtime:
         answer = predict(runtime, name, inputs, 1)
