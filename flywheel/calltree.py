@@ -34,6 +34,7 @@ from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 from dspy.utils.usage_tracker import UsageTracker
 
 from flywheel.lm import safe_params
+from flywheel.tracing import token_usage
 
 CHAIN, LLM, CHAT_MODEL, PARSER, TOOL, AGENT, RETRIEVER = (
     "CHAIN",
@@ -145,7 +146,7 @@ class CallTree(BaseCallback, UsageTracker):
         super().add_usage(lm, usage_entry)
         call = self._calls.get(ACTIVE_CALL_ID.get() or "")  # the LM call reporting it
         if call is not None and call.kind in (CHAT_MODEL, LLM):
-            call.usage = _tokens(usage_entry)
+            call.usage = token_usage([usage_entry])
 
     # -- results ----------------------------------------------------------------------------
 
@@ -191,18 +192,9 @@ class CallTree(BaseCallback, UsageTracker):
                     "error": error,
                 }
             )
-        if out and (root_usage := _tokens(self.get_total_tokens_flat())):
+        if out and (root_usage := token_usage(self.get_total_tokens().values())):
             out[0]["attributes"][USAGE_ATTRIBUTE] = to_json(root_usage)
         return out
-
-    def get_total_tokens_flat(self) -> dict[str, Any]:
-        """Every LM's usage summed into one prompt/completion/total entry."""
-        flat: dict[str, int] = {}
-        for entry in self.get_total_tokens().values():
-            for key, value in (entry or {}).items():
-                if isinstance(value, int | float):
-                    flat[key] = flat.get(key, 0) + int(value)
-        return flat
 
     def _start(self, call_id: str, name: str, kind: str, inputs: dict[str, Any]) -> _Call:
         call = _Call(name, kind, ACTIVE_CALL_ID.get(), time.time_ns(), _unpack(inputs))
@@ -234,19 +226,6 @@ def _unpack(inputs: dict[str, Any]) -> dict[str, Any]:
     if "args" in merged and not merged["args"]:
         merged.pop("args")
     return merged
-
-
-def _tokens(usage: dict[str, Any]) -> dict[str, int] | None:
-    """MLflow's token usage keys from an LM's (LiteLLM's or DSPy's) usage entry."""
-    entry = usage or {}
-    tokens = {
-        "input_tokens": int(entry.get("prompt_tokens") or entry.get("input_tokens") or 0),
-        "output_tokens": int(entry.get("completion_tokens") or entry.get("output_tokens") or 0),
-        "total_tokens": int(entry.get("total_tokens") or 0),
-    }
-    if not tokens["total_tokens"]:
-        tokens["total_tokens"] = tokens["input_tokens"] + tokens["output_tokens"]
-    return tokens if any(tokens.values()) else None
 
 
 def _plain(value: Any) -> Any:

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -327,7 +328,7 @@ class TraceRecord:
         if self.lm_calls is not None:
             metadata[LM_CALLS_KEY] = str(self.lm_calls)
             metadata[CACHED_CALLS_KEY] = str(self.cached_calls or 0)
-        if tokens := _token_usage(self.usage):
+        if tokens := token_usage((self.usage or {}).values()):
             metadata[TraceMetadataKey.TOKEN_USAGE] = json.dumps(tokens)
         info = TraceInfo(
             trace_id=self.trace_id,
@@ -451,16 +452,20 @@ def _span(
     )
 
 
-def _token_usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    """MLflow's trace token usage from DSPy's per-LM usage (prompt/completion/total tokens)."""
-    totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    for entry in (usage or {}).values():
+def token_usage(entries: Iterable[Any]) -> dict[str, int] | None:
+    """MLflow's token usage keys (input/output/total) summed over LM usage entries (LiteLLM's or
+    DSPy's prompt/completion/total, or input/output); None when every count is zero. One call's
+    usage for its LM span, every LM's for the root and the trace's metadata."""
+    tokens = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    for entry in entries:
         if not isinstance(entry, dict):
             continue
-        totals["input_tokens"] += int(entry.get("prompt_tokens") or entry.get("input_tokens") or 0)
-        totals["output_tokens"] += int(entry.get("completion_tokens") or entry.get("output_tokens") or 0)
-        totals["total_tokens"] += int(entry.get("total_tokens") or 0)
-    return totals if any(totals.values()) else {}
+        given_in = int(entry.get("prompt_tokens") or entry.get("input_tokens") or 0)
+        given_out = int(entry.get("completion_tokens") or entry.get("output_tokens") or 0)
+        tokens["input_tokens"] += given_in
+        tokens["output_tokens"] += given_out
+        tokens["total_tokens"] += int(entry.get("total_tokens") or 0) or given_in + given_out
+    return tokens if any(tokens.values()) else None
 
 
 def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
