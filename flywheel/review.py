@@ -623,6 +623,22 @@ def route(
 # --- one reviewer's session -------------------------------------------------------------------
 
 
+def check_answers(questions: list[Label], answers: dict[str, Any]) -> dict[str, Any]:
+    """Answers to a queue's own questions (keyed by schema name or title) as stored: each value
+    checked by its question, blanks left out; ReviewError for a question the queue lacks."""
+    by_name = {lab.name: lab for lab in questions}
+    by_title = {lab.title: lab for lab in questions}
+    out = {}
+    for key, value in answers.items():
+        lab = by_name.get(key) or by_title.get(key)
+        if lab is None:
+            raise ReviewError(f"{key!r} is not a question of this queue")
+        if value is None or value == "":
+            continue
+        out[lab.name] = lab.check(value)
+    return out
+
+
 @dataclass(frozen=True)
 class QueueItem:
     trace_id: str
@@ -773,7 +789,7 @@ class ReviewQueue:
     ) -> feedback.Receipt:
         """Answer the item shown (durable before it returns), mark it done for me, move on."""
         item = self._shown()
-        checked = self.check_answers(answers or {})
+        checked = check_answers(self.extra_labels, answers or {})
         receipt = feedback.submit(
             self.runtime,
             item.trace_id,
@@ -788,19 +804,6 @@ class ReviewQueue:
         self.mine += 1
         self.next()
         return receipt
-
-    def check_answers(self, answers: dict[str, Any]) -> dict[str, Any]:
-        by_name = {lab.name: lab for lab in self.extra_labels}
-        by_title = {lab.title: lab for lab in self.extra_labels}
-        out = {}
-        for key, value in answers.items():
-            lab = by_name.get(key) or by_title.get(key)
-            if lab is None:
-                raise ReviewError(f"{key!r} is not a question of this queue")
-            if value is None or value == "":
-                continue
-            out[lab.name] = lab.check(value)
-        return out
 
     def _finish(self, trace_id: str) -> None:
         assert self.queue is not None
@@ -1060,14 +1063,7 @@ class Adjudication:
         is complete in the adjudication queue once the decision is in MLflow."""
         if self.current is None:
             raise ReviewError("no item is shown; nothing waits for adjudication")
-        extra = {lab.name: lab for lab in self.labels if not lab.builtin}
-        checked = {}
-        for key, value in (answers or {}).items():
-            lab = extra.get(key) or next((x for x in extra.values() if x.title == key), None)
-            if lab is None:
-                raise ReviewError(f"{key!r} is not a question of this queue")
-            if value is not None and value != "":
-                checked[lab.name] = lab.check(value)
+        checked = check_answers([lab for lab in self.labels if not lab.builtin], answers or {})
         trace_id = self.current.item.trace_id
         receipt = feedback.submit(
             self.runtime,
