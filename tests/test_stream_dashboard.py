@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_dashboards import CHROMIUM, CHROMIUM_ARGS, LOAD, assert_clean, open_page, ratings
+from test_dashboards import LOAD, assert_clean, browser, open_page, ratings  # noqa: F401  # browser: the fixture
 
 from flywheel.demo.seed import seed_demo
 from flywheel.runtime import get_runtime
@@ -60,19 +60,10 @@ def voila(paced_store: Store) -> Iterator[Launched]:
         launched.stop()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():  # fail, never skip (see test_dashboards.py)
-        pytest.fail("no /usr/bin/chromium: run scripts/install-test-deps (as root)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def test_the_predict_panel_shows_the_answer_growing_then_rates_it(voila: Launched, browser: Any) -> None:
+def test_the_predict_panel_shows_the_answer_growing_then_rates_it(
+    voila: Launched,
+    browser: Any,  # noqa: F811
+) -> None:
     page = open_page(browser, f"{voila.urls['predict.ipynb']}?model=joke-generator&version=2&user=ann")
     page.wait_for_selector(".fw-input-topic textarea", timeout=LOAD)
     assert_clean(page)

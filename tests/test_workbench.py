@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+from test_dashboards import browser  # noqa: F401  # the fixture (one Chromium per module)
 
 from flywheel import store
 from flywheel.demo.seed import JOKE_MODEL
@@ -25,8 +26,6 @@ from flywheel.demo.traffic import unrated
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = Path(os.environ.get("FLYWHEEL_TEST_CHROMIUM", "/usr/bin/chromium"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 LOAD = 120_000
 READY = "Ctrl-C stops all of it."
 CARD = ".fw-item .fw-card"
@@ -105,18 +104,6 @@ def up(home: store.Store) -> Iterator[Up]:
                     pass
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail("no /usr/bin/chromium: run scripts/install-test-deps (as root)", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
-
-
 def wait_interactive(page: Any) -> str:
     page.wait_for_selector(CARD, timeout=LOAD)
     page.wait_for_function(
@@ -142,7 +129,10 @@ def answers_of(home: store.Store, trace: str, by: str, want: int, timeout: float
 
 
 def test_up_opens_every_url_and_rates_with_the_keyboard(
-    home: store.Store, up: Up, browser: Any, screenshots: Path
+    home: store.Store,
+    up: Up,
+    browser: Any,  # noqa: F811
+    screenshots: Path,
 ) -> None:
     urls = up.urls
     assert {"API docs", "rating", "models", "MLflow UI"} <= set(urls), up.lines
@@ -186,7 +176,10 @@ def test_up_opens_every_url_and_rates_with_the_keyboard(
 
 
 def test_keys_pressed_right_after_typing_answer_every_question(
-    home: store.Store, up: Up, browser: Any, screenshots: Path
+    home: store.Store,
+    up: Up,
+    browser: Any,  # noqa: F811
+    screenshots: Path,
 ) -> None:
     """Type, then at once Esc and the answer keys and the rating key (or Ctrl+Enter in the box):
     everything typed and chosen is saved with that rating. Run it once with the CPU busy too."""
