@@ -352,6 +352,11 @@ class TraceRecord:
             "flywheel.model": json.dumps(self.model),
             "flywheel.model_version": json.dumps(self.version),
         }
+        if self.model_id:  # also metadata; a tracking server's bulk path keeps only these
+            attributes["flywheel.model_id"] = json.dumps(self.model_id)
+        if self.lm_calls is not None:
+            attributes[LM_CALLS_KEY] = json.dumps(self.lm_calls)
+            attributes[CACHED_CALLS_KEY] = json.dumps(self.cached_calls or 0)
         events = []
         if self.error:
             exception = {
@@ -473,7 +478,8 @@ def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> 
 
     Idempotent: a trace already stored (a replay after a crash) is not written
     twice, so the outbox delivers each trace exactly once. SQL stores take one
-    batched transaction; anything else, or any error there, the public path.
+    batched transaction; a tracking server takes `log_spans` requests only (`_write_rest`);
+    anything else, or any error on the SQL path, MLflow's public path.
     """
     from flywheel import trace_sql
 
@@ -486,16 +492,30 @@ def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> 
             return [r.trace_id for r in todo]
         except Exception as exc:  # internals moved: fall back, slower but public
             _log.warning("batched trace write failed (%s); using MLflow's public path", exc)
+    if _is_rest(store):
+        return _write_rest(store, experiment_id, records)
     return _write_public(store, experiment_id, records)
 
 
 PUBLIC_CHUNK = 50
-"""Traces per `log_spans` request on the public path: a tracking server under load answered a
-500-trace request after MLflow's 10 s client timeout, so the whole batch was retried again and
-again (benchmarks/scale_bench.py); small requests keep each one short."""
+"""Traces per `log_spans` request: a tracking server under load answered a 500-trace request
+after MLflow's 10 s client timeout, so the whole batch was retried again and again
+(benchmarks/scale_bench.py); small requests keep each one short."""
+
+REST_IN_FLIGHT = 4
+"""`log_spans` requests one delivery keeps in flight to a tracking server: the server's workers
+and its database work on several at once (benchmarks/delivery_bench.py measures 1 against 4)."""
+
+
+def _is_rest(store: Any) -> bool:
+    from mlflow.store.tracking.rest_store import RestStore
+
+    return isinstance(store, RestStore)
 
 
 def _write_public(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
+    """MLflow's public path, as its own exporter writes: `start_trace` per trace (tags and
+    metadata), then the spans. The reference the SQL path is compared with."""
     for start in range(0, len(records), PUBLIC_CHUNK):
         _write_public_chunk(store, experiment_id, records[start : start + PUBLIC_CHUNK])
     return [r.trace_id for r in records]
@@ -507,16 +527,61 @@ def _write_public_chunk(store: Any, experiment_id: str, records: list[TraceRecor
         info, record_spans = record.to_mlflow(experiment_id)
         store.start_trace(info)  # an upsert: replaying a stored trace changes nothing
         spans.extend(record_spans)
-    if spans:
-        try:
-            store.log_spans(experiment_id, spans)
-        except NotImplementedError:
-            # MLflow's REST store caches a failed /version probe (e.g. made during an outage)
-            # for the life of the process; forget it and ask the server again.
-            from flywheel.store import forget_server_version
+    _log_spans(store, experiment_id, spans)
 
-            forget_server_version(store)
-            store.log_spans(experiment_id, spans)
+
+def _log_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
+    if not spans:
+        return
+    try:
+        store.log_spans(experiment_id, spans)
+    except NotImplementedError:
+        # MLflow's REST store caches a failed /version probe (e.g. made during an outage)
+        # for the life of the process; forget it and ask the server again.
+        from flywheel.store import forget_server_version
+
+        forget_server_version(store)
+        store.log_spans(experiment_id, spans)
+
+
+def _write_rest(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
+    """A tracking server's bulk path: `log_spans` requests of PUBLIC_CHUNK traces, REST_IN_FLIGHT
+    at a time, and no `start_trace`. The server creates each trace from its spans: state, times,
+    previews and token usage from the root span, and the tags from the root's
+    `mlflow.traceTag.<key>` attributes (what MLflow's own OTLP exporter sends). A replay
+    upserts the same span ids, so it stores nothing twice.
+
+    What this path cannot carry is trace metadata: MLflow has no batched way to set it, and a
+    `start_trace` per trace cost the server more than the prediction cost the host. So on a
+    tracking server a trace has no `mlflow.modelId` (the MLflow UI lists no traces under a
+    logged model); the root span's `flywheel.model_id`, `flywheel.lm_calls` and
+    `flywheel.cached_calls` attributes hold what the metadata would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = []
+    for start in range(0, len(records), PUBLIC_CHUNK):
+        spans: list[Any] = []
+        for record in records[start : start + PUBLIC_CHUNK]:
+            info, record_spans = record.to_mlflow(experiment_id)
+            record_spans[0]._span._attributes.update(rest_span_attributes(info))
+            spans.extend(record_spans)
+        chunks.append(spans)
+    if len(chunks) == 1:
+        _log_spans(store, experiment_id, chunks[0])
+    else:
+        workers = min(REST_IN_FLIGHT, len(chunks))
+        with ThreadPoolExecutor(workers, thread_name_prefix="flywheel-spans") as pool:
+            for done in [pool.submit(_log_spans, store, experiment_id, c) for c in chunks]:
+                done.result()  # the first failure fails the delivery; the outbox retries it all
+    return [r.trace_id for r in records]
+
+
+def rest_span_attributes(info: Any) -> dict[str, str]:
+    """Root-span attributes that make a tracking server tag the trace as `start_trace` would:
+    each tag as `mlflow.traceTag.<key>`, JSON-encoded as OTLP attributes arrive."""
+    from mlflow.tracing.constant import SpanAttributeKey
+
+    return {f"{SpanAttributeKey.TRACE_TAG_PREFIX}{k}": json.dumps(v) for k, v in info.tags.items()}
 
 
 def deliver(store: Store, items: list[Item]) -> list[int]:

@@ -6,6 +6,7 @@ import json
 import sqlite3
 import time
 import uuid
+from typing import Any
 
 import pytest
 from pg import PostgresCluster
@@ -175,3 +176,76 @@ def test_batched_path_on_postgresql_writes_what_the_public_path_writes(
     assert info.tags[TRUNCATED_TAG] == "inputs" and len(info.tags[INPUTS_TAG]) <= TAG_CHARS
     call = complete_calls(tracking, [info])[fast.trace_id]  # the complete fields, from the root span
     assert call.inputs == {"topic": long_topic} and call.outputs == {"joke": "j1"}
+
+
+# --- a tracking server (MLflow's REST store on the session's PostgreSQL-backed server) -----------
+
+
+def _tree_record(topic: str) -> TraceRecord:
+    """A trace as serving records it: the demo program under a CallTree, on an LM that reports
+    token usage (the benchmarks' stand-in, with no wait)."""
+    import dspy
+
+    from benchmarks.sleep_lm import SleepLM
+    from flywheel.calltree import CallTree
+    from flywheel.demo.seed import joke_program
+
+    tree = CallTree()
+    started = time.time_ns()
+    with dspy.context(lm=SleepLM(latency=0), callbacks=[tree], usage_tracker=tree, track_usage=False):
+        answer = joke_program(2)(topic=topic)
+    return TraceRecord(
+        new_trace_id(),
+        "jokes",
+        "2",
+        "m-abc",
+        {"topic": topic},
+        {"joke": answer.joke},
+        started,
+        time.time_ns(),
+        route="stable",
+        spans=tree.spans(),
+        **tree.summary(),
+    )
+
+
+def test_tracking_server_bulk_path_stores_what_start_trace_stores(mlflow_on_postgres: Any) -> None:
+    """Over REST, traces go as `log_spans` requests only (no `start_trace` per trace); the server
+    must build the same trace: tags, state, times, previews, name, token usage, spans. Only the
+    metadata is missing, and the root span carries flywheel's part of it."""
+    from mlflow import MlflowClient
+
+    from flywheel import tracing
+
+    mlflow_on_postgres.reset()
+    client = MlflowClient(tracking_uri=mlflow_on_postgres.url)
+    experiment_id = client.create_experiment("rest")
+    tracking = client._tracking_client.store
+    assert tracing._is_rest(tracking)
+    bulk = [_tree_record(f"topic {i}") for i in range(120)]  # three requests, in flight at once
+    public = TraceRecord(**{**bulk[0].to_dict(), "trace_id": new_trace_id()})
+    assert bulk[0].usage
+    assert write_traces(tracking, experiment_id, bulk) == [r.trace_id for r in bulk]
+    _write_public(tracking, experiment_id, [public])
+    assert write_traces(tracking, experiment_id, bulk[:10]) == [r.trace_id for r in bulk[:10]]  # a replay
+    infos = client.search_traces(locations=[experiment_id], max_results=500, include_spans=False)
+    assert sorted(i.trace_id for i in infos) == sorted([public.trace_id] + [r.trace_id for r in bulk])
+
+    fast, slow = client.get_trace(bulk[0].trace_id), client.get_trace(public.trace_id)
+
+    def tags(info: Any) -> dict[str, str]:
+        return {k: v.replace(info.trace_id, "ID") for k, v in info.tags.items()}
+
+    assert tags(fast.info) == tags(slow.info)  # every tag, through the root's mlflow.traceTag.* attributes
+    assert fast.info.tags["flywheel.model"] == "jokes" and fast.info.tags["flywheel.route"] == "stable"
+    for field in ("state", "request_time", "execution_duration", "request_preview", "response_preview"):
+        assert getattr(fast.info, field) == getattr(slow.info, field), field
+    assert fast.info.token_usage == slow.info.token_usage and fast.info.token_usage["total_tokens"] > 0
+    assert [(s.name, s.span_type, s.parent_id is None) for s in fast.data.spans] == [
+        (s.name, s.span_type, s.parent_id is None) for s in slow.data.spans
+    ]
+    assert len(fast.data.spans) >= 4  # the call tree: forward, adapter format/parse, the LM call
+    assert "mlflow.modelId" in slow.info.trace_metadata and "mlflow.modelId" not in fast.info.trace_metadata
+    root = next(s for s in fast.data.spans if s.parent_id is None)
+    assert root.attributes["flywheel.model_id"] == "m-abc" and root.attributes["flywheel.lm_calls"] == 1
+    assert root.inputs == {"topic": "topic 0"} and root.outputs == {"joke": bulk[0].outputs["joke"]}
