@@ -201,6 +201,10 @@ def main() -> None:
             pg.stop(proc)
         if server is not None:
             pg.stop(server.proc)
+        for log in sorted((cluster.directory / "homes").glob("*.log")):  # what delivery said
+            lines = log.read_text(errors="replace").splitlines()
+            said = [line for line in lines if "outbox" in line or "Traceback" in line]
+            print(f"{log.name}: {len(said)} outbox lines" + "".join(f"\n  {x[:300]}" for x in said[:5]))
         pg.stop_cluster(cluster)
 
 

@@ -72,7 +72,6 @@ MLFLOW_INTERNALS: dict[str, str] = {
     "mlflow.dspy.wrapper.DspyModelWrapper.model": "Store.unwrap_pyfunc",
     "mlflow.tracking._tracking_service.utils._tracking_uri": "Store.fluent",
     "mlflow.tracking._model_registry.utils._registry_uri": "Store.fluent",
-    "mlflow.store.tracking.rest_store.RestStore._get_server_version": "forget_server_version",
     "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore.ManagedSessionMaker": "supports_sql_traces",
     "mlflow.store.tracking.dbmodels.models.SqlSpan": "sql_trace_schema",
     "mlflow.store.tracking.dbmodels.models.SqlTraceInfo": "sql_trace_schema",
@@ -132,16 +131,6 @@ def _attribute(obj: Any, attr: str, path: str) -> Any:
         return getattr(obj, attr)
     except AttributeError:
         raise _moved(path) from None
-
-
-def forget_server_version(tracking_store: Any) -> None:
-    """MLflow's REST store caches a failed /version probe (say, made during an outage) for the
-    life of the process; forget it so the next call asks the server again."""
-    from mlflow.store.tracking.rest_store import RestStore
-
-    if isinstance(tracking_store, RestStore):
-        probe = mlflow_internal("mlflow.store.tracking.rest_store.RestStore._get_server_version")
-        _attribute(probe, "cache_clear", "mlflow.store.tracking.rest_store.RestStore._get_server_version")()
 
 
 def supports_sql_traces(tracking_store: Any) -> bool:

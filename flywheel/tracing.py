@@ -502,9 +502,26 @@ PUBLIC_CHUNK = 50
 after MLflow's 10 s client timeout, so the whole batch was retried again and again
 (benchmarks/scale_bench.py); small requests keep each one short."""
 
-REST_IN_FLIGHT = 4
-"""`log_spans` requests one delivery keeps in flight to a tracking server: the server's workers
-and its database work on several at once (benchmarks/delivery_bench.py measures 1 against 4)."""
+REST_IN_FLIGHT = 2
+"""`log_spans` requests one delivering process keeps in flight to a tracking server, so the
+server's workers and its database work on several at once (benchmarks/delivery_bench.py). Every
+API worker process delivers, so a server sees hosts x workers x this many: more queued at a
+loaded server waits past any timeout, and a timed-out request is work the server did for nothing."""
+
+DELIVERY_TIMEOUT = 120.0
+"""Seconds a `log_spans` request may take before the delivery gives up on it. Nobody waits on a
+delivery (the trace is durable in the outbox), so it is far longer than MLflow's client timeout
+(10 s, apply_mlflow_client_settings), and it is not retried at once: a server that is slow
+because it is loaded would only get the same work twice."""
+
+
+class PartialWrite(Exception):
+    """Some of a delivery's requests stored their traces and some failed."""
+
+    def __init__(self, stored: list[str], error: BaseException) -> None:
+        super().__init__(f"{len(stored)} traces stored, the rest failed: {error}")
+        self.stored = stored
+        self.error = error
 
 
 def _is_rest(store: Any) -> bool:
@@ -533,14 +550,9 @@ def _write_public_chunk(store: Any, experiment_id: str, records: list[TraceRecor
 def _log_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
     if not spans:
         return
-    try:
-        store.log_spans(experiment_id, spans)
-    except NotImplementedError:
-        # MLflow's REST store caches a failed /version probe (e.g. made during an outage)
-        # for the life of the process; forget it and ask the server again.
-        from flywheel.store import forget_server_version
-
-        forget_server_version(store)
+    if _is_rest(store):
+        _post_spans(store, experiment_id, spans)  # not RestStore.log_spans: see DELIVERY_TIMEOUT
+    else:
         store.log_spans(experiment_id, spans)
 
 
@@ -549,7 +561,8 @@ def _write_rest(store: Any, experiment_id: str, records: list[TraceRecord]) -> l
     at a time, and no `start_trace`. The server creates each trace from its spans: state, times,
     previews and token usage from the root span, and the tags from the root's
     `mlflow.traceTag.<key>` attributes (what MLflow's own OTLP exporter sends). A replay
-    upserts the same span ids, so it stores nothing twice.
+    upserts the same span ids, so it stores nothing twice. When some requests fail,
+    PartialWrite names the traces the others stored.
 
     What this path cannot carry is trace metadata: MLflow has no batched way to set it, and a
     `start_trace` per trace cost the server more than the prediction cost the host. So on a
@@ -558,22 +571,57 @@ def _write_rest(store: Any, experiment_id: str, records: list[TraceRecord]) -> l
     `flywheel.cached_calls` attributes hold what the metadata would."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks = []
+    chunks: list[tuple[list[str], list[Any]]] = []
     for start in range(0, len(records), PUBLIC_CHUNK):
+        ids: list[str] = []
         spans: list[Any] = []
         for record in records[start : start + PUBLIC_CHUNK]:
             info, record_spans = record.to_mlflow(experiment_id)
             record_spans[0]._span._attributes.update(rest_span_attributes(info))
             spans.extend(record_spans)
-        chunks.append(spans)
-    if len(chunks) == 1:
-        _log_spans(store, experiment_id, chunks[0])
-    else:
-        workers = min(REST_IN_FLIGHT, len(chunks))
-        with ThreadPoolExecutor(workers, thread_name_prefix="flywheel-spans") as pool:
-            for done in [pool.submit(_log_spans, store, experiment_id, c) for c in chunks]:
-                done.result()  # the first failure fails the delivery; the outbox retries it all
-    return [r.trace_id for r in records]
+            ids.append(record.trace_id)
+        chunks.append((ids, spans))
+    if len(chunks) <= 1:
+        for _, spans in chunks:
+            _post_spans(store, experiment_id, spans)
+        return [r.trace_id for r in records]
+    stored: list[str] = []
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(min(REST_IN_FLIGHT, len(chunks)), thread_name_prefix="flywheel-spans") as pool:
+        futures = [(ids, pool.submit(_post_spans, store, experiment_id, spans)) for ids, spans in chunks]
+        for ids, future in futures:
+            try:
+                future.result()
+                stored += ids
+            except Exception as exc:
+                errors.append(exc)
+    if errors and not stored:
+        raise errors[0]
+    if errors:
+        raise PartialWrite(stored, errors[0])
+    return stored
+
+
+def _post_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
+    """One OTLP/HTTP export to the tracking server's `/v1/traces` (what `RestStore.log_spans`
+    sends), with DELIVERY_TIMEOUT and no retry in place of MLflow's client settings."""
+    from mlflow.tracing.utils.otlp import MLFLOW_EXPERIMENT_ID_HEADER, OTLP_TRACES_PATH
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    scope.spans.extend(span.to_otel_proto() for span in spans)
+    response = http_request(
+        host_creds=store.get_host_creds(),
+        endpoint=OTLP_TRACES_PATH,
+        method="POST",
+        data=request.SerializeToString(),
+        extra_headers={"Content-Type": "application/x-protobuf", MLFLOW_EXPERIMENT_ID_HEADER: experiment_id},
+        timeout=DELIVERY_TIMEOUT,
+        max_retries=0,
+    )
+    verify_rest_response(response, OTLP_TRACES_PATH)
 
 
 def rest_span_attributes(info: Any) -> dict[str, str]:
@@ -587,5 +635,10 @@ def rest_span_attributes(info: Any) -> dict[str, str]:
 def deliver(store: Store, items: list[Item]) -> list[int]:
     """The outbox's deliverer for kind "trace": write the batch, return the outbox ids now stored."""
     records = [TraceRecord(**item.payload) for item in items]
-    write_traces(store.tracking, store.experiment_id, records)
+    try:
+        write_traces(store.tracking, store.experiment_id, records)
+    except PartialWrite as partial:  # the rest are retried later, like any item not stored
+        _log.warning("outbox: %s", partial)
+        stored = set(partial.stored)
+        return [item.id for item in items if item.trace_id in stored]
     return [item.id for item in items]

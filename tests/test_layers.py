@@ -77,7 +77,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "serving",
             "streaming",
             "feedback",
-                "agreement",
+            "agreement",
             "review",
             "export",
             "compile",

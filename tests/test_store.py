@@ -31,7 +31,6 @@ from flywheel.store import (
     MlflowInternalMoved,
     Store,
     connect,
-    forget_server_version,
     mlflow_internal,
     sql_session,
     sql_trace_schema,
@@ -82,19 +81,6 @@ def test_sql_trace_tables_import_and_open_a_session(fresh_store: Store) -> None:
     assert supports_sql_traces(tracking), "SqlAlchemyStore.ManagedSessionMaker is gone"
     with _reached("SqlAlchemyStore.ManagedSessionMaker", lambda: sql_session(tracking)) as session:
         assert session.execute(text("select count(*) from trace_info")).scalar() == 0
-
-
-def test_forgetting_the_server_version_probe() -> None:
-    """RestStore._get_server_version is an lru_cache flywheel clears after a failed probe."""
-    from mlflow.store.tracking.rest_store import RestStore
-
-    probe = _reached(
-        "RestStore._get_server_version",
-        lambda: mlflow_internal("mlflow.store.tracking.rest_store.RestStore._get_server_version"),
-    )
-    assert callable(getattr(probe, "cache_clear", None)), "RestStore._get_server_version is not cached"
-    forget_server_version(RestStore(lambda: None))
-    forget_server_version(object())  # not a REST store: nothing to forget
 
 
 def test_active_model_preserved_puts_the_callers_active_model_back(fresh_store: Store) -> None:

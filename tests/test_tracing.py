@@ -238,8 +238,10 @@ def test_tracking_server_bulk_path_stores_what_start_trace_stores(mlflow_on_post
 
     assert tags(fast.info) == tags(slow.info)  # every tag, through the root's mlflow.traceTag.* attributes
     assert fast.info.tags["flywheel.model"] == "jokes" and fast.info.tags["flywheel.route"] == "stable"
-    for field in ("state", "request_time", "execution_duration", "request_preview", "response_preview"):
+    for field in ("state", "request_time", "request_preview", "response_preview"):
         assert getattr(fast.info, field) == getattr(slow.info, field), field
+    # the server takes the span times in whole ms (end ms - start ms), start_trace the exact length
+    assert abs(fast.info.execution_duration - slow.info.execution_duration) <= 1
     assert fast.info.token_usage == slow.info.token_usage and fast.info.token_usage["total_tokens"] > 0
     assert [(s.name, s.span_type, s.parent_id is None) for s in fast.data.spans] == [
         (s.name, s.span_type, s.parent_id is None) for s in slow.data.spans
@@ -249,3 +251,41 @@ def test_tracking_server_bulk_path_stores_what_start_trace_stores(mlflow_on_post
     root = next(s for s in fast.data.spans if s.parent_id is None)
     assert root.attributes["flywheel.model_id"] == "m-abc" and root.attributes["flywheel.lm_calls"] == 1
     assert root.inputs == {"topic": "topic 0"} and root.outputs == {"joke": bulk[0].outputs["joke"]}
+
+
+def test_a_delivery_whose_requests_partly_fail_reports_the_stored_traces_only(
+    mlflow_on_postgres: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One failed `log_spans` request (the server timed out, say) must not fail the requests that
+    stored their traces: the outbox is told which items are done and retries only the others."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from flywheel import tracing
+    from flywheel.config import get_settings
+    from flywheel.outbox import Item
+
+    mlflow_on_postgres.reset()
+    experiment_id = MlflowClient(tracking_uri=mlflow_on_postgres.url).create_experiment("partial")
+    store = Store(mlflow_on_postgres.url, experiment_id, get_settings())
+    records = [_record(i) for i in range(3 * tracing.PUBLIC_CHUNK)]
+    doomed = records[tracing.PUBLIC_CHUNK].trace_id  # the second request's first trace
+    post = tracing._post_spans
+
+    def flaky(tracking: Any, experiment: str, spans: list[Any]) -> None:
+        if any(s.trace_id == doomed for s in spans):
+            raise MlflowException("Read timed out")
+        post(tracking, experiment, spans)
+
+    monkeypatch.setattr(tracing, "_post_spans", flaky)
+    items = [Item(i, "trace", r.trace_id, r.to_dict(), None, 0) for i, r in enumerate(records)]
+    done = tracing.deliver(store, items)
+    second = set(range(tracing.PUBLIC_CHUNK, 2 * tracing.PUBLIC_CHUNK))
+    assert sorted(done) == [i for i in range(len(records)) if i not in second]
+    stored = {i.trace_id for i in store.client.search_traces(locations=[experiment_id], max_results=500)}
+    assert stored == {r.trace_id for i, r in enumerate(records) if i not in second}
+
+    monkeypatch.setattr(tracing, "_post_spans", post)  # the server answers again: the retry stores the rest
+    assert tracing.deliver(store, [items[i] for i in sorted(second)]) == sorted(second)
+    stored = {i.trace_id for i in store.client.search_traces(locations=[experiment_id], max_results=500)}
+    assert stored == {r.trace_id for r in records}
