@@ -97,6 +97,10 @@ def voila_command(
         "--VoilaConfiguration.show_tracebacks=False",
         "--theme=light",
         "--Voila.port_retries=0",
+        # kernels talk to Voila over unix sockets, not TCP ports: kernels started together (a
+        # preheated pool) picked the same free port now and then, and one died at birth
+        # ("ZMQError: Address already in use"), leaving its page without a warm kernel
+        "--KernelManager.transport=ipc",
         *headers,
     ]
 
