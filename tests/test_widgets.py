@@ -33,6 +33,7 @@ from flywheel.ui.widgets import (
     predict_panel,
     prediction_card,
     rating_panel,
+    rating_panel_ahead,
     rating_stats,
     trend_png,
 )
@@ -375,6 +376,33 @@ def test_a_typed_name_is_ignored_behind_authentication(rt: Runtime, monkeypatch:
         nobody = rating_panel(f"reviewer=mallory&model={ROUTER}&queue={name}", runtime=rt)
         assert nobody.reviewer.value == "" and "Sign-in required" in nobody.identity.value
         assert nobody.queue is not None and nobody.queue.current is None
+    finally:
+        monkeypatch.delenv("FLYWHEEL_REVIEWER_HEADER")
+        rt.settings = get_settings.__wrapped__()
+
+
+def test_a_panel_built_before_its_request_opens_as_the_request_says(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preheated kernel builds the panel before Voila hands over the query string and headers
+    (`warm_up(rating_panel_ahead)`): opened for the request, it is the reviewer's worklist, and
+    behind authentication the signed-in user from the header that came with the request."""
+    ids, name = fresh_queue(rt, ROUTER, 2, ("alice", "sso-sam"), k=2)  # both see every item
+    ahead = rating_panel_ahead(rt)
+    assert isinstance(ahead, RatingPanel) and ahead.queue is None  # nothing read for anyone yet
+    opened = rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead)
+    assert opened is ahead and ahead.reviewer.value == "alice" and not ahead.reviewer.disabled
+    assert ahead.queue_choice.value == name and shown(ahead) == ids[0]
+    assert "No authentication is configured" in ahead.identity.value
+
+    monkeypatch.setenv("FLYWHEEL_REVIEWER_HEADER", "X-Forwarded-User")
+    rt.settings = get_settings.__wrapped__()
+    try:
+        behind = rating_panel_ahead(rt)  # built before the header arrives
+        monkeypatch.setenv("HTTP_X_FORWARDED_USER", "SSO-Sam")  # the request's header, via Voila
+        rating_panel(f"reviewer=mallory&model={ROUTER}&queue={name}", ahead=behind)
+        assert behind.reviewer.value == "sso-sam" and behind.reviewer.disabled
+        assert "Signed in as <b>sso-sam</b>" in behind.identity.value and shown(behind) == ids[0]
     finally:
         monkeypatch.delenv("FLYWHEEL_REVIEWER_HEADER")
         rt.settings = get_settings.__wrapped__()

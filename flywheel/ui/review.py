@@ -199,7 +199,10 @@ class RatingPanel(widgets.VBox):
         version: str | None,
         reviewer: str,
         queue: str = "default",
+        *,
+        ahead: bool = False,
     ) -> None:
+        """`ahead`: build the widgets only, before the request (see `open_for`)."""
         super().__init__()
         self.add_class("fw-panel")
         self.add_class("fw-rating-panel")
@@ -284,12 +287,36 @@ class RatingPanel(widgets.VBox):
         self.down.on_click(guard(lambda _: self.do_rate("thumbs_down")))
         self.skip.on_click(guard(lambda _: self.do_skip()))
         self.undo.on_click(guard(lambda _: self.do_undo()))
-        self.reviewer.observe(guard(self._reviewer_changed), names="value")
-        self.model.observe(guard(lambda _: self._load_versions(None)), names="value")
+        self._opening = False  # open_for sets the request's values: one restart, after them all
+        self.reviewer.observe(guard(lambda _: self._opening or self._reviewer_changed(_)), names="value")
+        self.model.observe(guard(lambda _: self._opening or self._load_versions(None)), names="value")
         self.version.observe(guard(lambda _: self._quiet or self._restart()), names="value")
         self.queue_choice.observe(guard(lambda _: self._quiet or self._restart()), names="value")
         self.channel.observe(self._on_channel, names="value")
-        guard(self._load_versions)(version)
+        if not ahead:
+            guard(self._load_versions)(version)
+
+    def open_for(self, model: str | None, version: str | None, reviewer: str, queue: str = "default") -> None:
+        """Point a panel built `ahead` at its request's model, version, reviewer and queue.
+
+        A preheated Voila kernel builds the panel before the request (in the dashboard's first
+        cell): in a kernel each widget costs a message to the page, and the panel's sixty-odd
+        widgets took most of a second after the request. What depends on the request is read
+        now: the signed-in reviewer (its header arrives with the request), the model list, the
+        versions and queues, the worklist."""
+        names = model_names(self.runtime)
+        self.signed_in = signed_in_user(self.runtime.settings)
+        self._opening = True
+        try:
+            self.reviewer.disabled = self.signed_in is not None
+            self.reviewer.value = reviewer if self.signed_in is None else self.signed_in
+            self.model.options = names
+            self.model.value = model if model in names else names[0]
+        finally:
+            self._opening = False
+        self.identity.value = self._identity_note()
+        self._wanted_queue = queue
+        guarded(self.status)(self._load_versions)(version)
 
     # --- queue plumbing ------------------------------------------------------------------
 
@@ -637,17 +664,32 @@ def rating_panel(
     reviewer: str = "",
     queue: str = "default",
     runtime: Runtime | None = None,
+    ahead: widgets.VBox | None = None,
 ) -> widgets.VBox:
     """The review queue; `query_string` (Voila's QUERY_STRING) may set reviewer (ignored behind
-    authentication), model, version and queue."""
+    authentication), model, version and queue. `ahead`: the panel `rating_panel_ahead` built
+    before the request, opened for it instead of building another."""
     q = parse_query(query_string)
+    wanted = (
+        q.get("model", model),
+        q.get("version", version),
+        q.get("reviewer", reviewer),
+        q.get("queue", queue),
+    )
     try:
-        return RatingPanel(
-            runtime or get_runtime(),
-            q.get("model", model),
-            q.get("version", version),
-            q.get("reviewer", reviewer),
-            q.get("queue", queue),
-        )
+        if isinstance(ahead, RatingPanel) and hasattr(ahead, "reviewer"):  # not an empty state
+            ahead.open_for(*wanted)
+            return ahead
+        return RatingPanel(runtime or get_runtime(), *wanted)
     except Exception as exc:  # a store that cannot be opened: one line, not a traceback
         return store_error(exc)
+
+
+def rating_panel_ahead(runtime: Runtime | None = None) -> widgets.VBox | None:
+    """The rating panel's widgets, built before the request comes (a preheated kernel's first
+    cell); `rating_panel(..., ahead=...)` opens it for the request. None when it cannot be built
+    now (no store yet, say): the request then builds its panel as usual."""
+    try:
+        return RatingPanel(runtime or get_runtime(), None, None, "", ahead=True)
+    except Exception:
+        return None

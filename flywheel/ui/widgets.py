@@ -8,8 +8,9 @@ shortcuts find them). Notebooks and dashboards only call these.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import ipywidgets as widgets
@@ -36,7 +37,9 @@ from flywheel.ui.export import ExportPanel, export_panel
 from flywheel.ui.models import ModelsPanel, models_panel, rating_stats, trend_png
 from flywheel.ui.pairwise import PairwisePanel, pairwise_panel
 from flywheel.ui.predict import PredictPanel, predict_panel
-from flywheel.ui.review import RatingPanel, rating_panel
+from flywheel.ui.review import RatingPanel, rating_panel, rating_panel_ahead
+
+T = TypeVar("T")
 
 __all__ = [
     "ExportPanel",
@@ -54,6 +57,7 @@ __all__ = [
     "predict_panel",
     "prediction_card",
     "rating_panel",
+    "rating_panel_ahead",
     "rating_stats",
     "server_probe",
     "stored_feedback",
@@ -66,10 +70,11 @@ __all__ = [
 READY_LINE = "flywheel: dashboard kernel warm"
 
 
-def warm_up() -> None:
+def warm_up(build: Callable[[], T] | None = None) -> T | None:
     """What a dashboard does before its request comes (Voila's preheated kernels run the notebook up
     to `voila.utils.wait_for_request()`): MLflow, DSPy and the widgets are imported by now, and this
     opens the store and reads the registry once, so the page only draws its panel after the request.
+    `build` (say, `rating_panel_ahead`) makes the page's widgets now too; its result is returned.
     Reads nothing of the request: the query string and headers are not there yet."""
     import sys
 
@@ -79,9 +84,11 @@ def warm_up() -> None:
         model_names(get_runtime())
     except Exception:  # a store that cannot be opened: the panel says so after the request
         pass
+    built = build() if build is not None else None
     # to the kernel's own stderr (Voila's log), never into the page: `flywheel up` and the page
     # benchmark count these lines to know the preheated kernels are warm, not just started
     print(READY_LINE, file=sys.__stderr__, flush=True)
+    return built
 
 
 def prediction_card(response: dict[str, Any], *, runtime: Runtime | None = None) -> widgets.HTML:
