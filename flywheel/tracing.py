@@ -7,7 +7,9 @@ once. The record goes to the durable outbox, and the outbox writes it to MLflow
 in batches as a complete trace: one root span whose inputs and outputs are the
 program's fields, tags naming the model and version, and the logged model id
 in the trace metadata (so each trace links to the right logged model even
-when several versions are loaded in one process).
+when several versions are loaded in one process). A tracking server takes the
+traces in bulk as spans only (`_write_rest`), which carries no metadata: there
+the root span's `flywheel.model_id` attribute names the logged model.
 
 Sizes every backend accepts: MLflow stores tag and metadata values in
 8,000-character columns (PostgreSQL enforces it) and its own conversions cut
