@@ -9,8 +9,8 @@ set of fresh ids, three ways:
 
 - baseline: MLflow's public path as its own exporter writes, `start_trace` per trace, then the
   spans (`tracing._write_public`);
-- flywheel, one request in flight: `log_spans` requests only (`tracing.write_traces`'s path for a
-  tracking server) with `REST_IN_FLIGHT` set to 1;
+- flywheel, one request in flight: `log_spans` requests only (`tracing._write_rest`, the path
+  `write_traces` takes for a tracking server) with one request in flight;
 - flywheel as shipped: the same with `REST_IN_FLIGHT` requests in flight.
 
 For each it prints traces per second, the ratio to the baseline, and the CPU the rest of the
@@ -94,14 +94,7 @@ def main() -> None:
             return [TraceRecord(**{**sample.to_dict(), "trace_id": new_trace_id()}) for _ in range(n)]
 
         def flywheel(in_flight: int) -> Callable[[list[Any]], Any]:
-            def write(records: list[Any]) -> Any:
-                tracing.REST_IN_FLIGHT = in_flight
-                try:
-                    return tracing.write_traces(store, experiment_id, records)
-                finally:
-                    tracing.REST_IN_FLIGHT = shipped
-
-            return write
+            return lambda records: tracing._write_rest(store, experiment_id, records, in_flight)
 
         paths: list[tuple[str, Callable[[list[Any]], Any]]] = [
             (

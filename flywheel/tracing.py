@@ -303,10 +303,12 @@ class TraceRecord:
             tags[CACHE_TAG] = "hit" if cached >= self.lm_calls else "partial" if cached else "miss"
         return tags
 
-    def to_mlflow(self, experiment_id: str) -> tuple[Any, list[Any]]:
+    def to_mlflow(self, experiment_id: str, *, tags_on_root: bool = False) -> tuple[Any, list[Any]]:
         """(TraceInfo, spans) ready for the tracking store's start_trace + log_spans: the root
         (the program's forward, holding the request's complete inputs and outputs) and the
-        DSPy call tree under it."""
+        DSPy call tree under it. `tags_on_root`: the root also carries each tag as
+        `mlflow.traceTag.<key>`, from which a tracking server tags a trace it creates from its
+        spans (what MLflow's own OTLP exporter sends; `_write_rest`)."""
         from mlflow.entities import TraceInfo, TraceLocation, TraceState
         from mlflow.entities.span import SpanType
         from mlflow.tracing.constant import (
@@ -359,6 +361,10 @@ class TraceRecord:
         if self.lm_calls is not None:
             attributes[LM_CALLS_KEY] = json.dumps(self.lm_calls)
             attributes[CACHED_CALLS_KEY] = json.dumps(self.cached_calls or 0)
+        if tags_on_root:
+            attributes.update(
+                {f"{SpanAttributeKey.TRACE_TAG_PREFIX}{k}": json.dumps(v) for k, v in info.tags.items()}
+            )
         events = []
         if self.error:
             exception = {
@@ -523,7 +529,6 @@ class PartialWrite(Exception):
     def __init__(self, stored: list[str], error: BaseException) -> None:
         super().__init__(f"{len(stored)} traces stored, the rest failed: {error}")
         self.stored = stored
-        self.error = error
 
 
 def _is_rest(store: Any) -> bool:
@@ -546,20 +551,14 @@ def _write_public_chunk(store: Any, experiment_id: str, records: list[TraceRecor
         info, record_spans = record.to_mlflow(experiment_id)
         store.start_trace(info)  # an upsert: replaying a stored trace changes nothing
         spans.extend(record_spans)
-    _log_spans(store, experiment_id, spans)
-
-
-def _log_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
-    if not spans:
-        return
-    if _is_rest(store):
-        _post_spans(store, experiment_id, spans)  # not RestStore.log_spans: see DELIVERY_TIMEOUT
-    else:
+    if spans:
         store.log_spans(experiment_id, spans)
 
 
-def _write_rest(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
-    """A tracking server's bulk path: `log_spans` requests of PUBLIC_CHUNK traces, REST_IN_FLIGHT
+def _write_rest(
+    store: Any, experiment_id: str, records: list[TraceRecord], in_flight: int = REST_IN_FLIGHT
+) -> list[str]:
+    """A tracking server's bulk path: `log_spans` requests of PUBLIC_CHUNK traces, `in_flight`
     at a time, and no `start_trace`. The server creates each trace from its spans: state, times,
     previews and token usage from the root span, and the tags from the root's
     `mlflow.traceTag.<key>` attributes (what MLflow's own OTLP exporter sends). A replay
@@ -575,21 +574,12 @@ def _write_rest(store: Any, experiment_id: str, records: list[TraceRecord]) -> l
 
     chunks: list[tuple[list[str], list[Any]]] = []
     for start in range(0, len(records), PUBLIC_CHUNK):
-        ids: list[str] = []
-        spans: list[Any] = []
-        for record in records[start : start + PUBLIC_CHUNK]:
-            info, record_spans = record.to_mlflow(experiment_id)
-            record_spans[0]._span._attributes.update(rest_span_attributes(info))
-            spans.extend(record_spans)
-            ids.append(record.trace_id)
-        chunks.append((ids, spans))
-    if len(chunks) <= 1:
-        for _, spans in chunks:
-            _post_spans(store, experiment_id, spans)
-        return [r.trace_id for r in records]
+        chunk = records[start : start + PUBLIC_CHUNK]
+        spans = [s for r in chunk for s in r.to_mlflow(experiment_id, tags_on_root=True)[1]]
+        chunks.append(([r.trace_id for r in chunk], spans))
     stored: list[str] = []
     errors: list[BaseException] = []
-    with ThreadPoolExecutor(min(REST_IN_FLIGHT, len(chunks)), thread_name_prefix="flywheel-spans") as pool:
+    with ThreadPoolExecutor(max(1, min(in_flight, len(chunks))), thread_name_prefix="flywheel-spans") as pool:
         futures = [(ids, pool.submit(_post_spans, store, experiment_id, spans)) for ids, spans in chunks]
         for ids, future in futures:
             try:
@@ -624,14 +614,6 @@ def _post_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
         max_retries=0,
     )
     verify_rest_response(response, OTLP_TRACES_PATH)
-
-
-def rest_span_attributes(info: Any) -> dict[str, str]:
-    """Root-span attributes that make a tracking server tag the trace as `start_trace` would:
-    each tag as `mlflow.traceTag.<key>`, JSON-encoded as OTLP attributes arrive."""
-    from mlflow.tracing.constant import SpanAttributeKey
-
-    return {f"{SpanAttributeKey.TRACE_TAG_PREFIX}{k}": json.dumps(v) for k, v in info.tags.items()}
 
 
 def deliver(store: Store, items: list[Item]) -> list[int]:
