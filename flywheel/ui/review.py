@@ -210,6 +210,7 @@ class RatingPanel(widgets.VBox):
         self.queue: ReviewQueue | None = None
         self.status = html_widget("", "fw-status")
         names = model_names(runtime)
+        self.empty = not names  # nothing to open: rating_panel builds a fresh panel for a request
         if not names:
             self.children = [
                 html_widget(CSS),
@@ -219,28 +220,18 @@ class RatingPanel(widgets.VBox):
                 ),
             ]
             return
-        # behind authentication the reviewer is who signed in, never what is typed
-        self.signed_in = signed_in_user(runtime.settings)
+        self.signed_in: str | None = None  # open_for reads it: the header comes with the request
         self.reviewer = classed(
-            widgets.Text(
-                value=reviewer if self.signed_in is None else self.signed_in,
-                description="Reviewer",
-                placeholder="your name",
-                continuous_update=False,
-                disabled=self.signed_in is not None,
-            ),
+            widgets.Text(description="Reviewer", placeholder="your name", continuous_update=False),
             "fw-reviewer",
         )
         self.queue_choice = classed(widgets.Dropdown(description="Queue"), "fw-queue")
         self._wanted_queue = queue
-        self.identity = html_widget(self._identity_note(), "fw-identity")
+        self.identity = html_widget("", "fw-identity")
         self.labels: list[Label] = []
         self.answers: list[widgets.Widget] = []
         self.answers_box = classed(widgets.VBox(), "fw-answers")
-        self.model = classed(
-            widgets.Dropdown(options=names, value=model if model in names else names[0], description="Model"),
-            "fw-model",
-        )
+        self.model = classed(widgets.Dropdown(options=names, description="Model"), "fw-model")
         self.version = classed(widgets.Dropdown(description="Version"), "fw-version")
         self.progress = html_widget("", "fw-progress")
         self.item = html_widget("", "fw-item")
@@ -287,33 +278,43 @@ class RatingPanel(widgets.VBox):
         self.down.on_click(guard(lambda _: self.do_rate("thumbs_down")))
         self.skip.on_click(guard(lambda _: self.do_skip()))
         self.undo.on_click(guard(lambda _: self.do_undo()))
-        self._opening = False  # open_for sets the request's values: one restart, after them all
-        self.reviewer.observe(guard(lambda _: self._opening or self._reviewer_changed(_)), names="value")
-        self.model.observe(guard(lambda _: self._opening or self._load_versions(None)), names="value")
+        # _quiet: the panel sets these itself (open_for, _load_versions); one restart after them all
+        self.reviewer.observe(guard(lambda _: self._quiet or self._reviewer_changed(_)), names="value")
+        self.model.observe(guard(lambda _: self._quiet or self._load_versions(None)), names="value")
         self.version.observe(guard(lambda _: self._quiet or self._restart()), names="value")
         self.queue_choice.observe(guard(lambda _: self._quiet or self._restart()), names="value")
         self.channel.observe(self._on_channel, names="value")
         if not ahead:
-            guard(self._load_versions)(version)
+            self.open_for(model, version, reviewer, queue, names=names)
 
-    def open_for(self, model: str | None, version: str | None, reviewer: str, queue: str = "default") -> None:
-        """Point a panel built `ahead` at its request's model, version, reviewer and queue.
+    def open_for(
+        self,
+        model: str | None,
+        version: str | None,
+        reviewer: str,
+        queue: str = "default",
+        *,
+        names: list[str] | None = None,
+    ) -> None:
+        """Point the panel at a request's model, version, reviewer and queue (every panel opens
+        this way; `names`: the model list when the caller has just read it).
 
-        A preheated Voila kernel builds the panel before the request (in the dashboard's first
+        A preheated Voila kernel builds the panel `ahead` of the request (in the dashboard's first
         cell): in a kernel each widget costs a message to the page, and the panel's sixty-odd
         widgets took most of a second after the request. What depends on the request is read
-        now: the signed-in reviewer (its header arrives with the request), the model list, the
+        here: the signed-in reviewer (its header arrives with the request), the model list, the
         versions and queues, the worklist."""
-        names = model_names(self.runtime)
+        names = names if names is not None else model_names(self.runtime)
+        # behind authentication the reviewer is who signed in, never what is typed
         self.signed_in = signed_in_user(self.runtime.settings)
-        self._opening = True
+        self._quiet = True
         try:
             self.reviewer.disabled = self.signed_in is not None
             self.reviewer.value = reviewer if self.signed_in is None else self.signed_in
             self.model.options = names
             self.model.value = model if model in names else names[0]
         finally:
-            self._opening = False
+            self._quiet = False
         self.identity.value = self._identity_note()
         self._wanted_queue = queue
         guarded(self.status)(self._load_versions)(version)
@@ -677,7 +678,7 @@ def rating_panel(
         q.get("queue", queue),
     )
     try:
-        if isinstance(ahead, RatingPanel) and hasattr(ahead, "reviewer"):  # not an empty state
+        if isinstance(ahead, RatingPanel) and not ahead.empty:
             ahead.open_for(*wanted)
             return ahead
         return RatingPanel(runtime or get_runtime(), *wanted)
