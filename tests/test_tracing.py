@@ -289,3 +289,70 @@ def test_a_delivery_whose_requests_partly_fail_reports_the_stored_traces_only(
     assert tracing.deliver(store, [items[i] for i in sorted(second)]) == sorted(second)
     stored = {i.trace_id for i in store.client.search_traces(locations=[experiment_id], max_results=500)}
     assert stored == {r.trace_id for r in records}
+
+
+def test_a_failed_call_of_a_users_own_module_reaches_a_tracking_server_as_start_trace_writes_it(
+    mlflow_on_postgres: Any,
+) -> None:
+    """The bulk path with what goes wrong in use: a Module written as the DSPy docs teach (only
+    `forward`) whose LM is down (LiteLLM's real client, to a port nothing listens on). The trace is
+    ERROR with the failure in its tags and the exception on its root span, as through
+    `start_trace`; the failed steps of the call tree are ERROR spans."""
+    import traceback
+
+    import dspy
+    from mlflow import MlflowClient
+    from programs_zoo import capital_qa
+
+    from flywheel.calltree import CallTree
+
+    tree = CallTree()
+    started = time.time_ns()
+    dead = dspy.LM(
+        "openai/down", api_base="http://127.0.0.1:9/v1", api_key="unused", num_retries=0, cache=False
+    )
+    with dspy.context(lm=dead, callbacks=[tree], usage_tracker=tree, track_usage=False):
+        with pytest.raises(Exception) as failure:
+            capital_qa()(country="Peru")
+    record = TraceRecord(
+        new_trace_id(),
+        "capitals",
+        "1",
+        "m-cap",
+        {"country": "Peru"},
+        None,
+        started,
+        time.time_ns(),
+        error=f"language model call failed: {failure.value}"[:500],
+        error_type=type(failure.value).__name__,
+        error_traceback="".join(traceback.format_exception(failure.value)),
+        route="stable",
+        spans=tree.spans(),
+        **tree.summary(),
+    )
+    twin = TraceRecord(**{**record.to_dict(), "trace_id": new_trace_id()})
+
+    mlflow_on_postgres.reset()
+    client = MlflowClient(tracking_uri=mlflow_on_postgres.url)
+    experiment_id = client.create_experiment("rest-errors")
+    tracking = client._tracking_client.store
+    assert write_traces(tracking, experiment_id, [record]) == [record.trace_id]  # the bulk path
+    _write_public(tracking, experiment_id, [twin])
+    bulk, public = client.get_trace(record.trace_id), client.get_trace(twin.trace_id)
+
+    def tags(info: Any) -> dict[str, str]:
+        return {k: v.replace(info.trace_id, "ID") for k, v in info.tags.items()}
+
+    assert bulk.info.state.value == public.info.state.value == "ERROR"
+    assert (
+        tags(bulk.info) == tags(public.info)
+        and "language model call failed" in bulk.info.tags["flywheel.error"]
+    )
+    assert "flywheel.outputs" not in bulk.info.tags
+    root = next(s for s in bulk.data.spans if s.parent_id is None)
+    assert root.name == "CapitalQA.forward" and root.status.status_code.value == "ERROR"
+    assert [e.name for e in root.events] == ["exception"]
+    assert root.events[0].attributes["exception.type"] == type(failure.value).__name__
+    failed = sorted(s.name for s in bulk.data.spans if s.status.status_code.value == "ERROR")
+    assert failed == sorted(s.name for s in public.data.spans if s.status.status_code.value == "ERROR")
+    assert any(name.endswith(".__call__") for name in failed)  # the LM call itself failed
