@@ -92,7 +92,7 @@ def measure(home: Path, preheat: int, loads: int, browser: object) -> list[float
             page.goto(urls["rating"], wait_until="commit", timeout=180_000)
             page.wait_for_function(INTERACTIVE, timeout=180_000)
             times.append(time.monotonic() - start)
-            page.close(run_before_unload=True)  # as a closed tab: Voila shuts its kernel down
+            page.close(run_before_unload=True)  # as a closed tab (its kernel goes when idle: culling)
             time.sleep(2)
     finally:
         _stop(proc)

@@ -62,6 +62,7 @@ class Settings:
     flywheel_reviewer_header: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     flywheel_preheat_kernels: int = 1
+    flywheel_kernel_idle_timeout: float = 600.0
     registry_needs_key: bool = False
     max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
     max_field_chars: int = 1_048_576
@@ -148,6 +149,7 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "flywheel_lm_timeout": (float, 0.001, 86400),
     "program_threads": (int, 1, 256),
     "flywheel_preheat_kernels": (int, 0, 16),
+    "flywheel_kernel_idle_timeout": (float, 5, 30 * 86400),
     "gate_alpha": (float, 0.0001, 0.5),
     "gate_margin": (float, 0, 1),
     "gate_min_rows": (int, 1, 1_000_000),

@@ -389,9 +389,12 @@ def test_a_panel_built_before_its_request_opens_as_the_request_says(
     behind authentication the signed-in user from the header that came with the request."""
     ids, name = fresh_queue(rt, ROUTER, 2, ("alice", "sso-sam"), k=2)  # both see every item
     ahead = rating_panel_ahead(rt)
-    assert isinstance(ahead, RatingPanel) and ahead.queue is None  # nothing read for anyone yet
+    # rehearsed for the first model's first reviewer (compiled SQL, loaded code), not for alice
+    assert isinstance(ahead, RatingPanel) and ahead.queue is not None
+    rehearsal = ahead.queue
     opened = rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead)
     assert opened is ahead and ahead.reviewer.value == "alice" and not ahead.reviewer.disabled
+    assert ahead.queue is not rehearsal and not ahead.queue.history and ahead.queue.reviewer == "alice"
     assert ahead.queue_choice.value == name and shown(ahead) == ids[0]
     assert "No authentication is configured" in ahead.identity.value
 

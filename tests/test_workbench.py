@@ -27,6 +27,7 @@ from flywheel.demo.traffic import unrated
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 LOAD = 120_000
+IDLE = 10  # FLYWHEEL_KERNEL_IDLE_TIMEOUT of the workbench here (seconds)
 READY = "Ctrl-C stops all of it."
 CARD = ".fw-item .fw-card"
 MOVED_ON = (
@@ -69,7 +70,7 @@ class Up:
 
 @pytest.fixture(scope="module")
 def up(home: store.Store) -> Iterator[Up]:
-    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "FLYWHEEL_KERNEL_IDLE_TIMEOUT": str(IDLE)}
     cmd = [sys.executable, "-m", "flywheel", "up", "--api-port", "0", "--dashboards-port", "0"]
     proc = subprocess.Popen(
         cmd + ["--mlflow-port", "0"], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -212,6 +213,38 @@ def test_keys_pressed_right_after_typing_answer_every_question(
     page.keyboard.press("z")  # undo: the second item is back, its answers with it
     page.wait_for_function(f"t => !({MOVED_ON})(t)", arg=second)
     page.close()
+
+
+def kernel_of(page: Any) -> psutil.Process:
+    """The kernel process behind a Voila page (its connection file is named after the kernel id)."""
+    config = "document.getElementById('jupyter-config-data').textContent"
+    kid = page.evaluate(f"() => JSON.parse({config}).kernelId")
+    found = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(f"kernel-{kid}." in arg for arg in p.info["cmdline"] or [])
+    ]
+    assert len(found) == 1, (kid, found)
+    return found[0]
+
+
+def test_a_closed_tab_s_kernel_is_shut_down_and_an_open_one_kept(
+    up: Up,
+    browser: Any,  # noqa: F811
+) -> None:
+    """Voila's own shutdown when a tab closes is refused (403: voila-dashboards/voila#1458), so
+    every visit used to leave its kernel running until the dashboards stopped. A page left open
+    keeps its kernel past FLYWHEEL_KERNEL_IDLE_TIMEOUT; once closed, the kernel goes."""
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(up.urls["rating"], timeout=LOAD)
+    wait_interactive(page)
+    kernel = kernel_of(page)
+    time.sleep(IDLE + 8)  # open and idle past the timeout: a reviewer reading the card
+    assert kernel.is_running()
+    page.keyboard.press("s")  # and the page still works: the skip is acted on
+    page.wait_for_selector(".fw-status :text('Skipped')", timeout=30_000)
+    page.close(run_before_unload=True)
+    kernel.wait(timeout=IDLE + 60)  # psutil.TimeoutExpired if it is never shut down
 
 
 def test_ctrl_c_stops_every_process_it_started(up: Up) -> None:

@@ -69,6 +69,7 @@ def voila_command(
     host: str = "127.0.0.1",
     reviewer_header: str | None = None,
     preheat: int = 0,
+    idle_timeout: float = 600.0,
 ) -> list[str]:
     """Voila on `directory`; with `reviewer_header` (FLYWHEEL_REVIEWER_HEADER) Voila hands that
     request header to each kernel (`http_header_envs`), where it is the signed-in reviewer.
@@ -77,6 +78,13 @@ def voila_command(
     (`preheat_kernel`): each has imported flywheel and opened the store, and waits in
     `voila.utils.wait_for_request()` (the dashboards' second cell) for the request's query string
     and headers, so a page is interactive in about a second instead of a kernel's start-up.
+
+    A page's kernel is shut down `idle_timeout` seconds after its last tab closed and it went
+    idle (FLYWHEEL_KERNEL_IDLE_TIMEOUT; Jupyter's kernel culling). Voila's own shutdown on
+    `beforeunload` is refused (403, "_xsrf argument missing": voila-dashboards/voila#1458, its
+    render page sets no `_xsrf` cookie), so without culling every visit left a kernel running
+    until Voila stopped. Kernels with a page open, and preheated ones waiting in
+    `wait_for_request()` (busy), are never culled.
     """
     headers = [f"--VoilaConfiguration.http_header_envs={[reviewer_header]!r}"] if reviewer_header else []
     if preheat > 0:
@@ -101,6 +109,10 @@ def voila_command(
         # preheated pool) picked the same free port now and then, and one died at birth
         # ("ZMQError: Address already in use"), leaving its page without a warm kernel
         "--KernelManager.transport=ipc",
+        f"--MappingKernelManager.cull_idle_timeout={int(idle_timeout)}",
+        f"--MappingKernelManager.cull_interval={max(1, min(60, int(idle_timeout) // 4))}",
+        "--MappingKernelManager.cull_connected=False",
+        "--MappingKernelManager.cull_busy=False",
         *headers,
     ]
 
@@ -188,7 +200,14 @@ def launch(
     port = free_port(port, host)
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
-        voila_command(directory, port, host, get_settings().flywheel_reviewer_header, preheat),
+        voila_command(
+            directory,
+            port,
+            host,
+            get_settings().flywheel_reviewer_header,
+            preheat,
+            get_settings().flywheel_kernel_idle_timeout,
+        ),
         env=kernel_env(),
         cwd=directory,
         start_new_session=True,

@@ -204,7 +204,14 @@ def start_workbench(
         bench.children.append(
             _start(
                 "dashboards",
-                voila_command(directory, port, host, settings.flywheel_reviewer_header, preheat),
+                voila_command(
+                    directory,
+                    port,
+                    host,
+                    settings.flywheel_reviewer_header,
+                    preheat,
+                    settings.flywheel_kernel_idle_timeout,
+                ),
                 env,
                 logs,
                 voila_url,
