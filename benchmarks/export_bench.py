@@ -1,0 +1,208 @@
+"""Export of many rated traces from the PostgreSQL-backed tracking server, and a loop turn.
+
+    .venv/bin/python -m benchmarks.export_bench [--traces 100000] [--loop-rows 10000]
+
+Starts a throw-away PostgreSQL cluster and `mlflow server` on it (tests/pg.py: docs/deploy.md's
+commands, as the tests and benchmarks/scale_bench.py do) and registers the demo joke program
+twice through the server, as two models. Then it seeds, straight into the database:
+`--traces` served predictions of the first model and `--loop-rows` of the second, each with a
+four-span call tree (the rows `flywheel.trace_sql.write_batch` writes, the same a host delivers)
+and a reviewer's rating: `user_rating` (four in five thumbs up), and on one in ten a comment.
+The ratings are bulk-inserted rows of MLflow's own assessments table, made from the `Feedback`
+entities flywheel's feedback writes (`SqlAssessments.from_mlflow_entity`); seeding through
+`create_assessment` would take an hour here. Seeding is not timed.
+
+Timed, each through the tracking server's REST API as every flywheel host reaches it:
+- `export_rows` of the first model (every row), against MLflow's own `search_traces` paging
+  through the same rated traces (the baseline: what a script would write);
+- one `flywheel.loop` turn of the second model (export, compile with LabeledFewShot on the
+  built-in offline LM, register the candidate through the artifact proxy, gate on the held-out
+  rows), with the time of each phase.
+Prints a markdown table; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the cluster and deploy.md helpers the tests use
+
+import pg  # noqa: E402
+
+EXPORT_MODEL = "bench-export"
+LOOP_MODEL = "bench-loop"
+BATCH = 2000
+TOPICS = ["coffee", "cats", "trains", "rain", "chess", "bread", "maps", "bees", "socks", "tea"]
+
+
+def seed(sql_store: Any, experiment_id: str, model: str, version: str, model_id: str, n: int) -> None:
+    """`n` served predictions of `model` with their ratings, written straight into the database."""
+    import dspy
+    from mlflow.entities import AssessmentSource, Feedback
+    from mlflow.store.tracking.dbmodels.models import SqlAssessments
+    from sqlalchemy import insert
+
+    from benchmarks.sleep_lm import SleepLM
+    from flywheel import trace_sql
+    from flywheel.calltree import CallTree
+    from flywheel.demo.seed import joke_program
+    from flywheel.feedback import COMMENT, FEEDBACK_ID, RATING
+    from flywheel.store import sql_session
+    from flywheel.tracing import TraceRecord, new_trace_id
+
+    program = joke_program(4)
+    samples = []
+    for topic in TOPICS:  # ten real call trees, reused with fresh ids and times
+        tree = CallTree()
+        started = time.time_ns()
+        with dspy.context(lm=SleepLM(latency=0), callbacks=[tree], usage_tracker=tree, track_usage=False):
+            answer = program(topic=topic)
+        samples.append((topic, answer.joke, started, time.time_ns(), tree))
+    human = AssessmentSource(source_type="HUMAN", source_id="alice")
+    base_ns = time.time_ns() - n * 1_000_000  # one prediction a millisecond, oldest first
+    for start in range(0, n, BATCH):
+        items, rated = [], []
+        for i in range(start, min(n, start + BATCH)):
+            topic, joke, began, ended, tree = samples[i % len(samples)]
+            shift = base_ns + i * 1_000_000 - began
+            inputs = {"topic": f"{topic} #{i}"}
+            record = TraceRecord(
+                new_trace_id(),
+                model,
+                version,
+                model_id,
+                inputs,
+                {"joke": f"{joke} ({i})"},
+                began + shift,
+                ended + shift,
+                route="stable",
+                spans=tree.spans(),
+                **tree.summary(),
+            )
+            items.append(record.to_mlflow(experiment_id))
+            rated.append((record.trace_id, (began + shift) // 1_000_000, i))
+        trace_sql.write_batch(sql_store, items)
+        rows = []
+        for trace_id, at_ms, i in rated:
+            values = {RATING: "thumbs_down" if i % 5 == 4 else "thumbs_up"}
+            if i % 10 == 0:
+                values[COMMENT] = f"checked by alice ({i})"
+            for name, value in values.items():
+                fb = Feedback(name=name, value=value, source=human, metadata={FEEDBACK_ID: f"fb-{i}"})
+                fb.trace_id = trace_id
+                row = SqlAssessments.from_mlflow_entity(fb)
+                row.experiment_id, row.trace_timestamp_ms = int(experiment_id), at_ms
+                rows.append({c.name: getattr(row, c.name) for c in SqlAssessments.__table__.columns})
+        with sql_session(sql_store) as session:
+            session.execute(insert(SqlAssessments.__table__), rows)
+        print(f"  seeded {min(n, start + BATCH)}/{n} of {model}", file=sys.stderr, end="\r")
+    print(file=sys.stderr)
+
+
+def mlflow_paging(runtime: Any, model: str) -> int:
+    """The baseline: MLflow's `search_traces`, page by page (page tokens), the same filter."""
+    from flywheel.export import RATING, REST_PAGE
+    from flywheel.tracing import model_filter
+
+    store = runtime.store.tracking
+    flt = f"{model_filter(model)} AND feedback.`{RATING}` IS NOT NULL"
+    token, count = None, 0
+    while True:
+        infos, token = store.search_traces(
+            locations=[runtime.store.experiment_id],
+            filter_string=flt,
+            max_results=REST_PAGE,
+            order_by=["timestamp_ms DESC"],
+            page_token=token,
+        )
+        count += len(infos)
+        if not token:
+            return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--traces", type=int, default=100_000)
+    parser.add_argument("--loop-rows", type=int, default=10_000)
+    parser.add_argument("--server-workers", type=int, default=2, help="`mlflow server --workers`")
+    args = parser.parse_args()
+
+    cluster = pg.start_cluster()
+    try:
+        server = pg.start_tracking_server(cluster, workers=args.server_workers)
+        home = Path(tempfile.mkdtemp(prefix="export-bench-"))
+        os.environ.update(
+            MLFLOW_TRACKING_URI=server.url, FLYWHEEL_HOME=str(home), LITELLM_LOCAL_MODEL_COST_MAP="True"
+        )
+        from mlflow import MlflowClient
+
+        from flywheel import registry
+        from flywheel.demo.seed import joke_program
+        from flywheel.export import export_rows
+        from flywheel.loop import loop
+        from flywheel.runtime import open_runtime
+
+        with open_runtime() as rt:
+            versions = {}
+            for model in (EXPORT_MODEL, LOOP_MODEL):
+                info = registry.register_program(joke_program(4), model, store=rt.store)
+                registry.promote(model, info.version, "Production", rt.store)
+                versions[model] = info
+            sql_store = MlflowClient(tracking_uri=cluster.uri(server.database))._tracking_client.store
+            for model, n in ((EXPORT_MODEL, args.traces), (LOOP_MODEL, args.loop_rows)):
+                v = versions[model]
+                seed(sql_store, rt.store.experiment_id, model, v.version, v.model_id or "", n)
+
+            began = time.perf_counter()
+            paged = mlflow_paging(rt, EXPORT_MODEL)
+            baseline = time.perf_counter() - began
+            began = time.perf_counter()
+            rows = export_rows(rt, EXPORT_MODEL)
+            exported = time.perf_counter() - began
+
+            phases: list[tuple[str, float]] = []
+            last = [time.perf_counter()]
+
+            def progress(line: str) -> None:
+                now = time.perf_counter()
+                phases.append((line, now - last[0]))
+                last[0] = now
+
+            began = time.perf_counter()
+            turn = loop(rt, LOOP_MODEL, progress=progress)
+            turned = time.perf_counter() - began
+    finally:
+        pg.stop_cluster(cluster)
+
+    print(f"\nPostgreSQL-backed `mlflow server --workers {args.server_workers}`, {os.cpu_count()} cores\n")
+    print("| work | rows | seconds | rows/s | vs baseline |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| baseline: MLflow's `search_traces`, page tokens | {paged} | {baseline:.1f} | "
+        f"{paged / baseline:.0f} | 1.00x |"
+    )
+    print(
+        f"| `export_rows` (target 10 s for 100,000) | {len(rows)} | {exported:.1f} | "
+        f"{len(rows) / exported:.0f} | {baseline / exported:.2f}x |"
+    )
+    verdict = turn.gate.verdict if turn.gate is not None else f"inconclusive: {turn.failure}"
+    print(
+        f"| loop turn (export, compile, register, gate): {verdict} | {turn.rows_exported} | "
+        f"{turned:.1f} | {turn.rows_exported / turned:.0f} | |"
+    )
+    print("\nLoop turn phases (seconds until each progress line; the first includes the export):\n")
+    for line, seconds in phases:
+        print(f"- {seconds:6.1f} s  {line}")
+    rest = turned - sum(seconds for _, seconds in phases)
+    print(f"- {rest:6.1f} s  gate: both versions on the held-out rows, then the verdict ({verdict})")
+
+
+if __name__ == "__main__":
+    main()
