@@ -83,6 +83,7 @@ def main() -> None:
 
     sample = sample_record()
     cluster = pg.start_cluster()
+    server = None
     try:
         server = pg.start_tracking_server(cluster, workers=args.server_workers)
         client = MlflowClient(tracking_uri=server.url)
@@ -119,6 +120,8 @@ def main() -> None:
             assert len(stored.data.spans) == len(sample.spans), "a trace came back incomplete"
             rows.append((name, len(records) / seconds, cpu * 1000 / len(records)))
     finally:
+        if server is not None:
+            pg.stop(server.proc)  # its workers would retry the database forever
         pg.stop_cluster(cluster)
 
     base = rows[0][1]

@@ -135,6 +135,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cluster = pg.start_cluster()
+    server = None
     try:
         server = pg.start_tracking_server(cluster, workers=args.server_workers)
         home = Path(tempfile.mkdtemp(prefix="export-bench-"))
@@ -179,6 +180,8 @@ def main() -> None:
             turn = loop(rt, LOOP_MODEL, progress=progress)
             turned = time.perf_counter() - began
     finally:
+        if server is not None:
+            pg.stop(server.proc)  # its workers would retry the database forever
         pg.stop_cluster(cluster)
 
     print(f"\nPostgreSQL-backed `mlflow server --workers {args.server_workers}`, {os.cpu_count()} cores\n")
