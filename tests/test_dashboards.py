@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,14 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     assert load_settings(env, env_file=None) == get_settings()
     assert voila.api_url and httpx.get(f"{voila.api_url}/health").json()["status"] == "healthy"
     assert httpx.get(f"{voila.base_url}/voila/tree").status_code == 200
+    # dashboards/voila.json: the widget manager's hashed scripts are kept by a returning browser
+    # (Voila's default asks for each again on every page: a 304 per file, in three waves)
+    page = httpx.get(voila.urls["models.ipynb"], timeout=120).text
+    manager = "@jupyter-widgets/jupyterlab-manager"
+    entry = re.search(rf'"load": "(static/remoteEntry\.[0-9a-f]+\.js)", "name": "{manager}"', page)
+    assert entry, "the page names no widget manager script"
+    script = httpx.get(f"{voila.base_url}/voila/labextensions/{manager}/{entry[1]}")
+    assert script.status_code == 200 and "immutable" in script.headers["cache-control"]
 
 
 def test_two_reviewers_rate_with_mouse_and_keyboard(

@@ -78,7 +78,9 @@ def test_every_subpackage_and_the_notebooks_are_packaged() -> None:
         "flywheel._data.dashboards": "dashboards",
     }
     for name in tool["package-dir"]:
-        assert name in tool["packages"] and tool["package-data"][name] == ["*.ipynb"]
+        assert name in tool["packages"] and tool["package-data"][name][0] == "*.ipynb"
+    # Voila's own settings for the dashboards (voila.json in the folder Voila runs in)
+    assert tool["package-data"]["flywheel._data.dashboards"] == ["*.ipynb", "voila.json"]
 
 
 def _copy_source(dest: Path) -> Path:
@@ -181,7 +183,7 @@ def test_the_wheel_ships_the_dashboards_and_notebooks_and_runs_a_dashboard(tmp_p
     (wheel,) = (tmp_path / "dist").glob("flywheel-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         shipped = set(zf.namelist())
-    for name in _names(ROOT / "dashboards"):
+    for name in [*_names(ROOT / "dashboards"), "voila.json"]:
         assert f"flywheel/_data/dashboards/{name}" in shipped
     for name in _names(ROOT / "notebooks"):
         assert f"flywheel/_data/notebooks/{name}" in shipped
