@@ -200,10 +200,15 @@ _BUILTIN_SPECS = {
 }
 
 
-def builtin_labels(store: Store) -> list[Label]:
-    """The three shared questions (`user_rating`, `corrected_output`, `comment`), made sure of."""
+def builtin_labels(store: Store, schemas: list[Any] | None = None) -> list[Label]:
+    """The three shared questions (`user_rating`, `corrected_output`, `comment`), made sure of.
+
+    `schemas`: the experiment's label schemas when the caller has just listed them. Only a
+    missing one is created: trying to create all three each time cost a failed insert and a
+    read apiece (six requests to a tracking server) on every queue a reviewer opened."""
+    known = {s.name: s for s in (_all_schemas(store) if schemas is None else schemas)}
     return [
-        _create_schema(store, name, kind, instruction=instruction)
+        _label(known[name]) if name in known else _create_schema(store, name, kind, instruction=instruction)
         for name, (kind, instruction) in _BUILTIN_SPECS.items()
     ]
 
@@ -246,10 +251,9 @@ def _all_schemas(store: Store) -> list[Any]:
 
 def labels(store: Store, model: str) -> list[Label]:
     """The questions a queue of `model` asks: the three shared ones, then the model's own."""
-    shared = {lab.name: lab for lab in builtin_labels(store)}
-    own = sorted(
-        (_label(s) for s in _all_schemas(store) if s.name.startswith(f"{model}:")), key=lambda lab: lab.name
-    )
+    schemas = _all_schemas(store)
+    shared = {lab.name: lab for lab in builtin_labels(store, schemas)}
+    own = sorted((_label(s) for s in schemas if s.name.startswith(f"{model}:")), key=lambda lab: lab.name)
     return [shared[n] for n in BUILTIN] + own
 
 
