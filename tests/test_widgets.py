@@ -411,6 +411,24 @@ def test_a_panel_built_before_its_request_opens_as_the_request_says(
         rt.settings = get_settings.__wrapped__()
 
 
+def test_a_rehearsal_that_failed_leaves_nothing_on_the_request_s_page(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preheated kernel rehearses the panel long before the request; an error then (MLflow
+    down at the time) is not shown to the reviewer who comes later, when it works again."""
+    ids, name = fresh_queue(rt, ROUTER, 1, ("alice",))
+
+    def down(self: ReviewQueue) -> None:
+        raise RuntimeError("MLflow is down")
+
+    monkeypatch.setattr(ReviewQueue, "next", down)
+    ahead = rating_panel_ahead(rt)
+    assert isinstance(ahead, RatingPanel) and ahead.status.value == ""
+    monkeypatch.undo()
+    rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead)
+    assert shown(ahead) == ids[0] and ahead.status.value == ""
+
+
 def test_another_process_holding_outbox_items_never_stalls_a_click(rt: Runtime) -> None:
     ids, name = fresh_queue(rt, ROUTER, 2, ("eve",))
     other = Outbox(rt.settings.flywheel_home / "outbox.db")  # a busy server elsewhere

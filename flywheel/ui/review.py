@@ -322,15 +322,19 @@ class RatingPanel(widgets.VBox):
     def rehearse(self) -> None:
         """Open the panel once before the request, for the first reviewer of the first model's
         queue: the request's path (MLflow's registry and queue reads, about 220 SQL statements,
-        and the card's HTML) then runs on compiled statements and loaded code. In a preheated
-        kernel the first open took about 0.3 s and a rehearsed one about 0.1 s; the page is not
+        and the card's HTML) then runs on compiled statements and loaded code. The first open
+        took about 0.3 s and a rehearsed one about 0.1 s (in a plain process); the page is not
         sent before it ends. Reads only what that reviewer's own page would (a new trace is
         assigned to the queue, as any host may do at any time); the request's `open_for` then
-        starts a fresh queue for whoever asked, so nothing of this one is shown or kept."""
+        starts a fresh queue for whoever asked, so nothing of this one is shown or kept, not
+        even a message it left in the status line (MLflow down at the time, say)."""
         names = list(self.model.options)
         queue = review.get_queue(self.runtime.store, names[0]) if names else None
         who = queue.reviewers[0] if queue is not None and queue.reviewers else ""
-        self.open_for(names[0] if names else None, None, who, names=names)
+        try:
+            self.open_for(names[0] if names else None, None, who, names=names)
+        finally:
+            self.status.value = ""
 
     # --- queue plumbing ------------------------------------------------------------------
 
