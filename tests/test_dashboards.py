@@ -176,6 +176,11 @@ def test_voila_command_and_launch(voila: Launched) -> None:
 
     cmd = voila_command(Path("dashboards"), 1234)
     assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
+    wanted = {"FLYWHEEL_REVIEWER_HEADER": "X-User", "FLYWHEEL_KERNEL_IDLE_TIMEOUT": "30"}
+    custom = load_settings(wanted, env_file=None)
+    cmd = voila_command(Path("dashboards"), 1234, settings=custom)  # both launchers pass theirs
+    assert "--MappingKernelManager.cull_idle_timeout=30" in cmd
+    assert "--VoilaConfiguration.http_header_envs=['X-User']" in cmd
     assert set(voila.urls) == {"rating.ipynb", "models.ipynb", "pairwise.ipynb", "predict.ipynb"}
     env = kernel_env()  # the kernels run in dashboards/: they get the resolved settings
     assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from flywheel.config import child_environment, get_settings
+from flywheel.config import Settings, child_environment, get_settings
 
 DASHBOARDS = ("rating.ipynb", "models.ipynb", "pairwise.ipynb", "predict.ipynb")
 DEFAULT_PORT = 8866
@@ -67,25 +67,28 @@ def voila_command(
     directory: Path,
     port: int,
     host: str = "127.0.0.1",
-    reviewer_header: str | None = None,
     preheat: int = 0,
-    idle_timeout: float = 600.0,
+    settings: Settings | None = None,
 ) -> list[str]:
-    """Voila on `directory`; with `reviewer_header` (FLYWHEEL_REVIEWER_HEADER) Voila hands that
-    request header to each kernel (`http_header_envs`), where it is the signed-in reviewer.
+    """Voila on `directory`, configured from `settings` (the process's by default). With
+    FLYWHEEL_REVIEWER_HEADER Voila hands that request header to each kernel
+    (`http_header_envs`), where it is the signed-in reviewer.
 
     With `preheat` > 0 Voila keeps that many kernels per dashboard running ahead of the requests
     (`preheat_kernel`): each has imported flywheel and opened the store, and waits in
     `voila.utils.wait_for_request()` (the dashboards' second cell) for the request's query string
     and headers, so a page is interactive in about a second instead of a kernel's start-up.
 
-    A page's kernel is shut down `idle_timeout` seconds after its last tab closed and it went
-    idle (FLYWHEEL_KERNEL_IDLE_TIMEOUT; Jupyter's kernel culling). Voila's own shutdown on
+    A page's kernel is shut down FLYWHEEL_KERNEL_IDLE_TIMEOUT seconds after its last tab closed
+    and it went idle (Jupyter's kernel culling). Voila's own shutdown on
     `beforeunload` is refused (403, "_xsrf argument missing": voila-dashboards/voila#1458, its
     render page sets no `_xsrf` cookie), so without culling every visit left a kernel running
     until Voila stopped. Kernels with a page open, and preheated ones waiting in
     `wait_for_request()` (busy), are never culled.
     """
+    settings = settings or get_settings()
+    reviewer_header = settings.flywheel_reviewer_header
+    idle_timeout = int(settings.flywheel_kernel_idle_timeout)
     headers = [f"--VoilaConfiguration.http_header_envs={[reviewer_header]!r}"] if reviewer_header else []
     if preheat > 0:
         headers += [
@@ -109,8 +112,8 @@ def voila_command(
         # preheated pool) picked the same free port now and then, and one died at birth
         # ("ZMQError: Address already in use"), leaving its page without a warm kernel
         "--KernelManager.transport=ipc",
-        f"--MappingKernelManager.cull_idle_timeout={int(idle_timeout)}",
-        f"--MappingKernelManager.cull_interval={max(1, min(60, int(idle_timeout) // 4))}",
+        f"--MappingKernelManager.cull_idle_timeout={idle_timeout}",
+        f"--MappingKernelManager.cull_interval={max(1, min(60, idle_timeout // 4))}",
         "--MappingKernelManager.cull_connected=False",
         "--MappingKernelManager.cull_busy=False",
         *headers,
@@ -200,14 +203,7 @@ def launch(
     port = free_port(port, host)
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
-        voila_command(
-            directory,
-            port,
-            host,
-            get_settings().flywheel_reviewer_header,
-            preheat,
-            get_settings().flywheel_kernel_idle_timeout,
-        ),
+        voila_command(directory, port, host, preheat),
         env=kernel_env(),
         cwd=directory,
         start_new_session=True,

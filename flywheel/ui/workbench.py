@@ -204,14 +204,7 @@ def start_workbench(
         bench.children.append(
             _start(
                 "dashboards",
-                voila_command(
-                    directory,
-                    port,
-                    host,
-                    settings.flywheel_reviewer_header,
-                    preheat,
-                    settings.flywheel_kernel_idle_timeout,
-                ),
+                voila_command(directory, port, host, preheat, settings),
                 env,
                 logs,
                 voila_url,
