@@ -34,7 +34,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the cluster and deploy.md helpers the
 import pg  # noqa: E402
 
 
-def sample_record() -> Any:
+def sample_record(
+    topic: str = "coffee", model: str = "bench-jokes", version: str = "1", model_id: str = "m-bench"
+) -> Any:
+    """One served prediction as serving records it: the demo joke program's real DSPy call tree
+    (4 spans) on the stand-in LM, answering at once. The benchmarks copy it with fresh ids."""
     import dspy
 
     from benchmarks.sleep_lm import SleepLM
@@ -45,13 +49,13 @@ def sample_record() -> Any:
     tree = CallTree()
     started = time.time_ns()
     with dspy.context(lm=SleepLM(latency=0), callbacks=[tree], usage_tracker=tree, track_usage=False):
-        answer = joke_program(4)(topic="coffee")
+        answer = joke_program(4)(topic=topic)
     return TraceRecord(
         new_trace_id(),
-        "bench-jokes",
-        "1",
-        "m-bench",
-        {"topic": "coffee"},
+        model,
+        version,
+        model_id,
+        {"topic": topic},
         {"joke": answer.joke},
         started,
         time.time_ns(),

@@ -44,50 +44,37 @@ TOPICS = ["coffee", "cats", "trains", "rain", "chess", "bread", "maps", "bees", 
 
 def seed(sql_store: Any, experiment_id: str, model: str, version: str, model_id: str, n: int) -> None:
     """`n` served predictions of `model` with their ratings, written straight into the database."""
-    import dspy
+    from dataclasses import replace
+
     from mlflow.entities import AssessmentSource, Feedback
     from mlflow.store.tracking.dbmodels.models import SqlAssessments
     from sqlalchemy import insert
 
-    from benchmarks.sleep_lm import SleepLM
+    from benchmarks.delivery_bench import sample_record
     from flywheel import trace_sql
-    from flywheel.calltree import CallTree
-    from flywheel.demo.seed import joke_program
     from flywheel.feedback import COMMENT, FEEDBACK_ID, RATING
     from flywheel.store import sql_session
-    from flywheel.tracing import TraceRecord, new_trace_id
+    from flywheel.tracing import new_trace_id
 
-    program = joke_program(4)
-    samples = []
-    for topic in TOPICS:  # ten real call trees, reused with fresh ids and times
-        tree = CallTree()
-        started = time.time_ns()
-        with dspy.context(lm=SleepLM(latency=0), callbacks=[tree], usage_tracker=tree, track_usage=False):
-            answer = program(topic=topic)
-        samples.append((topic, answer.joke, started, time.time_ns(), tree))
+    # ten real call trees, copied with fresh ids, inputs, outputs and times
+    samples = [sample_record(topic, model, version, model_id) for topic in TOPICS]
     human = AssessmentSource(source_type="HUMAN", source_id="alice")
     base_ns = time.time_ns() - n * 1_000_000  # one prediction a millisecond, oldest first
     for start in range(0, n, BATCH):
         items, rated = [], []
         for i in range(start, min(n, start + BATCH)):
-            topic, joke, began, ended, tree = samples[i % len(samples)]
-            shift = base_ns + i * 1_000_000 - began
-            inputs = {"topic": f"{topic} #{i}"}
-            record = TraceRecord(
-                new_trace_id(),
-                model,
-                version,
-                model_id,
-                inputs,
-                {"joke": f"{joke} ({i})"},
-                began + shift,
-                ended + shift,
-                route="stable",
-                spans=tree.spans(),
-                **tree.summary(),
+            sample = samples[i % len(samples)]
+            shift = base_ns + i * 1_000_000 - sample.start_ns
+            record = replace(
+                sample,
+                trace_id=new_trace_id(),
+                inputs={"topic": f"{sample.inputs['topic']} #{i}"},
+                outputs={"joke": f"{sample.outputs['joke']} ({i})"},
+                start_ns=sample.start_ns + shift,
+                end_ns=sample.end_ns + shift,
             )
             items.append(record.to_mlflow(experiment_id))
-            rated.append((record.trace_id, (began + shift) // 1_000_000, i))
+            rated.append((record.trace_id, record.start_ns // 1_000_000, i))
         trace_sql.write_batch(sql_store, items)
         rows = []
         for trace_id, at_ms, i in rated:
