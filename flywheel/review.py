@@ -200,13 +200,13 @@ _BUILTIN_SPECS = {
 }
 
 
-def builtin_labels(store: Store, schemas: list[Any] | None = None) -> list[Label]:
+def builtin_labels(store: Store, schemas: list[Any]) -> list[Label]:
     """The three shared questions (`user_rating`, `corrected_output`, `comment`), made sure of.
 
-    `schemas`: the experiment's label schemas when the caller has just listed them. Only a
-    missing one is created: trying to create all three each time cost a failed insert and a
-    read apiece (six requests to a tracking server) on every queue a reviewer opened."""
-    known = {s.name: s for s in (_all_schemas(store) if schemas is None else schemas)}
+    `schemas`: the experiment's label schemas, just listed (`_all_schemas`). Only a missing one
+    is created: trying to create all three each time cost a failed insert and a read apiece
+    (six requests to a tracking server) on every queue a reviewer opened."""
+    known = {s.name: s for s in schemas}
     return [
         _label(known[name]) if name in known else _create_schema(store, name, kind, instruction=instruction)
         for name, (kind, instruction) in _BUILTIN_SPECS.items()
