@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -90,6 +91,12 @@ def fresh_queue(
 def shown(panel: RatingPanel) -> str | None:
     assert panel.queue is not None
     return panel.queue.current.trace_id if panel.queue.current else None
+
+
+def card_trace(panel: RatingPanel) -> str | None:
+    """The trace id of the card the page draws (none: no card)."""
+    m = re.search(r'data-trace-id="([^"]*)"', panel.item.value)
+    return m.group(1) if m else None
 
 
 def status_of(panel: Any) -> str:
@@ -389,12 +396,13 @@ def test_a_panel_built_before_its_request_opens_as_the_request_says(
     behind authentication the signed-in user from the header that came with the request."""
     ids, name = fresh_queue(rt, ROUTER, 2, ("alice", "sso-sam"), k=2)  # both see every item
     ahead = rating_panel_ahead(rt)
-    # rehearsed for the first model's first reviewer (compiled SQL, loaded code), not for alice
-    assert isinstance(ahead, RatingPanel) and ahead.queue is not None
-    rehearsal = ahead.queue
+    # rehearsed for the first model's first reviewer (compiled SQL, loaded code), then forgotten:
+    # nothing of that reviewer's worklist is left to show or to rate from
+    assert isinstance(ahead, RatingPanel) and ahead.queue is None and card_trace(ahead) is None
+    assert ahead.up.disabled and ahead.down.disabled and ahead.editor.layout.display == "none"
     opened = rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead)
     assert opened is ahead and ahead.reviewer.value == "alice" and not ahead.reviewer.disabled
-    assert ahead.queue is not rehearsal and not ahead.queue.history and ahead.queue.reviewer == "alice"
+    assert ahead.queue is not None and not ahead.queue.history and ahead.queue.reviewer == "alice"
     assert ahead.queue_choice.value == name and shown(ahead) == ids[0]
     assert "No authentication is configured" in ahead.identity.value
 
@@ -427,6 +435,57 @@ def test_a_rehearsal_that_failed_leaves_nothing_on_the_request_s_page(
     monkeypatch.undo()
     rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead)
     assert shown(ahead) == ids[0] and ahead.status.value == ""
+
+
+def test_a_deferred_open_runs_after_the_cell_and_the_page_sees_it_whole(rt: Runtime) -> None:
+    """The rating dashboard opens its preheated panel just after the cell (`defer=True`), on the
+    kernel's event loop: the cell returns the panel still closed, and once the loop turns (before
+    it answers anything the page asks) the panel is the request's worklist."""
+    ids, name = fresh_queue(rt, ROUTER, 1, ("alice",))
+    ahead = rating_panel_ahead(rt)
+    states: list[tuple[Any, ...]] = []
+
+    async def cell_then_loop() -> None:
+        returned = rating_panel(f"reviewer=alice&model={ROUTER}&queue={name}", ahead=ahead, defer=True)
+        states.append((returned is ahead, ahead.queue, card_trace(ahead)))
+        await asyncio.sleep(0)  # the kernel goes back to its loop: the deferred open runs
+        states.append((ahead.queue is not None and ahead.queue.reviewer, card_trace(ahead)))
+
+    asyncio.run(cell_then_loop())
+    assert states == [(True, None, None), ("alice", ids[0])]
+    assert not ahead.up.disabled and ahead.status.value == ""
+
+
+def test_a_request_whose_open_fails_never_shows_the_rehearsal_s_worklist(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rehearsal opened the panel for another reviewer before the request; when the request's
+    own open fails (MLflow went down in between), the page says so and shows no card and no
+    buttons of that other reviewer's worklist, so nothing is rated in their name. Deferred, an
+    open that cannot even list the models shows the store error the synchronous path returns."""
+    fresh_queue(rt, ROUTER, 1, ("alice", "bob"))
+    ahead = rating_panel_ahead(rt)
+    assert isinstance(ahead, RatingPanel)
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("MLflow is down")
+
+    monkeypatch.setattr(registry, "list_versions", down)
+    rating_panel(f"reviewer=bob&model={ROUTER}", ahead=ahead)
+    assert ahead.queue is None and card_trace(ahead) is None and ahead.up.disabled
+    assert "MLflow is down" in status_of(ahead)
+
+    later = rating_panel_ahead(rt)
+    assert isinstance(later, RatingPanel)
+    monkeypatch.setattr("flywheel.ui.review.model_names", down)
+    asyncio.run(_cell(lambda: rating_panel("reviewer=bob", ahead=later, defer=True)))
+    page = " ".join(getattr(w, "value", "") for w in later.children)
+    assert later.queue is None and "Cannot open the flywheel store" in page and "MLflow is down" in page
+
+
+async def _cell(body: Any) -> None:
+    body()
+    await asyncio.sleep(0)
 
 
 def test_another_process_holding_outbox_items_never_stalls_a_click(rt: Runtime) -> None:

@@ -6,6 +6,7 @@ the panel instead of a traceback (Voila must never show one).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import html
 import json
@@ -212,6 +213,23 @@ def guarded(status: widgets.HTML) -> Callable[[F], F]:
         return inner  # type: ignore[return-value]
 
     return wrap
+
+
+def after_cell(fn: Callable[[], None]) -> None:
+    """Run `fn` just after the running cell has finished, on the kernel's event loop (at once
+    where no loop runs: a plain script).
+
+    Why: Voila sends the end of a page, the scripts that draw its widgets, only when the last
+    cell has finished, and the browser then takes about a second to load them and connect to the
+    kernel. Work deferred here overlaps that second instead of coming before it. The page cannot
+    see it half done: `fn` holds the kernel's loop, so the page's request for the widgets' state
+    is answered after `fn` returns."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        fn()
+        return
+    loop.call_soon(fn)
 
 
 def find(root: widgets.Widget, cls: str) -> Any:

@@ -41,6 +41,7 @@ from flywheel.review import steps as review_steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
+    after_cell,
     badge,
     button,
     classed,
@@ -325,16 +326,27 @@ class RatingPanel(widgets.VBox):
         and the card's HTML) then runs on compiled statements and loaded code. The first open
         took about 0.3 s and a rehearsed one about 0.1 s (in a plain process); the page is not
         sent before it ends. Reads only what that reviewer's own page would (a new trace is
-        assigned to the queue, as any host may do at any time); the request's `open_for` then
-        starts a fresh queue for whoever asked, so nothing of this one is shown or kept, not
-        even a message it left in the status line (MLflow down at the time, say)."""
+        assigned to the queue, as any host may do at any time). Then it is all forgotten: the
+        request's `open_for` starts a fresh queue for whoever asked, and should that fail, the
+        page shows no card and no queue of the rehearsal's reviewer (a click would have rated
+        as them), nor a message it left in the status line (MLflow down at the time, say)."""
         names = list(self.model.options)
         queue = review.get_queue(self.runtime.store, names[0]) if names else None
         who = queue.reviewers[0] if queue is not None and queue.reviewers else ""
         try:
             self.open_for(names[0] if names else None, None, who, names=names)
         finally:
-            self.status.value = ""
+            self._forget()
+
+    def _forget(self) -> None:
+        """Back to the panel as built: no queue, no item, no boxes, nothing in the status line."""
+        queue, self.queue = self.queue, None
+        self.item.value = self.progress.value = self.status.value = ""
+        for b in (self.up, self.down, self.skip, self.undo):
+            b.disabled = True
+        self.editor.layout.display = "none"
+        if queue is not None:
+            queue.close()
 
     # --- queue plumbing ------------------------------------------------------------------
 
@@ -683,10 +695,13 @@ def rating_panel(
     queue: str = "default",
     runtime: Runtime | None = None,
     ahead: widgets.VBox | None = None,
+    defer: bool = False,
 ) -> widgets.VBox:
     """The review queue; `query_string` (Voila's QUERY_STRING) may set reviewer (ignored behind
     authentication), model, version and queue. `ahead`: the panel `rating_panel_ahead` built
-    before the request, opened for it instead of building another."""
+    before the request, opened for it instead of building another. `defer` (with `ahead`): open
+    it just after the cell (`after_cell`), so Voila sends the page's scripts while the kernel
+    reads the worklist; the rating dashboard does."""
     q = parse_query(query_string)
     wanted = (
         q.get("model", model),
@@ -696,11 +711,21 @@ def rating_panel(
     )
     try:
         if isinstance(ahead, RatingPanel) and not ahead.empty:
-            ahead.open_for(*wanted)
+            if defer:
+                after_cell(lambda: _open_later(ahead, wanted))
+            else:
+                ahead.open_for(*wanted)
             return ahead
         return RatingPanel(runtime or get_runtime(), *wanted)
     except Exception as exc:  # a store that cannot be opened: one line, not a traceback
         return store_error(exc)
+
+
+def _open_later(panel: RatingPanel, wanted: tuple[Any, ...]) -> None:
+    try:
+        panel.open_for(*wanted)
+    except Exception as exc:  # what `rating_panel` returns when it cannot open the panel at once
+        panel.children = store_error(exc).children
 
 
 def rating_panel_ahead(runtime: Runtime | None = None) -> widgets.VBox | None:
