@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 import ipywidgets as widgets
+from ipywidgets.widgets.widget_description import DescriptionStyle
+from ipywidgets.widgets.widget_string import HTMLStyle, TextStyle
 
 from flywheel import registry
 from flywheel.errors import FlywheelError
@@ -165,17 +167,51 @@ def store_error(exc: BaseException) -> widgets.VBox:
     )
 
 
-def html_widget(value: str = "", *classes: str) -> widgets.HTML:
-    w = widgets.HTML(value)
+def html_widget(value: str = "", *classes: str, looks: Looks | None = None) -> widgets.HTML:
+    w = widgets.HTML(value, **(looks.html if looks else {}))
     for c in classes:
         w.add_class(c)
     return w
 
 
-def button(description: str, cls: str, style: str = "", tooltip: str = "", icon: str = "") -> widgets.Button:
-    b = widgets.Button(description=description, button_style=style, tooltip=tooltip, icon=icon)
+def button(
+    description: str,
+    cls: str,
+    style: str = "",
+    tooltip: str = "",
+    icon: str = "",
+    looks: Looks | None = None,
+) -> widgets.Button:
+    b = widgets.Button(
+        description=description,
+        button_style=style,
+        tooltip=tooltip,
+        icon=icon,
+        **(looks.button if looks else {}),
+    )
     b.add_class(cls)
     return b
+
+
+class Looks:
+    """A layout and a style per kind of widget, shared by the widgets of a panel that never change
+    their own (`Looks().html` etc. are keyword arguments for the widget).
+
+    Why: each ipywidget comes with a Layout and a style model of its own, and in Voila every model
+    is sent to the page and built there before anything is drawn. The rating panel had 95
+    models, 56 of them layouts and styles; a widget whose layout is changed later (shown and
+    hidden) keeps its own."""
+
+    def __init__(self) -> None:
+        self.layout = widgets.Layout()
+        self.wide = widgets.Layout(width="100%")
+        self.html = {"layout": self.layout, "style": HTMLStyle()}
+        self.button = {"layout": self.layout, "style": widgets.ButtonStyle()}
+        self.choice = {"layout": self.layout, "style": DescriptionStyle()}
+        self.text = {"layout": self.layout, "style": TextStyle()}
+        self.wide_text = {"layout": self.wide, "style": self.text["style"]}
+        self.toggles = {"layout": self.layout, "style": widgets.ToggleButtonsStyle(button_width="auto")}
+        self.box = {"layout": self.layout}
 
 
 def classed(widget: widgets.Widget, *classes: str) -> Any:

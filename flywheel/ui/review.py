@@ -41,6 +41,7 @@ from flywheel.review import steps as review_steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
+    Looks,
     after_cell,
     badge,
     button,
@@ -209,7 +210,8 @@ class RatingPanel(widgets.VBox):
         self.add_class("fw-rating-panel")
         self.runtime = runtime
         self.queue: ReviewQueue | None = None
-        self.status = html_widget("", "fw-status")
+        self.looks = looks = Looks()
+        self.status = html_widget("", "fw-status", looks=looks)
         names = model_names(runtime)
         self.empty = not names  # nothing to open: rating_panel builds a fresh panel for a request
         if not names:
@@ -223,36 +225,40 @@ class RatingPanel(widgets.VBox):
             return
         self.signed_in: str | None = None  # open_for reads it: the header comes with the request
         self.reviewer = classed(
-            widgets.Text(description="Reviewer", placeholder="your name", continuous_update=False),
+            widgets.Text(
+                description="Reviewer", placeholder="your name", continuous_update=False, **looks.text
+            ),
             "fw-reviewer",
         )
-        self.queue_choice = classed(widgets.Dropdown(description="Queue"), "fw-queue")
+        self.queue_choice = classed(widgets.Dropdown(description="Queue", **looks.choice), "fw-queue")
         self._wanted_queue = queue
-        self.identity = html_widget("", "fw-identity")
+        self.identity = html_widget("", "fw-identity", looks=looks)
         self.labels: list[Label] = []
         self.answers: list[widgets.Widget] = []
-        self.answers_box = classed(widgets.VBox(), "fw-answers")
-        self.model = classed(widgets.Dropdown(options=names, description="Model"), "fw-model")
-        self.version = classed(widgets.Dropdown(description="Version"), "fw-version")
-        self.progress = html_widget("", "fw-progress")
-        self.item = html_widget("", "fw-item")
+        self.answers_box = classed(widgets.VBox(**looks.box), "fw-answers")
+        self.model = classed(widgets.Dropdown(options=names, description="Model", **looks.choice), "fw-model")
+        self.version = classed(widgets.Dropdown(description="Version", **looks.choice), "fw-version")
+        self.progress = html_widget("", "fw-progress", looks=looks)
+        self.item = html_widget("", "fw-item", looks=looks)
         self.corrections: dict[str, widgets.Textarea] = {}
-        self.corrections_box = classed(widgets.VBox(), "fw-corrections")
+        self.corrections_box = classed(widgets.VBox(**looks.box), "fw-corrections")
         self.comment = self._comment_box("")
-        self.comment_box = classed(widgets.VBox([self.comment]), "fw-comments")
+        self.comment_box = classed(widgets.VBox([self.comment], **looks.box), "fw-comments")
         self.channel = classed(widgets.Text(layout=widgets.Layout(display="none")), "fw-channel")
         self._seq = 0  # the last channel event acted on
         self._retired: list[widgets.Widget] = []
-        self.up = button("Thumbs up  [U]", "fw-rate-up", "success")
-        self.down = button("Thumbs down  [D]", "fw-rate-down", "danger")
-        self.skip = button("Skip  [S]", "fw-skip")
-        self.undo = button("Undo  [Z]", "fw-undo", "warning")
+        self.up = button("Thumbs up  [U]", "fw-rate-up", "success", looks=looks)
+        self.down = button("Thumbs down  [D]", "fw-rate-down", "danger", looks=looks)
+        self.skip = button("Skip  [S]", "fw-skip", looks=looks)
+        self.undo = button("Undo  [Z]", "fw-undo", "warning", looks=looks)
         self.editor = classed(
             widgets.VBox(
                 [
-                    html_widget('<div class="fw-field">correction (edit the output if it is wrong)</div>'),
+                    html_widget(
+                        '<div class="fw-field">correction (edit the output if it is wrong)</div>', looks=looks
+                    ),
                     self.corrections_box,
-                    html_widget('<div class="fw-field">comment</div>'),
+                    html_widget('<div class="fw-field">comment</div>', looks=looks),
                     self.comment_box,
                     self.answers_box,
                 ]
@@ -260,16 +266,16 @@ class RatingPanel(widgets.VBox):
             "fw-editor",
         )
         self.children = [
-            html_widget(CSS),
-            widgets.HBox([self.reviewer, self.model, self.version, self.queue_choice]),
+            html_widget(CSS, looks=looks),
+            widgets.HBox([self.reviewer, self.model, self.version, self.queue_choice], **looks.box),
             self.identity,
             self.progress,
             self.item,
             self.editor,
-            classed(widgets.HBox([self.up, self.down, self.skip, self.undo]), "fw-actions"),
+            classed(widgets.HBox([self.up, self.down, self.skip, self.undo], **looks.box), "fw-actions"),
             self.status,
-            html_widget(HELP, "fw-help"),
-            html_widget(key_listener_html(), "fw-keys"),
+            html_widget(HELP, "fw-help", looks=looks),
+            html_widget(key_listener_html(), "fw-keys", looks=looks),
             self.channel,
         ]
         guard = guarded(self.status)
@@ -339,8 +345,13 @@ class RatingPanel(widgets.VBox):
             self._forget()
 
     def _forget(self) -> None:
-        """Back to the panel as built: no queue, no item, no boxes, nothing in the status line."""
+        """Back to the panel as built: no queue, no item, no boxes, nothing in the status line
+        (the rehearsal's boxes are closed: the page would get their models for nothing)."""
         queue, self.queue = self.queue, None
+        for old in [*self._retired, *self.corrections.values(), *self.answers]:
+            old.close()
+        self._retired, self.corrections, self.answers = [], {}, []
+        self.corrections_box.children = self.answers_box.children = ()
         self.item.value = self.progress.value = self.status.value = ""
         for b in (self.up, self.down, self.skip, self.undo):
             b.disabled = True
@@ -464,8 +475,8 @@ class RatingPanel(widgets.VBox):
                 widgets.Textarea(
                     value=str(prefill.get("corrected_output", {}).get(k, text_of(v))),
                     description=k,
-                    layout=widgets.Layout(width="100%"),
                     rows=3,
+                    **self.looks.wide_text,
                 ),
                 "fw-correction",
                 f"fw-correction-{k}",
@@ -485,9 +496,7 @@ class RatingPanel(widgets.VBox):
 
     def _comment_box(self, value: str, trace_id: str = "") -> widgets.Textarea:
         box = classed(
-            widgets.Textarea(
-                value=value, placeholder="comment (optional)", layout=widgets.Layout(width="100%")
-            ),
+            widgets.Textarea(value=value, placeholder="comment (optional)", **self.looks.wide_text),
             "fw-comment",
             f"fw-for-{trace_id}",
         )
@@ -502,7 +511,7 @@ class RatingPanel(widgets.VBox):
                 value="" if value is None else str(value),
                 description=lab.title,
                 placeholder=title,
-                layout=widgets.Layout(width="100%"),
+                **self.looks.wide_text,
             )
         else:
             # one button per answer (a key chooses it: 1-9 numbered over the questions, P/F), the
@@ -527,7 +536,7 @@ class RatingPanel(widgets.VBox):
                 value=value if value in options else None,
                 tooltips=options,
                 description=lab.title,
-                style={"button_width": "auto"},
+                **self.looks.toggles,
             )
             box.add_class("fw-passfail" if lab.kind == PASS_FAIL else "fw-categorical")
         return classed(box, "fw-label", f"fw-label-{index}", f"fw-for-{trace_id}")
