@@ -35,6 +35,7 @@ from flywheel.ui.dashboards import (
     kernel_env,
     launch,
     voila_command,
+    voila_env,
     wait_until_up,
 )
 
@@ -195,6 +196,10 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     assert entry, "the page names no widget manager script"
     script = httpx.get(f"{voila.base_url}/voila/labextensions/{manager}/{entry[1]}")
     assert script.status_code == 200 and "immutable" in script.headers["cache-control"]
+    # flywheel's template: Voila's script comes before the cells (it loads while they run)
+    assert "--template=flywheel" in cmd
+    assert 0 < page.index("/voila/static/voila.js") < page.index('<div cell-index="1">')
+    assert page.count("/voila/static/voila.js") == 1
 
 
 def test_two_reviewers_rate_with_mouse_and_keyboard(
@@ -437,7 +442,7 @@ def test_empty_store_is_a_friendly_page(
 def start_host(home: Path, uri: str) -> Launched:
     """One more dashboard host: its own FLYWHEEL_HOME, the shared store."""
     port = free_port(0)
-    env = kernel_env({"FLYWHEEL_HOME": str(home), "MLFLOW_TRACKING_URI": uri})
+    env = voila_env(kernel_env({"FLYWHEEL_HOME": str(home), "MLFLOW_TRACKING_URI": uri}))
     directory = dashboards_dir()
     proc = subprocess.Popen(voila_command(directory, port), env=env, cwd=directory, start_new_session=True)
     host = Launched(proc, f"http://127.0.0.1:{port}", None)

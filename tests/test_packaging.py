@@ -81,6 +81,9 @@ def test_every_subpackage_and_the_notebooks_are_packaged() -> None:
         assert name in tool["packages"] and tool["package-data"][name][0] == "*.ipynb"
     # Voila's own settings for the dashboards (voila.json in the folder Voila runs in)
     assert tool["package-data"]["flywheel._data.dashboards"] == ["*.ipynb", "voila.json"]
+    template = ROOT / "flywheel" / "ui" / "jupyter" / "voila" / "templates" / "flywheel"
+    assert {p.name for p in template.iterdir()} == {"conf.json", "index.html.j2"}
+    assert tool["package-data"]["flywheel.ui"] == ["jupyter/voila/templates/flywheel/*"]
 
 
 def _copy_source(dest: Path) -> Path:
@@ -187,6 +190,8 @@ def test_the_wheel_ships_the_dashboards_and_notebooks_and_runs_a_dashboard(tmp_p
         assert f"flywheel/_data/dashboards/{name}" in shipped
     for name in _names(ROOT / "notebooks"):
         assert f"flywheel/_data/notebooks/{name}" in shipped
+    for name in ("conf.json", "index.html.j2"):  # the dashboards' Voila template
+        assert f"flywheel/ui/jupyter/voila/templates/flywheel/{name}" in shipped
 
     venv = tmp_path / "venv"
     python = _venv(venv, ["--force-reinstall", str(wheel)], tmp_path)

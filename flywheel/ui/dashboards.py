@@ -63,6 +63,21 @@ def free_port(preferred: int, host: str = "127.0.0.1") -> int:
     raise OSError("no free port")
 
 
+TEMPLATE = "flywheel"
+
+
+def voila_data_dir() -> Path:
+    """The Jupyter data folder holding flywheel's Voila template (voila/templates/flywheel/): Voila
+    finds templates only in Jupyter's data folders, so `voila_env` puts this one in JUPYTER_PATH."""
+    return Path(__file__).resolve().parent / "jupyter"
+
+
+def voila_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with flywheel's Voila template findable, for the process `voila_command` starts."""
+    paths = [str(voila_data_dir()), *filter(None, env.get("JUPYTER_PATH", "").split(os.pathsep))]
+    return {**env, "JUPYTER_PATH": os.pathsep.join(paths)}
+
+
 def voila_command(
     directory: Path,
     port: int,
@@ -73,6 +88,9 @@ def voila_command(
     """Voila on `directory`, configured from `settings` (the process's by default). With
     FLYWHEEL_REVIEWER_HEADER Voila hands that request header to each kernel
     (`http_header_envs`), where it is the signed-in reviewer.
+
+    The pages use flywheel's template (`voila_data_dir`; start the command with `voila_env`):
+    Voila's "lab" template with its scripts loaded before the cells instead of after them.
 
     With `preheat` > 0 Voila keeps that many kernels per dashboard running ahead of the requests
     (`preheat_kernel`): each has imported flywheel and opened the store, and waits in
@@ -107,6 +125,7 @@ def voila_command(
         f"--Voila.ip={host}",
         "--VoilaConfiguration.show_tracebacks=False",
         "--theme=light",
+        f"--template={TEMPLATE}",
         "--Voila.port_retries=0",
         # kernels talk to Voila over unix sockets, not TCP ports: kernels started together (a
         # preheated pool) picked the same free port now and then, and one died at birth
@@ -204,7 +223,7 @@ def launch(
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
         voila_command(directory, port, host, preheat),
-        env=kernel_env(),
+        env=voila_env(kernel_env()),
         cwd=directory,
         start_new_session=True,
     )

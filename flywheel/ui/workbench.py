@@ -30,7 +30,7 @@ from typing import IO
 import httpx
 
 from flywheel.config import child_environment, get_settings
-from flywheel.ui.dashboards import DASHBOARDS, dashboards_dir, free_port, voila_command
+from flywheel.ui.dashboards import DASHBOARDS, dashboards_dir, free_port, voila_command, voila_env
 
 DEMO_REVIEWER = "alice"  # flywheel.demo.traffic.DEMO_REVIEWERS[0]: the demo's queues name her
 STOP_GRACE = 20.0
@@ -205,7 +205,7 @@ def start_workbench(
             _start(
                 "dashboards",
                 voila_command(directory, port, host, preheat, settings),
-                env,
+                voila_env(env),
                 logs,
                 voila_url,
                 "/voila/tree",
