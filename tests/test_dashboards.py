@@ -196,6 +196,11 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     assert entry, "the page names no widget manager script"
     script = httpx.get(f"{voila.base_url}/voila/labextensions/{manager}/{entry[1]}")
     assert script.status_code == 200 and "immutable" in script.headers["cache-control"]
+    # and only the two widget extensions are loaded, whatever else the environment has installed
+    config = re.search(r'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.S)
+    assert config, "the page carries no configuration"
+    loaded = {e["name"] for e in json.loads(config[1])["federated_extensions"]}
+    assert loaded == {manager, "@voila-dashboards/widgets-manager8"}
     # flywheel's template: Voila's script comes before the cells (it loads while they run)
     assert "--template=flywheel" in cmd
     assert 0 < page.index("/voila/static/voila.js") < page.index('<div cell-index="1">')
