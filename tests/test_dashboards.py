@@ -12,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -205,6 +207,45 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     assert "--template=flywheel" in cmd
     assert 0 < page.index("/voila/static/voila.js") < page.index('<div cell-index="1">')
     assert page.count("/voila/static/voila.js") == 1
+
+
+def test_a_page_never_waits_for_the_icon_cdn(voila: Launched, browser: Any) -> None:
+    """Font Awesome (the icons on some buttons) comes from a CDN. In Voila's "lab" template its
+    stylesheets held the page: where the network drops outside traffic, the rating page took 32 s
+    to become interactive. flywheel's template makes them stylesheets only after the load event.
+    Here the CDN's name leads to a socket that accepts and never answers: the page draws while
+    no CDN request has finished, and the icons are still asked for."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        for _ in range(8):
+            held.append(hole.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    rules = f"--host-resolver-rules=MAP cdn.jsdelivr.net 127.0.0.1:{hole.getsockname()[1]}"
+    other = browser.browser_type.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_ARGS, rules])
+    try:
+        page = open_page(other, voila.urls["models.ipynb"])
+        page.wait_for_selector(".fw-panel", timeout=LOAD)  # the widgets are drawn
+        finished = page.evaluate(
+            "() => performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('cdn.jsdelivr.net')).length"
+        )
+        assert finished == 0, "the page was drawn only after the CDN's stylesheets gave up"
+        assert page.locator('link[rel="stylesheet"][href*="cdn.jsdelivr.net"]').count() == 2
+        deadline = time.monotonic() + STEP / 1000
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held, "the icons were never asked for"
+        page.close()
+    finally:
+        other.close()
+        for conn in held:
+            conn.close()
+        hole.close()
 
 
 def test_two_reviewers_rate_with_mouse_and_keyboard(
