@@ -17,6 +17,10 @@ from pathlib import Path
 
 import httpx
 
+from flywheel.ui.workbench import MLFLOW_UI_ENV
+
+__all__ = ["MLFLOW_UI_ENV"]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -54,7 +58,8 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
 
 
 def mlflow_server_command(home: Path, port: int) -> list[str]:
-    """A one-worker `mlflow server` on an sqlite file and an artifact folder under `home`."""
+    """A one-worker `mlflow server` on an sqlite file and an artifact folder under `home`; start it
+    with `MLFLOW_UI_ENV` in its environment (no job runner), as `flywheel up` and docs/deploy.md do."""
     return [
         str(Path(sys.executable).parent / "mlflow"),
         "server",

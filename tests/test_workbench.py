@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from test_dashboards import browser  # noqa: F401  # the fixture (one Chromium per module)
@@ -226,6 +227,18 @@ def kernel_of(page: Any) -> psutil.Process:
     ]
     assert len(found) == 1, (kid, found)
     return found[0]
+
+
+def test_the_mlflow_ui_runs_no_job_runner(up: Up) -> None:
+    """`mlflow server` starts seven `huey_consumer` processes by default, for jobs launched from its
+    UI that flywheel never submits; they took both cores for about 40 s after the URLs were printed,
+    the moment a newcomer opens them. The MLflow UI that `up` starts answers without any of them."""
+    family = psutil.Process(up.proc.pid).children(recursive=True)
+    servers = [p for p in family if "mlflow" in " ".join(p.cmdline()) and "server" in p.cmdline()]
+    assert servers, [p.cmdline() for p in family]  # the MLflow UI is one of them
+    consumers = [p.cmdline() for p in family if "huey" in " ".join(p.cmdline())]
+    assert consumers == []
+    assert httpx.get(up.urls["MLflow UI"] + "/health", timeout=30).status_code == 200
 
 
 def test_a_closed_tab_s_kernel_is_shut_down_and_an_open_one_kept(

@@ -6,7 +6,9 @@ preheated kernels) and the MLflow UI (`mlflow server` on the same store; for a
 store that is already an MLflow tracking server, that server is the UI and
 nothing is started). The dashboards' trace links point at that MLflow UI
 (MLFLOW_UI_URL for the kernels). Every child gets the resolved settings and
-LiteLLM's local model-cost map, so nothing waits on the network.
+LiteLLM's local model-cost map, so nothing waits on the network. The MLflow UI
+starts without MLflow's job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`,
+as docs/deploy.md runs the tracking server), unless the environment sets it.
 
 Ctrl-C, SIGTERM or SIGHUP stops all of them: SIGTERM to each process group
 (Voila then shuts its kernels down, uvicorn its workers), SIGKILL to a group
@@ -79,6 +81,14 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(process.pid, sig)  # start_new_session: the group id is the leader's pid
     except (ProcessLookupError, PermissionError):
         pass
+
+
+# MLflow's server starts a job runner by default: seven `huey_consumer` processes, each importing
+# MLflow, for jobs launched from its UI (judges, prompt optimisation, trace archival) that flywheel
+# never submits. On this 2-core machine they took both cores for about 40 s after `flywheel up`
+# printed its URLs (19.5 s of CPU per 10 s), and rating pages opened then took 2.1 to 3.1 s instead
+# of about 2 s. A user who wants those jobs sets the variable to true in the environment.
+MLFLOW_UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def mlflow_ui_command(tracking_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
@@ -182,6 +192,7 @@ def start_workbench(
             bench.mlflow_url = f"http://{host}:{port}"
             env = child_environment(settings, base_env)
             env.pop("MLFLOW_TRACKING_URI", None)  # the server is given its store on the command line
+            env = {**MLFLOW_UI_ENV, **env}  # the user's own setting wins
             bench.children.append(
                 _start(
                     "mlflow",
