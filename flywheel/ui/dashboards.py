@@ -95,8 +95,8 @@ def voila_command(
     With `preheat` > 0 Voila keeps that many kernels per dashboard running ahead of the requests
     (`preheat_kernel`): each has imported flywheel and opened the store, and waits in
     `voila.utils.wait_for_request()` (the dashboards' second cell) for the request's query string
-    and headers, so the rating page is interactive in about 2 s instead of about 18 s
-    (`benchmarks/page_bench.py`).
+    and headers, so the rating page is interactive in 1.6 to 1.9 s (medians) instead of 11 to 15 s
+    (`benchmarks/page_bench.py` on 2 cores).
 
     A page's kernel is shut down FLYWHEEL_KERNEL_IDLE_TIMEOUT seconds after its last tab closed
     and it went idle (Jupyter's kernel culling). Voila's own shutdown on
