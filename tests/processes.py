@@ -2,7 +2,7 @@
 
 One copy instead of one per test module: a free port, waiting until a URL answers,
 stopping the process group a test started with `start_new_session=True`, and the
-command lines of `flywheel serve` and of a throw-away `mlflow server`. tests/pg.py builds on these.
+command line of `flywheel serve`, and a throw-away `mlflow server` started. tests/pg.py builds on these.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from pathlib import Path
 import httpx
 
 from flywheel.ui.workbench import MLFLOW_UI_ENV
-
-__all__ = ["MLFLOW_UI_ENV"]
 
 
 def free_port() -> int:
@@ -57,10 +55,12 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
         proc.wait()
 
 
-def mlflow_server_command(home: Path, port: int) -> list[str]:
-    """A one-worker `mlflow server` on an sqlite file and an artifact folder under `home`; start it
-    with `MLFLOW_UI_ENV` in its environment (no job runner), as `flywheel up` and docs/deploy.md do."""
-    return [
+def start_mlflow_server(home: Path, port: int) -> subprocess.Popen[bytes]:
+    """A one-worker `mlflow server` on 127.0.0.1:`port`, an sqlite file and an artifact folder
+    under `home`, in its own session (`stop_group` stops it). It starts as `flywheel up` starts its
+    MLflow UI and docs/deploy.md its tracking server: without MLflow's job runner (`MLFLOW_UI_ENV`),
+    whose seven processes would each import MLflow beside the test."""
+    argv = [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--host",
@@ -74,6 +74,11 @@ def mlflow_server_command(home: Path, port: int) -> list[str]:
         "--workers",
         "1",
     ]
+    env = {**MLFLOW_UI_ENV, **os.environ}  # as in `flywheel up`: a value the environment sets wins
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def serve_command(port: int, workers: int = 2) -> list[str]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import MLFLOW_UI_ENV, mlflow_server_command, serve_command
 from processes import free_port as _port
+from processes import serve_command, start_mlflow_server
 from processes import stop_group as _kill
 from processes import wait_until_up as _wait
 from test_server import _spawn
@@ -240,7 +240,7 @@ def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
     from flywheel.runtime import get_runtime
 
     port = _port()
-    mlflow_server = _spawn(mlflow_server_command(tmp_path, port), **MLFLOW_UI_ENV)
+    mlflow_server = start_mlflow_server(tmp_path, port)
     proc = None
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
@@ -307,7 +307,7 @@ def test_outage_is_answered_from_last_known_good_even_by_a_restarted_worker(
         never_served = client.post("/predict", json={"model": "support-router", "inputs": {"ticket": "x"}})
         assert never_served.status_code == 503 and "retry-after" in never_served.headers, never_served.text
 
-        mlflow_server = _spawn(mlflow_server_command(tmp_path, port), **MLFLOW_UI_ENV)
+        mlflow_server = start_mlflow_server(tmp_path, port)
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
         runtime = get_runtime()
         assert runtime.outbox.flush(timeout=120), runtime.outbox.last_error

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from processes import MLFLOW_UI_ENV, mlflow_server_command, serve_command
 from processes import free_port as _port
+from processes import serve_command, start_mlflow_server
 from processes import stop_group as _kill
 from processes import wait_until_up as _wait
 
@@ -165,8 +165,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
     from flywheel.runtime import get_runtime
 
     port = _port()
-    server_cmd = mlflow_server_command(tmp_path, port)
-    mlflow_server = _spawn(server_cmd, **MLFLOW_UI_ENV)
+    mlflow_server = start_mlflow_server(tmp_path, port)
     try:
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
         store = make_store(tmp_path / "home", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
@@ -193,7 +192,7 @@ def test_outage_degrades_then_replays_everything_exactly_once(
         health = client.get("/health").json()
         assert health["status"] == "degraded" and health["mlflow_connected"] is False
         assert health["outbox_backlog"] >= 10
-        mlflow_server = _spawn(server_cmd, **MLFLOW_UI_ENV)
+        mlflow_server = start_mlflow_server(tmp_path, port)
         _wait(f"http://127.0.0.1:{port}/health", timeout=120)
         runtime = get_runtime()
         assert runtime.outbox.flush(timeout=120), runtime.outbox.last_error

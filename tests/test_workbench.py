@@ -229,14 +229,27 @@ def kernel_of(page: Any) -> psutil.Process:
     return found[0]
 
 
+def command_lines(up: Up) -> list[list[str]]:
+    """The command lines of every process `up` started, down to the kernels. Kernels come and go
+    (the pool refills, closed tabs' kernels are culled): one gone between the listing and the
+    reading is skipped, not an error."""
+    lines = []
+    for p in psutil.Process(up.proc.pid).children(recursive=True):
+        try:
+            lines.append(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return lines
+
+
 def test_the_mlflow_ui_runs_no_job_runner(up: Up) -> None:
     """`mlflow server` starts seven `huey_consumer` processes by default, for jobs launched from its
     UI that flywheel never submits; they took both cores for about 40 s after the URLs were printed,
     the moment a newcomer opens them. The MLflow UI that `up` starts answers without any of them."""
-    family = psutil.Process(up.proc.pid).children(recursive=True)
-    servers = [p for p in family if "mlflow" in " ".join(p.cmdline()) and "server" in p.cmdline()]
-    assert servers, [p.cmdline() for p in family]  # the MLflow UI is one of them
-    consumers = [p.cmdline() for p in family if "huey" in " ".join(p.cmdline())]
+    lines = command_lines(up)
+    servers = [line for line in lines if "mlflow" in " ".join(line) and "server" in line]
+    assert servers, lines  # the MLflow UI is one of them
+    consumers = [line for line in lines if "huey" in " ".join(line)]
     assert consumers == []
     assert httpx.get(up.urls["MLflow UI"] + "/health", timeout=30).status_code == 200
 
