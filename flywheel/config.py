@@ -8,7 +8,7 @@ test fails when one is not.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +61,8 @@ class Settings:
     flywheel_admin_key: str | None = None
     flywheel_reviewer_header: str | None = None
     mlflow_ui_url: str = "http://127.0.0.1:5000"
+    mlflow_auth_admin_username: str | None = None  # the MLflow UI `flywheel up` starts (MLflow's names)
+    mlflow_auth_admin_password: str | None = None
     flywheel_preheat_kernels: int = 1
     flywheel_kernel_idle_timeout: float = 600.0
     registry_needs_key: bool = False
@@ -246,13 +248,23 @@ def apply_mlflow_client_settings() -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
+def environment_subset(keep: Callable[[str], bool]) -> dict[str, str]:
+    """The variables of this process's environment whose names `keep` accepts: for a child that
+    must not inherit the rest (the MLflow UI `flywheel up` starts gets an allow-list)."""
+    return {name: value for name, value in os.environ.items() if keep(name)}
+
+
+# the MLflow UI's admin login: `flywheel up` writes it to that UI's own 0600 config, no child needs it
+NOT_FOR_CHILDREN = frozenset({"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"})
+
+
 def child_environment(settings: Settings, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment plus every resolved setting, for child processes (Voila kernels)
     that start elsewhere and would not find a relative FLYWHEEL_HOME or the project's `.env`."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in NOT_FOR_CHILDREN}
     for field in fields(settings):
         value = getattr(settings, field.name)
-        if value is not None:
+        if value is not None and field.name.upper() not in NOT_FOR_CHILDREN:
             text = ("true" if value else "false") if isinstance(value, bool) else str(value)
             env[field.name.upper()] = text
     env.update(extra or {})

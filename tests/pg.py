@@ -2,8 +2,11 @@
 
 The cluster is unprivileged: `initdb` and `pg_ctl` run as the `postgres` user (when the tests run
 as root) on a temporary directory, a free port and a socket directory inside it. The tracking
-server is started with the command docs/deploy.md gives (`deploy_command`), so that document
-cannot rot. PostgreSQL missing is a failure, never a skip: scripts/install-test-deps installs it.
+server is started with the command docs/deploy.md gives (`deploy_command`), with MLflow's
+basic-auth app configured by the file it gives (`deploy_file`), so that document cannot rot; the
+admin's login is then put in this process's environment (MLFLOW_TRACKING_USERNAME / _PASSWORD), as
+docs/deploy.md has it on every flywheel host, so in-process clients and spawned hosts log in.
+PostgreSQL missing is a failure, never a skip: scripts/install-test-deps installs it.
 
 tests/conftest.py loads this module as a plugin; its `mlflow_on_postgres` fixture is the one
 server of the session, and `reset()` empties its database between tests (much faster than a
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -35,6 +39,20 @@ PG_USER = "postgres"
 
 def wait_healthy(url: str, timeout: float = 180, proc: subprocess.Popen[bytes] | None = None) -> None:
     wait_until_up(url, timeout, proc)
+
+
+def deploy_file(name: str, **values: str) -> str:
+    """The file docs/deploy.md gives under `<!-- file: name -->`, its `<PLACEHOLDERS>` filled."""
+    text = DEPLOY_DOC.read_text()
+    found = re.search(rf"<!-- file: {re.escape(name)} -->\s*```\w*\n(.*?)```", text, re.S)
+    assert found, f"docs/deploy.md has no fenced block marked <!-- file: {name} -->"
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1).lower()
+        assert key in values, f"docs/deploy.md's {name} file needs <{match.group(1)}>"
+        return values[key]
+
+    return re.sub(r"<([A-Z_]+)>", fill, found.group(1))
 
 
 def deploy_command(name: str, **values: str) -> tuple[dict[str, str], list[str]]:
@@ -173,6 +191,7 @@ class TrackingServer:
     log: Path
     proc: subprocess.Popen[bytes]
     pinned: str | None = field(default=None)
+    login: tuple[str, str] = ("", "")  # the admin of its basic-auth app
 
     def reset(self, owner: str | None = None) -> None:
         """Empty every MLflow table but the default experiment (what a fresh database holds), and
@@ -217,11 +236,31 @@ def start_tracking_server(cluster: PostgresCluster, workers: int = 2) -> Trackin
     argv[0] = str(cluster.bin / argv[0])
     done = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
     assert done.returncode == 0, f"createdb failed: {done.stderr}"
+    env, argv = deploy_command(
+        "createdb-auth", pg_host=cluster.host, pg_port=str(cluster.port), pg_user=cluster.user
+    )
+    argv[0] = str(cluster.bin / argv[0])
+    done = subprocess.run(argv, env=dict(os.environ, **env), capture_output=True, text=True)
+    assert done.returncode == 0, f"createdb (auth) failed: {done.stderr}"
+    login = ("flywheel-admin", secrets.token_urlsafe(18))
+    config = cluster.directory / "basic_auth.ini"
+    fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(
+            deploy_file(
+                "basic-auth-ini",
+                pg_user=cluster.user,
+                pg_host=cluster.host,
+                pg_port=str(cluster.port),
+                mlflow_admin=login[0],
+            )
+        )
     artifacts = cluster.directory / "artifacts"
     artifacts.mkdir()
     port = free_port()
     env, argv = deploy_command(
         "mlflow-server",
+        auth_config=str(config),
         mlflow_bind="127.0.0.1",
         mlflow_host="127.0.0.1",
         mlflow_port=str(port),
@@ -231,6 +270,9 @@ def start_tracking_server(cluster: PostgresCluster, workers: int = 2) -> Trackin
         artifacts=str(artifacts),
         mlflow_workers=str(workers),
     )
+    # the two secrets docs/deploy.md has in the server's environment, not on its command line
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = login[1]
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
     log = cluster.directory / "mlflow-server.log"
     proc = spawn(argv, env, log)
     url = f"http://127.0.0.1:{port}"
@@ -240,7 +282,10 @@ def start_tracking_server(cluster: PostgresCluster, workers: int = 2) -> Trackin
         stop(proc)
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
         pytest.fail(f"mlflow server on PostgreSQL did not start: {exc}\n{tail}", pytrace=False)
-    return TrackingServer(url, cluster, database, artifacts, log, proc)
+    # this process and every process it starts are flywheel hosts of docs/deploy.md: their MLflow
+    # login is in the environment, where MLflow's client finds it
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = login
+    return TrackingServer(url, cluster, database, artifacts, log, proc, login=login)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """`flywheel up` as a newcomer runs it: after `flywheel demo`, the command starts the API, the
 dashboards and the MLflow UI, prints their URLs; each opens in Chromium, a seeded item is rated with
-the keyboard, the card's trace link opens in the MLflow UI it started, and Ctrl-C (SIGINT) stops
+the keyboard, the card's trace link opens in the MLflow UI it started (with the login `up` printed;
+tests/test_workbench_security.py checks that UI's locks), and Ctrl-C (SIGINT) stops
 every process it started (no orphans). Real processes, real Voila, real Chromium."""
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ def test_up_opens_every_url_and_rates_with_the_keyboard(
     page.wait_for_selector(".fw-status:has-text('Saved thumbs up as alice')")
     assert answers_of(home, trace, "alice", 1).get("user_rating") == "thumbs_up"
 
+    # the MLflow UI asks for its login (printed once, at the first start): without it, 401
+    assert page.goto(urls["MLflow UI"], timeout=LOAD).status == 401
+    page.close()
+    user, password = mlflow_login(up)
+    page = browser.new_page(
+        viewport={"width": 1100, "height": 900},
+        http_credentials={"username": user, "password": password, "origin": urls["MLflow UI"]},
+    )
     page.goto(urls["MLflow UI"], timeout=LOAD)
     page.wait_for_function("() => document.title.includes('MLflow')", timeout=LOAD)
     page.goto(link, timeout=LOAD)
@@ -175,6 +184,13 @@ def test_up_opens_every_url_and_rates_with_the_keyboard(
     page.wait_for_selector(f"text={trace.removeprefix('tr-')[:8]}", timeout=LOAD)
     page.wait_for_selector("text=Predict.forward")
     page.close()
+
+
+def mlflow_login(up: Up) -> tuple[str, str]:
+    """The MLflow UI's login as `up` printed it at its first start."""
+    found = [m for line in up.lines if (m := re.search(r"MLflow UI login: (\S+) / (\S+)", line))]
+    assert len(found) == 1, up.lines
+    return found[0].group(1), found[0].group(2)
 
 
 def test_keys_pressed_right_after_typing_answer_every_question(

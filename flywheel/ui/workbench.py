@@ -5,9 +5,14 @@ FLYWHEEL_HOME/logs/: the API (`flywheel serve`), the dashboards (Voila, with
 preheated kernels) and the MLflow UI (`mlflow server` on the same store; for a
 store that is already an MLflow tracking server, that server is the UI and
 nothing is started). The dashboards' trace links point at that MLflow UI
-(MLFLOW_UI_URL for the kernels). Every child gets the resolved settings and
-LiteLLM's local model-cost map, so nothing waits on the network. The MLflow UI
-starts without MLflow's job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`,
+(MLFLOW_UI_URL for the kernels). The API and the dashboards get the resolved
+settings and LiteLLM's local model-cost map, so nothing waits on the network.
+
+The MLflow UI is locked (flywheel/ui/mlflow_ui.py): MLflow's basic-auth app, a
+login for every request but /health, on 127.0.0.1 only whatever `--host` says,
+and an environment without flywheel's keys or the LM provider's credentials. Its
+admin password is printed at the first start; later starts say where it is kept.
+It starts without MLflow's job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`,
 as docs/deploy.md runs the tracking server), unless the environment sets it.
 
 Ctrl-C, SIGTERM or SIGHUP stops all of them: SIGTERM to each process group
@@ -33,6 +38,14 @@ import httpx
 
 from flywheel.config import child_environment, get_settings
 from flywheel.ui.dashboards import DASHBOARDS, dashboards_dir, free_port, voila_command, voila_env
+from flywheel.ui.mlflow_ui import HOST as MLFLOW_UI_HOST
+from flywheel.ui.mlflow_ui import (
+    MLFLOW_UI_ENV,  # noqa: F401  # tests start their mlflow servers with it
+    MlflowLogin,
+    mlflow_ui_command,
+    mlflow_ui_environment,
+    prepare_login,
+)
 
 DEMO_REVIEWER = "alice"  # flywheel.demo.traffic.DEMO_REVIEWERS[0]: the demo's queues name her
 STOP_GRACE = 20.0
@@ -55,6 +68,7 @@ class Workbench:
     children: list[Child] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
     mlflow_url: str = ""
+    mlflow_login: MlflowLogin | None = None  # None: the tracking server is the MLflow UI
     preheat: int = 0
 
     def child(self, name: str) -> Child:
@@ -81,31 +95,6 @@ def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(process.pid, sig)  # start_new_session: the group id is the leader's pid
     except (ProcessLookupError, PermissionError):
         pass
-
-
-# MLflow's server starts a job runner by default: seven `huey_consumer` processes, each importing
-# MLflow, for jobs launched from its UI (judges, prompt optimisation, trace archival) that flywheel
-# never submits. On this 2-core machine they took both cores for about 40 s after `flywheel up`
-# printed its URLs (19.5 s of CPU per 10 s), and rating pages opened then took 2.1 to 3.1 s instead
-# of about 2 s. A user who wants those jobs sets the variable to true in the environment.
-MLFLOW_UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-
-def mlflow_ui_command(tracking_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
-    return [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        tracking_uri,
-        "--default-artifact-root",
-        artifacts.as_uri(),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
 
 
 def api_command(host: str, port: int, workers: int) -> list[str]:
@@ -188,16 +177,15 @@ def start_workbench(
         if uri.startswith(("http://", "https://")):
             bench.mlflow_url = uri.rstrip("/")  # the tracking server is the MLflow UI
         else:
-            port = free_port(mlflow_port, host)
-            bench.mlflow_url = f"http://{host}:{port}"
-            env = child_environment(settings, base_env)
-            env.pop("MLFLOW_TRACKING_URI", None)  # the server is given its store on the command line
-            env = {**MLFLOW_UI_ENV, **env}  # the user's own setting wins
+            # 127.0.0.1 whatever `host` is: the admin door to the registry stays on this machine
+            port = free_port(mlflow_port, MLFLOW_UI_HOST)
+            bench.mlflow_url = f"http://{MLFLOW_UI_HOST}:{port}"
+            bench.mlflow_login = prepare_login(settings)
             bench.children.append(
                 _start(
                     "mlflow",
-                    mlflow_ui_command(uri, settings.artifact_root, host, port),
-                    env,
+                    mlflow_ui_command(uri, settings.artifact_root, port),
+                    mlflow_ui_environment(bench.mlflow_login, base_env),
                     logs,
                     bench.mlflow_url,
                     "/health",
@@ -244,8 +232,40 @@ def start_workbench(
     echo(f"  predict:    {bench.urls['predict']}")
     echo(f"  pairwise:   {bench.urls['pairwise']}")
     echo(f"  MLflow UI:  {bench.urls['mlflow']}")
+    for line in login_lines(bench.mlflow_login, host):
+        echo(line)
     echo(f"Logs in {logs}. Ctrl-C stops all of it.")
     return bench
+
+
+def login_lines(login: MlflowLogin | None, host: str) -> list[str]:
+    """What `up` says about the MLflow UI's login: the generated password once, at the start that
+    made it; where it is kept at the others; that the UI stays on 127.0.0.1 under `--host`."""
+    if login is None:
+        return []
+    if login.new and not login.given:
+        lines = [
+            f"  MLflow UI login: {login.username} / {login.password}  (shown once; kept in {login.config})"
+        ]
+    else:
+        lines = [f"  MLflow UI login: {login.username}, password in {login.config}"]
+    if not _is_loopback(host):
+        lines.append(
+            f"  The MLflow UI listens on {MLFLOW_UI_HOST} only (not {host}); "
+            "a shared one is a tracking server (docs/deploy.md)."
+        )
+    return lines
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run_workbench(
