@@ -21,6 +21,7 @@ from ipywidgets.widgets.widget_description import DescriptionStyle
 from ipywidgets.widgets.widget_string import HTMLStyle, TextStyle
 
 from flywheel import registry
+from flywheel.config import signed_in_user
 from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
@@ -372,6 +373,76 @@ def parse_query(query_string: str) -> dict[str, str]:
     if "user" in values and "reviewer" not in values:
         values["reviewer"] = values["user"]
     return values
+
+
+# --- who writes -----------------------------------------------------------------------------
+
+SIGN_IN_REQUIRED = (
+    "Sign-in required: this dashboard takes your name from the signed-in user, and no user came "
+    "with this page, so nothing is saved."
+)
+
+
+class Visitor:
+    """Who a dashboard page writes as, read once on the server when the page opens
+    (`Visitor.at_open`) and kept in the panel.
+
+    Behind authentication (FLYWHEEL_REVIEWER_HEADER, or a JupyterHub kernel's JUPYTERHUB_USER;
+    see `config.signed_in_user`) that is the signed-in user from the kernel's environment, as
+    Voila hands it over with the request. Nothing the browser sends changes it: a name box is
+    only a display (a `disabled` widget is disabled in the browser alone: the page can remove the
+    attribute and send any value), and `?reviewer=` / `?user=` are ignored. When a header is
+    configured and none came, nobody is signed in and the page writes nothing. Without
+    authentication the name typed in the page is used, and the page says so."""
+
+    def __init__(self, signed_in: str | None) -> None:
+        self.signed_in = signed_in  # None: no authentication; "": configured, nobody signed in
+
+    @classmethod
+    def at_open(cls, settings: Any) -> Visitor:
+        return cls(signed_in_user(settings))
+
+    @property
+    def locked(self) -> bool:
+        """Authentication is configured: the page's name box is a display only."""
+        return self.signed_in is not None
+
+    def writer(self, typed: str | None) -> str | None:
+        """The user id a write is made as: the signed-in user behind authentication (`typed`, what
+        the page sent, is ignored), else the typed name; None when nobody is signed in."""
+        if self.signed_in is None:
+            return (typed or "").strip()
+        return self.signed_in or None
+
+    def shown_name(self, typed: str) -> str:
+        """What the page's name box shows: the signed-in user (empty when nobody), else `typed`."""
+        return typed if self.signed_in is None else self.signed_in
+
+    def note(self, typed_into: str = "the name box") -> str:
+        """One line on who the page writes as (CSS classes fw-no-auth / fw-not-signed-in / fw-signed-in)."""
+        if self.signed_in is None:
+            return (
+                '<div class="fw-muted fw-no-auth">No authentication is configured: what you save is '
+                f"recorded under the name typed in {esc(typed_into)}.</div>"
+            )
+        if not self.signed_in:
+            return f'<div class="fw-msg fw-msg-error fw-not-signed-in">{esc(SIGN_IN_REQUIRED)}</div>'
+        return f'<div class="fw-muted fw-signed-in">Signed in as <b>{esc(self.signed_in)}</b>.</div>'
+
+
+def hold_name(box: widgets.Text, visitor: Visitor) -> None:
+    """Show the signed-in user in `box` and put it back whenever the page changes it (the page
+    can: see `Visitor`); the value is never read for a write behind authentication."""
+    if not visitor.locked:
+        return
+    box.disabled = True
+    box.value = visitor.shown_name("")
+
+    def back(change: dict[str, Any]) -> None:
+        if change["new"] != visitor.shown_name(""):
+            box.value = visitor.shown_name("")
+
+    box.observe(back, names="value")
 
 
 # --- choices --------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import agreement, audit, canary, export, registry, review, rollback
-from flywheel.config import signed_in_user
 from flywheel.errors import ModelNotFound, ReviewError
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
     NO_MODELS,
+    SIGN_IN_REQUIRED,
+    Visitor,
     badge,
     button,
     classed,
@@ -36,8 +37,11 @@ from flywheel.ui.base import (
     esc,
     fields_html,
     fmt_time,
+    friendly,
     guarded,
+    hold_name,
     html_widget,
+    log,
     nowrap,
     parse_query,
     say,
@@ -81,12 +85,26 @@ def rating_stats(model: str, runtime: Runtime) -> dict[str, VersionStats]:
     return stats
 
 
+def plain_text() -> Any:
+    """Matplotlib settings under which every text of a plot is drawn as it is: labels are user
+    ids, queue and question names, and with mathtext on (matplotlib's default) a `$` in one
+    (say the user id `$\\frac{$`) is parsed as TeX and the figure fails to draw."""
+    import matplotlib
+
+    return matplotlib.rc_context({"text.parse_math": False})
+
+
 def trend_png(stats: dict[str, VersionStats]) -> bytes:
     """Cumulative share of thumbs up, one line per version (PNG bytes; empty when there are no ratings).
 
     Over time when the ratings span an hour or more; within a shorter span (a fresh demo) time
     says little, so the x axis is the ratings in prediction order.
     """
+    with plain_text():
+        return _trend_png(stats)
+
+
+def _trend_png(stats: dict[str, VersionStats]) -> bytes:
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
 
@@ -134,7 +152,13 @@ def fmt_stat(x: float | None) -> str:
 
 
 def agreement_png(lab: agreement.LabelAgreement) -> bytes:
-    """Cohen's kappa per reviewer pair and per reviewer against consensus (PNG; empty if none)."""
+    """Cohen's kappa per reviewer pair and per reviewer against consensus (PNG; empty if none).
+    Reviewer ids and the label's name are drawn as plain text (`plain_text`)."""
+    with plain_text():
+        return _agreement_png(lab)
+
+
+def _agreement_png(lab: agreement.LabelAgreement) -> bytes:
     from matplotlib.figure import Figure
 
     bars = [(f"{p.a} / {p.b}", p.kappa, "pair") for p in lab.pairs if p.kappa is not None]
@@ -293,13 +317,12 @@ class ModelsPanel(widgets.VBox):
         )
         self.adjudication: review.Adjudication | None = None
         self.adj_queue = classed(widgets.Dropdown(description="Queue"), "fw-adj-queue")
-        signed_in = signed_in_user(runtime.settings)
-        self.adj_name = classed(
-            widgets.Text(
-                value=signed_in or "admin", description="Adjudicator", disabled=signed_in is not None
-            ),
-            "fw-adj-name",
-        )
+        # who adjudicates (and promotes, sets up), read on the server now (see `Visitor`): behind
+        # authentication the signed-in user, whatever the Adjudicator box says
+        self.visitor = Visitor.at_open(runtime.settings)
+        self.adj_name = classed(widgets.Text(value="admin", description="Adjudicator"), "fw-adj-name")
+        hold_name(self.adj_name, self.visitor)
+        self.identity = html_widget("" if not self.visitor.locked else self.visitor.note(), "fw-identity")
         self.adj_next = button("Show next waiting item", "fw-adj-next", icon="gavel")
         self.adj_item = html_widget("", "fw-adj-item")
         self.adj_correction = classed(
@@ -349,6 +372,7 @@ class ModelsPanel(widgets.VBox):
         self.setup_status = html_widget("", "fw-setup-status")
         self.children = [
             html_widget(CSS),
+            self.identity,
             *(
                 [html_widget('<div class="fw-title">All models</div>'), self.overview]
                 if show_overview
@@ -406,29 +430,66 @@ class ModelsPanel(widgets.VBox):
         setup_guard(self._load_labels)()
 
     def refresh(self) -> None:
-        store = self.runtime.store
-        if hasattr(self, "overview"):
-            rows = [
-                [
-                    f"<b>{esc(m.name)}</b>",
-                    esc(m.description),
-                    esc(m.stages.get("Production", "-")),
-                    esc(m.stages.get("Staging", "-")),
-                    esc(m.latest_version or "-"),
-                ]
-                for m in registry.list_models(store)
+        """Draw every section again. Each draws on its own: one that fails (a plot that cannot be
+        drawn, MLflow refusing one query) shows its error in its own place and the others still
+        draw, so one bad label never blanks the promote list or the adjudication queue."""
+        sections = [
+            (self._draw_overview, self.overview),
+            (self._draw_versions, self.versions),
+            (self._draw_trend, self.trend_note),
+            (self._draw_promote, self.status),
+            (self._draw_agreement_queues, self.agreement),
+            (self._draw_progress, self.review_progress),
+            (self._draw_live, self.live),
+            (self._draw_timeline, self.timeline),
+        ]
+        for draw, place in sections:
+            try:
+                draw()
+            except Exception as exc:
+                log.warning("models dashboard: %s failed: %s", draw.__name__, exc, exc_info=True)
+                place.value = (
+                    f'<div class="fw-msg-error fw-section-error">This part could not be drawn: '
+                    f"{esc(friendly(exc))}</div>"
+                )
+
+    def _draw_overview(self) -> None:
+        rows = [
+            [
+                f"<b>{esc(m.name)}</b>",
+                esc(m.description),
+                esc(m.stages.get("Production", "-")),
+                esc(m.stages.get("Staging", "-")),
+                esc(m.latest_version or "-"),
             ]
-            self.overview.value = table(["model", "description", "Production", "Staging", "latest"], rows)
-        versions = registry.list_versions(self.model.value, store)
-        stats = rating_stats(self.model.value, self.runtime)
-        self.versions.value = versions_table(versions, stats)
-        png = trend_png(stats)
+            for m in registry.list_models(self.runtime.store)
+        ]
+        self.overview.value = table(["model", "description", "Production", "Staging", "latest"], rows)
+
+    def _draw_versions(self) -> None:
+        self._stats: dict[str, VersionStats] = {}
+        versions = registry.list_versions(self.model.value, self.runtime.store)
+        self._stats = rating_stats(self.model.value, self.runtime)
+        self.versions.value = versions_table(versions, self._stats)
+
+    def _draw_trend(self) -> None:
+        self.trend.layout.display = "none"  # no stale plot, whatever happens below
+        png = trend_png(self._stats)
         self.trend.value = png
         self.trend.layout.display = "block" if png else "none"
         self.trend_note.value = (
             "" if png else '<div class="fw-muted">No ratings yet for this model; the trend shows here.</div>'
         )
-        queues = review.list_queues(store, self.model.value)
+
+    def _draw_promote(self) -> None:
+        versions = registry.list_versions(self.model.value, self.runtime.store)
+        current, values = self.promote_version.value, [v.version for v in versions]
+        self.promote_version.options = [(f"v{v.version} · {v.stage}", v.version) for v in versions]
+        self.promote_version.value = current if current in values else values[0] if values else None
+        self.cancel()
+
+    def _draw_agreement_queues(self) -> None:
+        queues = review.list_queues(self.runtime.store, self.model.value)
         wanted = self.agree_queue.value
         self.agree_queue.options = [("all reviewers", "")] + [
             (q.name.split("/", 1)[1], q.name.split("/", 1)[1]) for q in queues
@@ -436,6 +497,10 @@ class ModelsPanel(widgets.VBox):
         names = [v for _, v in self.agree_queue.options]
         self.agree_queue.value = wanted if wanted in names else ""
         self.refresh_agreement()
+
+    def _draw_progress(self) -> None:
+        """The review progress table and the adjudication queue's choices (they share the figures)."""
+        queues = review.list_queues(self.runtime.store, self.model.value)
         progress = [review.queue_progress(self.runtime, q) for q in queues]
         self.review_progress.value = progress_html(progress)
         chosen = self.adj_queue.value
@@ -445,12 +510,12 @@ class ModelsPanel(widgets.VBox):
         ]
         shorts = [v for _, v in self.adj_queue.options]
         self.adj_queue.value = chosen if chosen in shorts else (shorts[0] if shorts else None)
+
+    def _draw_live(self) -> None:
         self.live.value = live_table(canary.live_report(self.runtime, self.model.value))
-        self.timeline.value = timeline_html(audit.timeline(store, self.model.value, limit=50))
-        current, values = self.promote_version.value, [v.version for v in versions]
-        self.promote_version.options = [(f"v{v.version} · {v.stage}", v.version) for v in versions]
-        self.promote_version.value = current if current in values else values[0] if values else None
-        self.cancel()
+
+    def _draw_timeline(self) -> None:
+        self.timeline.value = timeline_html(audit.timeline(self.runtime.store, self.model.value, limit=50))
 
     def refresh_agreement(self) -> None:
         """Agreement of the chosen queue's reviewers (or of everyone who rated the model)."""
@@ -468,12 +533,19 @@ class ModelsPanel(widgets.VBox):
             self.report.labels.get(self.agree_label.value) if self.report and self.agree_label.value else None
         )
         lab = lab if lab is not None and lab.items else None
-        png = agreement_png(lab) if lab is not None else b""
+        try:
+            png = agreement_png(lab) if lab is not None else b""
+        except Exception as exc:  # the figures above it still show
+            log.warning("agreement plot failed: %s", exc, exc_info=True)
+            why = esc(friendly(exc))
+            png, failed = b"", f'<div class="fw-msg-error">The plot could not be drawn: {why}</div>'
+        else:
+            failed = ""
         plot = (
             f'<img class="fw-agreement-plot" alt="kappa per pair" style="max-width:760px" '
             f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
             if png
-            else ""
+            else failed
         )
         self.agreement.value = agreement_html(lab) + plot
 
@@ -522,6 +594,8 @@ class ModelsPanel(widgets.VBox):
         if self.pending is None:
             say(self.status, "error", "Nothing to confirm.")
             return None
+        if not self.signed_in_ok(self.status):
+            return None
         if not self.admin_ok():
             what = "Rollback" if self.pending[1] == ROLLBACK else "Promotion"
             say(self.status, "error", f"{what} needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
@@ -529,12 +603,16 @@ class ModelsPanel(widgets.VBox):
         version, stage = self.pending
         if stage == ROLLBACK:
             info = rollback.rollback(
-                self.runtime.store, self.model.value, expected=version, actor=ACTOR, reason="rollback button"
+                self.runtime.store,
+                self.model.value,
+                expected=version,
+                actor=self.actor(),
+                reason="rollback button",
             )
             self.refresh()
             say(self.status, "ok", f"Rolled back: {info.name} v{info.version} is Production again.")
             return info
-        info = registry.promote(self.model.value, version, stage, self.runtime.store, actor=ACTOR)
+        info = registry.promote(self.model.value, version, stage, self.runtime.store, actor=self.actor())
         self.refresh()
         say(
             self.status,
@@ -546,6 +624,19 @@ class ModelsPanel(widgets.VBox):
     def cancel(self) -> None:
         self.pending = None
         self.confirm_box.layout.display = "none"
+
+    def signed_in_ok(self, status: widgets.HTML) -> bool:
+        """False (and says so in `status`) when authentication is configured and nobody signed in:
+        such a page writes nothing."""
+        if self.visitor.writer("") is None:
+            say(status, "error", SIGN_IN_REQUIRED)
+            return False
+        return True
+
+    def actor(self) -> str:
+        """Who the audit trail names for a promotion or rollback: the dashboard, and behind
+        authentication the signed-in user too."""
+        return f"{ACTOR} ({self.visitor.signed_in})" if self.visitor.signed_in else ACTOR
 
     def admin_ok(self) -> bool:
         """The admin key typed matches FLYWHEEL_ADMIN_KEY (always true when none is set)."""
@@ -560,6 +651,8 @@ class ModelsPanel(widgets.VBox):
 
     def define_label(self) -> review.Label | None:
         """Define one of the model's own questions (an MLflow label schema `model:question`)."""
+        if not self.signed_in_ok(self.setup_status):
+            return None
         if not self.admin_ok():
             say(
                 self.setup_status,
@@ -585,6 +678,8 @@ class ModelsPanel(widgets.VBox):
 
     def create_queue(self) -> review.Queue | None:
         """Create (or update the reviewers and k of) a queue of the model, with the chosen questions."""
+        if not self.signed_in_ok(self.setup_status):
+            return None
         if not self.admin_ok():
             say(
                 self.setup_status, "error", "Creating queues needs the admin key (FLYWHEEL_ADMIN_KEY is set)."
@@ -619,13 +714,16 @@ class ModelsPanel(widgets.VBox):
 
     def show_adjudication(self) -> review.AdjudicationItem | None:
         """The oldest item waiting in the chosen queue's adjudication queue, with every answer."""
+        if not self.signed_in_ok(self.adj_status):
+            return None
         if not self.admin_ok():
             say(self.adj_status, "error", "Adjudication needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
             return None
         if not self.adj_queue.value:
             say(self.adj_status, "info", "This model has no review queue.")
             return None
-        name = self.adj_name.value.strip() or "admin"
+        # behind authentication the signed-in user, never what the Adjudicator box says
+        name = self.visitor.writer(self.adj_name.value) or "admin"
         adj = self.adjudication
         if adj is None or adj.queue is None or adj.name != review.normalize_reviewer(name):
             adj = self.adjudication = review.Adjudication(
@@ -661,6 +759,8 @@ class ModelsPanel(widgets.VBox):
 
     def decide(self, rating: str) -> None:
         """The decision on the item shown: an assessment of source `adjudicator:<name>`."""
+        if not self.signed_in_ok(self.adj_status):
+            return
         if not self.admin_ok():
             say(self.adj_status, "error", "Adjudication needs the admin key (FLYWHEEL_ADMIN_KEY is set).")
             return

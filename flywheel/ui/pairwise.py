@@ -18,12 +18,15 @@ from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
     NO_MODELS,
+    SIGN_IN_REQUIRED,
+    Visitor,
     badge,
     button,
     classed,
     empty_state,
     esc,
     fields_html,
+    hold_name,
     html_widget,
     parse_query,
     say,
@@ -49,7 +52,12 @@ class PairwisePanel(widgets.VBox):
         self.add_class("fw-panel")
         self.add_class("fw-pairwise-panel")
         self.runtime, self.model = runtime, model
+        # who prefers, read on the server now (see `Visitor`): behind authentication the signed-in
+        # user, whatever the Reviewer box or `?reviewer=` says
+        self.visitor = Visitor.at_open(runtime.settings)
         self.reviewer = classed(widgets.Text(value=reviewer, description="Reviewer"), "fw-reviewer")
+        hold_name(self.reviewer, self.visitor)
+        self.identity = html_widget(self.visitor.note("the Reviewer box"), "fw-identity")
         self.card = html_widget("", "fw-pair")
         self.status = html_widget("", "fw-status")
         self.buttons = {
@@ -66,6 +74,7 @@ class PairwisePanel(widgets.VBox):
             html_widget(CSS),
             html_widget(keys, "fw-keys"),
             self.reviewer,
+            self.identity,
             self.card,
             widgets.HBox(list(self.buttons.values())),
             html_widget('<div class="fw-muted">Keys: <b>A</b>, <b>B</b>, <b>T</b> (tie).</div>'),
@@ -75,8 +84,18 @@ class PairwisePanel(widgets.VBox):
             b.on_click(lambda _, choice=CHOICES[cls]: self.choose(choice))
         self.next()
 
+    def _who(self) -> str | None:
+        """The reviewer's id (None: anyone without authentication, nobody behind it)."""
+        return self.visitor.writer(self.reviewer.value) or None
+
     def next(self) -> canary.ShadowPair | None:
-        pairs = canary.shadow_pairs(self.runtime, self.model, self.reviewer.value.strip() or None, limit=1)
+        if self.visitor.writer("") is None:  # behind authentication, nobody signed in: nothing to do
+            self.current = None
+            for b in self.buttons.values():
+                b.disabled = True
+            self.card.value = f'<div class="fw-muted">{esc(SIGN_IN_REQUIRED)}</div>'
+            return None
+        pairs = canary.shadow_pairs(self.runtime, self.model, self._who(), limit=1)
         self.current = pairs[0] if pairs else None
         for b in self.buttons.values():
             b.disabled = self.current is None
@@ -96,14 +115,15 @@ class PairwisePanel(widgets.VBox):
         return p
 
     def choose(self, preferred: str) -> list[str] | None:
+        if self.visitor.writer("") is None:
+            say(self.status, "error", SIGN_IN_REQUIRED)
+            return None
         if self.current is None:
             say(self.status, "error", "Nothing to compare.")
             return None
         p = self.current
         try:
-            ids = feedback.prefer(
-                self.runtime, p.a_trace, p.b_trace, preferred, user_id=self.reviewer.value.strip() or None
-            )
+            ids = feedback.prefer(self.runtime, p.a_trace, p.b_trace, preferred, user_id=self._who())
         except Exception as exc:
             say(self.status, "error", str(exc))
             return None
@@ -123,7 +143,8 @@ def pairwise_panel(
     """A/B review of a model's shadow answers against the answers Production served.
 
     `query_string` (Voila's QUERY_STRING) may choose the model and the reviewer
-    (`?model=joke-generator&reviewer=alice`); without a model, the first registered one.
+    (`?model=joke-generator&reviewer=alice`; the reviewer is ignored behind authentication: see
+    `Visitor`); without a model, the first registered one.
     """
     try:
         query = parse_query(query_string)

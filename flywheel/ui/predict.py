@@ -18,6 +18,8 @@ from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
     NO_MODELS,
+    SIGN_IN_REQUIRED,
+    Visitor,
     button,
     classed,
     empty_state,
@@ -25,6 +27,7 @@ from flywheel.ui.base import (
     feedback_table,
     fields_html,
     guarded,
+    hold_name,
     html_widget,
     lm_saw_html,
     model_names,
@@ -51,6 +54,9 @@ class PredictPanel(widgets.VBox):
         self.receipt: feedback.Receipt | None = None
         self.rating: str | None = None
         self._quiet = False
+        # who the feedback is from, read on the server now (see `Visitor`): behind authentication
+        # the signed-in user, whatever the "Your name" box or `?user=` says
+        self.visitor = Visitor.at_open(runtime.settings)
         self.status = html_widget("", "fw-status")
         names = model_names(runtime)
         if not names:
@@ -77,6 +83,8 @@ class PredictPanel(widgets.VBox):
             "fw-comment",
         )
         self.user = classed(widgets.Text(value=user_id, description="Your name"), "fw-user")
+        hold_name(self.user, self.visitor)
+        self.identity = html_widget(self.visitor.note("the Your name box"), "fw-identity")
         self.submit_button = button("Submit feedback", "fw-submit", "success", icon="check")
         self.stored = html_widget("", "fw-stored")
         self.rate_box = classed(
@@ -88,6 +96,7 @@ class PredictPanel(widgets.VBox):
                     self.corrections_box,
                     self.comment,
                     widgets.HBox([self.user, self.submit_button]),
+                    self.identity,
                     self.stored,
                 ],
                 layout=widgets.Layout(display="none"),
@@ -143,7 +152,10 @@ class PredictPanel(widgets.VBox):
         }
         self.inputs_box.children = list(self.inputs.values())
 
-    def do_predict(self) -> serving.Prediction:
+    def do_predict(self) -> serving.Prediction | None:
+        if self.visitor.writer("") is None:  # behind authentication with nobody signed in: no trace
+            say(self.status, "error", SIGN_IN_REQUIRED)
+            return None
         values = {k: w.value for k, w in self.inputs.items()}
         model, ref = self.model.value, self.ref.value
         written: dict[str, str] = {}
@@ -192,6 +204,10 @@ class PredictPanel(widgets.VBox):
         self.down.button_style = "danger" if self.rating == "thumbs_down" else ""
 
     def do_submit(self) -> feedback.Receipt | None:
+        user_id = self.visitor.writer(self.user.value)  # behind authentication: the signed-in user
+        if user_id is None:
+            say(self.status, "error", SIGN_IN_REQUIRED)
+            return None
         if self.prediction is None:
             say(self.status, "error", "Predict something first.")
             return None
@@ -204,7 +220,7 @@ class PredictPanel(widgets.VBox):
             self.rating,
             corrected_output=corrections(self.corrections, self.prediction.result),
             comment=self.comment.value,
-            user_id=self.user.value,
+            user_id=user_id,
         )
         delivered = self.runtime.outbox.deliver_available(max_batches=20)
         rows = stored_feedback(self.prediction.trace_id, self.runtime) if delivered else []
@@ -235,7 +251,8 @@ def predict_panel(
 ) -> PredictPanel:
     """Pick a model and version, type its inputs, predict, rate and see the stored assessments.
 
-    `query_string` (Voila's QUERY_STRING) may set `model`, `version` and `user` (or `reviewer`)."""
+    `query_string` (Voila's QUERY_STRING) may set `model`, `version` and `user` (or `reviewer`;
+    ignored behind authentication: see `Visitor`)."""
     q = parse_query(query_string)
     return PredictPanel(
         runtime or get_runtime(), q.get("model", model), q.get("version", ref), q.get("reviewer", user_id)

@@ -15,7 +15,9 @@ click of the four buttons talks to the kernel directly: the listener reads the
 shown trace id, the correction boxes, the comment and the reviewer from the
 page (only boxes marked with the shown trace id: the card may be drawn
 before that item's boxes) and sends them with the action in one message, as the JSON value of a
-hidden Text widget (`fw-channel`). That value carries the last few events with
+hidden Text widget (`fw-channel`). The reviewer it sends is a name only without authentication;
+behind it the panel rates as the signed-in user it read on the server (`base.Visitor`), whatever
+the page sends. That value carries the last few events with
 increasing `seq` numbers (a held-back value is replaced, not queued, so a
 lone event could be lost); the kernel acts on each new `seq` once, in order,
 rates with the values the event carries, and ignores an event meant for an
@@ -35,13 +37,13 @@ from typing import Any
 import ipywidgets as widgets
 
 from flywheel import registry, review
-from flywheel.config import signed_in_user
 from flywheel.review import NUMERIC, PASS_FAIL, TEXT, Label, QueueItem, ReviewQueue, list_queues
 from flywheel.review import steps as review_steps
 from flywheel.runtime import Runtime, get_runtime
 from flywheel.ui.base import (
     CSS,
     Looks,
+    Visitor,
     after_cell,
     badge,
     button,
@@ -223,7 +225,9 @@ class RatingPanel(widgets.VBox):
                 ),
             ]
             return
-        self.signed_in: str | None = None  # open_for reads it: the header comes with the request
+        # who rates: open_for reads it on the server (the header comes with the request); behind
+        # authentication the Reviewer box only shows it (see `Visitor`)
+        self.visitor = Visitor(None)
         self.reviewer = classed(
             widgets.Text(
                 description="Reviewer", placeholder="your name", continuous_update=False, **looks.text
@@ -312,17 +316,17 @@ class RatingPanel(widgets.VBox):
         here: the signed-in reviewer (its header arrives with the request), the model list, the
         versions and queues, the worklist."""
         names = names if names is not None else model_names(self.runtime)
-        # behind authentication the reviewer is who signed in, never what is typed
-        self.signed_in = signed_in_user(self.runtime.settings)
+        # behind authentication the reviewer is who signed in, never what is typed or sent
+        self.visitor = Visitor.at_open(self.runtime.settings)
         self._quiet = True
         try:
-            self.reviewer.disabled = self.signed_in is not None
-            self.reviewer.value = reviewer if self.signed_in is None else self.signed_in
+            self.reviewer.disabled = self.visitor.locked
+            self.reviewer.value = self.visitor.shown_name(reviewer)
             self.model.options = names
             self.model.value = model if model in names else names[0]
         finally:
             self._quiet = False
-        self.identity.value = self._identity_note()
+        self.identity.value = self.visitor.note("the Reviewer box")
         self._wanted_queue = queue
         guarded(self.status)(self._load_versions)(version)
 
@@ -387,29 +391,34 @@ class RatingPanel(widgets.VBox):
             self.runtime,
             self.model.value,
             version,
-            self.reviewer.value.strip(),
+            self._who(),
             self.queue_choice.value or "default",
         )
         self.labels = self.queue.extra_labels
         self.queue.next()
         self._show()
 
-    def _identity_note(self) -> str:
-        if self.signed_in is None:
-            return (
-                '<div class="fw-muted fw-no-auth">No authentication is configured: ratings are recorded '
-                "under the name typed in the Reviewer box.</div>"
-            )
-        if not self.signed_in:
-            return (
-                '<div class="fw-msg fw-msg-error fw-not-signed-in">Sign-in required: this dashboard takes '
-                "the reviewer from the signed-in user, and no user came with this page.</div>"
-            )
-        return f'<div class="fw-muted fw-signed-in">Signed in as <b>{esc(self.signed_in)}</b>.</div>'
+    @property
+    def signed_in(self) -> str | None:
+        """The signed-in reviewer read when the panel opened; None without authentication."""
+        return self.visitor.signed_in
+
+    def _who(self) -> str:
+        """Who the worklist (and so every rating, skip and undo) is for: the signed-in user
+        behind authentication ("" when nobody: no worklist), else the typed name."""
+        return self.visitor.writer(self.reviewer.value) or ""
 
     def _reviewer_changed(self, _: Any) -> None:
-        if self.signed_in is not None:
-            return  # the signed-in user cannot be changed from the page
+        if self.visitor.locked:
+            # the page sent another name (a tampered box): show the signed-in user again; the
+            # worklist never followed the box
+            if self.reviewer.value != self.visitor.shown_name(""):
+                self._quiet = True
+                try:
+                    self.reviewer.value = self.visitor.shown_name("")
+                finally:
+                    self._quiet = False
+            return
         self._restart()  # another reviewer: another worklist
 
     def _release(self) -> None:
@@ -599,8 +608,8 @@ class RatingPanel(widgets.VBox):
     def act(self, event: dict[str, Any]) -> None:
         """One action with what the page showed when it was asked for: {action, trace, correction,
         comment, reviewer}; an action on an item no longer shown is ignored."""
-        who = event.get("reviewer")
-        if self.signed_in is None and isinstance(who, str) and who != self.reviewer.value:
+        who = event.get("reviewer")  # the page's Reviewer box: a name only without authentication
+        if not self.visitor.locked and isinstance(who, str) and who != self.reviewer.value:
             self.reviewer.value = who  # typed just before; its own sync may still be on its way
         action = event.get("action")
         if action == "undo":
