@@ -1,7 +1,9 @@
 """The audit trail: who moved what in the registry, when, why, and on what evidence.
 
 Every promotion, rollback, alias move and traffic-plan change (canary, shadow) is one
-entry. An entry is an MLflow run in the experiment `<FLYWHEEL_EXPERIMENT>-audit`, so it
+entry; so is an alias move flywheel finds made outside it (`moved-outside`), a version a host
+refused to load (`refused-load`) and a version a person adopted (`trust`). An entry is an
+MLflow run in the experiment `<FLYWHEEL_EXPERIMENT>-audit`, so it
 is durable, shared by every host and browsable in the MLflow UI; the registry also
 tags the version it concerns (`registry._tag_audit`), so the version itself says what
 happened to it. The models dashboard draws `timeline(...)` from the runs.
@@ -22,7 +24,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flywheel.store import Store
 
-ACTIONS = ("promote", "rollback", "alias", "canary", "shadow", "model-tag")
+ACTIONS = (
+    "promote",
+    "rollback",
+    "alias",
+    "canary",
+    "shadow",
+    "model-tag",
+    "moved-outside",  # an alias or stage found moved by something other than flywheel
+    "refused-load",  # a host refused to load a version flywheel did not register, or whose files changed
+    "trust",  # a person adopted a version after inspecting it (`flywheel trust`)
+)
 TAG_CHARS = 4800  # below MLflow's 5,000 for model version tags and 8,000 for run tags
 SYSTEM = "system"
 _MODEL_KEY = "flywheel.audit.model_key"
@@ -33,7 +45,7 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _model_key(model: str) -> str:
+def model_key(model: str) -> str:
     # a hash: user text never enters an MLflow filter string (its syntax cannot escape quotes)
     return hashlib.sha256(model.encode()).hexdigest()[:24]
 
@@ -98,7 +110,7 @@ def record(
         now_ms(), model, action, version, (actor or SYSTEM)[:200], reason[:TAG_CHARS], dict(evidence or {})
     )
     tags = {
-        _MODEL_KEY: _model_key(model),
+        _MODEL_KEY: model_key(model),
         f"{_PREFIX}model": model[:TAG_CHARS],
         f"{_PREFIX}action": action,
         f"{_PREFIX}version": version or "",
@@ -118,7 +130,7 @@ def timeline(store: Store, model: str, limit: int = 200) -> list[AuditEntry]:
     """The model's entries, newest first (read from the runs: complete even if a tag was cut)."""
     runs = store.client.search_runs(
         [experiment_id(store)],
-        filter_string=f"tags.`{_MODEL_KEY}` = '{_model_key(model)}'",
+        filter_string=f"tags.`{_MODEL_KEY}` = '{model_key(model)}'",
         max_results=limit,
         order_by=["attributes.start_time DESC"],
     )

@@ -83,6 +83,14 @@ def _alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust(args: argparse.Namespace) -> int:
+    from flywheel import registry
+
+    info = registry.trust(args.name, args.version, actor=_actor(args), reason=args.reason or "")
+    print(f"{info.name} version {info.version} trusted: sha256 {info.tags[registry.CONTENT_TAG]}")
+    return 0
+
+
 def _actor(args: argparse.Namespace) -> str:
     import getpass
 
@@ -305,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
     p.add_argument("--by", default=None, help="who (default: your user name)")
     p.set_defaults(handler=_alias)
+    p = sub.add_parser(
+        "trust",
+        help="adopt a version flywheel did not register (or whose files changed), after inspecting it",
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    p.add_argument("--reason", default=None, help="why (kept in the audit trail)")
+    p.add_argument("--by", default=None, help="who (default: your user name)")
+    p.set_defaults(handler=_trust)
     p = sub.add_parser(
         "rollback", help="put the version the current Production replaced back into Production"
     )

@@ -29,6 +29,7 @@ __all__ = [
     "RollbackError",
     "TraceNotFound",
     "Unavailable",
+    "UntrustedVersion",
 ]
 
 
@@ -164,3 +165,15 @@ class RollbackError(FlywheelError, RuntimeError):
     longer the version the caller judged, or another host already rolled this promotion back."""
 
     status = 409
+
+class UntrustedVersion(FlywheelError, RuntimeError):
+    """A version flywheel will not load: not registered by flywheel (no content hash recorded), or
+    its files differ from what was registered. 409: the request is fine and the server works; the
+    registry's state (what the reference points at) has to change first (promote another version,
+    or `flywheel trust` this one after inspecting it). Not a 404: the version exists."""
+
+    status = 409
+
+    def __init__(self, name: str, version: str, why: str) -> None:
+        self.name, self.version, self.why = name, version, why
+        super().__init__(f"version {version} of {name!r} {why} — refusing to load it")

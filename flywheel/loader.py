@@ -13,14 +13,23 @@ worker processes. On any registry error other than a definitive "not found" the
 loader keeps serving what it resolved last, from memory or, in a cold or
 restarted process, from disk; a reference this host never resolved, or a
 version whose artifacts it never fetched, is `Unavailable` (503), not a 404.
+
+Only what flywheel registered is unpickled: a version must carry `flywheel.registered=true` and
+the sha256 of its files (`registry.CONTENT_TAG`), and the local copy must hash to it, checked
+right before every load (`load_program`). Anything else is `UntrustedVersion` (409) and one
+`refused-load` audit entry per version per process. A stage or alias found pointing somewhere
+flywheel did not move it is written to the audit trail when it is resolved
+(`registry.audit_outside_move`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -32,12 +41,13 @@ from typing import Any
 import dspy
 import mlflow
 
-from flywheel import registry
-from flywheel.errors import ModelNotFound, Unavailable
+from flywheel import audit, registry
+from flywheel.errors import ModelNotFound, Unavailable, UntrustedVersion
 from flywheel.registry import VersionInfo
 from flywheel.store import Store, is_missing, quiet
 
 REGISTRY, FALLBACK = "mlflow", "last-known-good"  # where a resolution in memory came from
+log = logging.getLogger("flywheel.loader")
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,8 @@ class Loader:
         self._resolved: dict[tuple[str, str], _Resolved] = {}
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._served: dict[tuple[str, str], LoadedProgram] = {}  # per reference: what it served last
+        # a version whose files did not match: not fetched again while its recorded hash is the same
+        self._refused: dict[tuple[str, str], tuple[str | None, float, UntrustedVersion]] = {}
 
     def _ref_key(self, ref: str | int | None) -> str:
         return str(ref if ref is not None else self.store.settings.default_model_stage)
@@ -217,6 +229,11 @@ class Loader:
             self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
         if hit is None or hit.info != info or hit.source != REGISTRY:
             self.lkg.remember(name, key[1], info)
+        if hit is None or hit.info.version != info.version or hit.source != REGISTRY:
+            try:  # a new holder: did flywheel move the alias there? (once per change, not per request)
+                registry.audit_outside_move(self.store, name, key[1], info)
+            except Exception as exc:  # the audit never fails a request
+                log.warning("could not check how %s (%s) moved: %s", name, key[1], exc)
         return info
 
     def peek(self, name: str, ref: str | int | None) -> LoadedProgram | None:
@@ -275,6 +292,13 @@ class Loader:
             return loaded
 
     def _load_program(self, info: VersionInfo) -> dspy.Module:
+        check_registered(self.store, info)  # before any download
+        expected = registry.trust_state(info)[1]
+        with self._lock:
+            refused = self._refused.get((info.name, info.version))
+        if refused is not None and refused[0] == expected:
+            if time.monotonic() - refused[1] < max(self.store.settings.flywheel_resolve_ttl, 1.0):
+                raise refused[2]
         try:
             path = self.lkg.fetch(info)
         except Exception as exc:
@@ -285,7 +309,14 @@ class Loader:
                 f"({type(exc).__name__}: {exc})"
             ) from None
         self.lkg.remember_version(info)
-        return load_program(self.store, info, path)
+        try:
+            check_content(self.store, info, path)
+        except UntrustedVersion as exc:
+            shutil.rmtree(path, ignore_errors=True)  # fetched afresh next time (a copy spoilt on disk heals)
+            with self._lock:
+                self._refused[(info.name, info.version)] = (expected, time.monotonic(), exc)
+            raise
+        return _unpickle(self.store, info, path)
 
     def output_fields(self, name: str, version: str) -> list[str]:
         """A version's output fields, from what this host knows first (memory, then its disk), so
@@ -318,19 +349,101 @@ class Loader:
             self._resolved.clear()
             self._loading.clear()
             self._served.clear()
+            self._refused.clear()
+
+
+_audited_lock = threading.Lock()
+_audited: set[tuple[str, ...]] = set()  # refusals already in the audit trail, from this process
+
+
+def _refuse(store: Store, info: VersionInfo, why: str, **evidence: Any) -> UntrustedVersion:
+    """The refusal to raise; its audit entry is written once per version (and reason) per process."""
+    error = UntrustedVersion(info.name, info.version, why)
+    identity = (store.tracking_uri, info.name, info.version, info.run_id or "", info.created_at.isoformat())
+    once = (*identity, *(str(v) for v in evidence.values()))
+    with _audited_lock:
+        first = once not in _audited
+        _audited.add(once)
+    if first:
+        try:
+            entry = audit.record(
+                store,
+                info.name,
+                "refused-load",
+                info.version,
+                reason=str(error),
+                evidence={"host": socket.gethostname(), "pid": os.getpid(), **evidence},
+            )
+            registry._tag_audit(store, info.name, info.version, entry)
+        except Exception as exc:  # the refusal stands without its entry; try again next time
+            with _audited_lock:
+                _audited.discard(once)
+            log.warning("could not audit the refusal of %s v%s: %s", info.name, info.version, exc)
+    log.warning("%s", error)
+    return error
+
+
+def check_registered(store: Store, info: VersionInfo) -> None:
+    """UntrustedVersion unless the version's tags say flywheel registered it, with its files' sha256."""
+    registered, expected = registry.trust_state(info)
+    if not registered or expected is None:
+        raise _refuse(
+            store,
+            info,
+            f"was not registered by flywheel (no {registry.CONTENT_TAG} tag)",
+            registered=registered,
+            content_sha256=info.tags.get(registry.CONTENT_TAG),
+        )
+
+
+def check_content(store: Store, info: VersionInfo, path: Path) -> None:
+    """UntrustedVersion unless the files under `path` hash to what flywheel recorded at registration.
+
+    Bytecode caches are deleted first: a registered model holds none, so any there were written
+    by this host's Python or put there by someone else, and none is used unchecked.
+    """
+    check_registered(store, info)
+    for folder, dirs, _files in os.walk(path, followlinks=False):
+        for cache in [d for d in dirs if d == "__pycache__"]:
+            target = os.path.join(folder, cache)
+            if os.path.islink(target):
+                os.unlink(target)
+            else:
+                shutil.rmtree(target, ignore_errors=True)
+    expected = registry.trust_state(info)[1]
+    actual = registry.content_sha256(path)
+    if actual != expected:
+        raise _refuse(
+            store,
+            info,
+            f"has files that differ from what flywheel registered (sha256 {actual[:12]}…, "
+            f"registered {str(expected)[:12]}…)",
+            expected=expected,
+            actual=actual,
+        )
 
 
 def load_program(store: Store, info: VersionInfo, path: Path | None = None) -> dspy.Module:
-    """Load one version's DSPy program through pyfunc (from `path`, a local copy, when given),
-    leaving global and per-thread MLflow state alone."""
+    """Load one version's DSPy program through pyfunc, leaving global and per-thread MLflow state
+    alone; only after checking that flywheel registered it and that its files are the ones it
+    registered. From `path` (a local copy) when given, else from this host's last-known-good copy."""
+    check_registered(store, info)
+    if path is None:
+        path = LastKnownGood(store.settings.flywheel_home / "last-known-good", store).fetch(info)
+    check_content(store, info, path)
+    return _unpickle(store, info, path)
+
+
+def _unpickle(store: Store, info: VersionInfo, path: Path) -> dspy.Module:
+    """The program from a local copy already checked (check_content)."""
     with (
-        store.fluent(),  # a models:/ URI resolves in the fluent registry: this store's
+        store.fluent(),
         store.active_model_preserved(),
         quiet("mlflow.tracking.fluent"),
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore")
-        pyfunc = mlflow.pyfunc.load_model(str(path) if path is not None else info.uri)
+        pyfunc = mlflow.pyfunc.load_model(str(path))
     program = store.unwrap_pyfunc(pyfunc)
     if not isinstance(program, dspy.Module):
         raise TypeError(f"{info.uri} is not a DSPy program logged with the mlflow.dspy flavor")

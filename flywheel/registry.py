@@ -9,10 +9,18 @@ Promotion is atomic for readers: the alias moves to the target first (one write,
 and `resolve` asks the alias before the stage), then the target takes the stage,
 and only then is the previous holder archived, so a concurrent resolution sees
 the old version or the new one, never none.
+
+Only what flywheel registered is served. `register_program` tags every version it makes
+`flywheel.registered=true` with the sha256 of its model files (`content_sha256`, as stored:
+the files are read back once right after the upload); the loader recomputes it over the files
+it is about to unpickle and refuses anything else. `trust` adopts a version made some other
+way, after a person has inspected it. Every alias and stage flywheel moves is an audit entry;
+`audit_outside_move` writes one for a move it finds made some other way (a raw MLflow call).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +53,12 @@ SCORE_TAG = "score"
 PREVIOUS_TAG = "flywheel.previous_production"  # the version a Production promotion replaced
 PROMOTED_AT_TAG = "flywheel.promoted_at"  # ms: tells one promotion of a version from a later one
 PROMOTED_BY_TAG = "flywheel.promoted_by"  # the action that made it Production: promote or rollback
+REGISTERED_TAG = "flywheel.registered"  # "true" on every version flywheel registered (or `trust` adopted)
+CONTENT_TAG = "flywheel.content_sha256"  # content_sha256 of the version's model files, as stored
+MOVED_AT_TAG = "flywheel.moved_at."  # + alias: ms when flywheel began moving that alias (or stage) here
+OUTSIDE_ACTION = "moved-outside"  # the audit action of an alias move flywheel did not make
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DOWNLOAD_META = "registered_model_meta"  # written by MLflow into each models:/ download, not stored
 _DIGITS = re.compile(r"^v?(\d+)$")
 
 
@@ -150,6 +164,62 @@ def _raise_unless_missing(exc: MlflowException) -> None:
         raise exc
 
 
+def content_sha256(root: str | os.PathLike[str]) -> str:
+    """The sha256 of a model directory: every file's relative path (sorted) and bytes.
+
+    A symlink counts as its target's text (a registered model holds none). Left out: the
+    `registered_model_meta` file MLflow writes (name and version, overwriting any) into every
+    copy it downloads by a `models:/` URI, and `__pycache__` directories: MLflow removes them
+    before it uploads a model, and Python writes them into a local copy when a model's
+    `code_paths` are imported (the loader deletes them before it checks a copy, so no bytecode
+    it did not check is ever used).
+    """
+    digest = hashlib.sha256()
+    entries: list[tuple[str, str]] = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        for name in [*files, *links]:
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if rel != _DOWNLOAD_META:
+                entries.append((rel, full))
+    for rel, full in sorted(entries):
+        if os.path.islink(full):
+            kind, body = b"L", hashlib.sha256(os.readlink(full).encode()).hexdigest()
+        else:
+            file_digest = hashlib.sha256()
+            with open(full, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    file_digest.update(chunk)
+            kind, body = b"F", file_digest.hexdigest()
+        name = rel.encode("utf-8", "surrogateescape")
+        digest.update(b"%d:" % len(name) + name + kind + body.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _stored_sha256(uri: str, store: Store) -> str:
+    """content_sha256 of the model files at `uri` as the artifact store holds them (read back once)."""
+    import tempfile
+
+    with (
+        tempfile.TemporaryDirectory(prefix="flywheel-hash-") as tmp,
+        store.fluent(),
+        quiet("mlflow.tracking.fluent"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        return content_sha256(local)
+
+
+def trust_state(info: VersionInfo) -> tuple[bool, str | None]:
+    """(registered by flywheel, the content sha256 it recorded) as the version's tags say."""
+    expected = info.tags.get(CONTENT_TAG, "").strip().lower()
+    registered = info.tags.get(REGISTERED_TAG, "").strip().lower() == "true"
+    return registered, expected if _SHA256.match(expected) else None
+
+
 def _pip_requirements() -> list[str]:
     # Explicit requirements: MLflow would otherwise spend seconds inferring them.
     from importlib.metadata import version
@@ -232,6 +302,10 @@ def register_program(
                 metadata={"flywheel_inputs": inputs, "flywheel_outputs": outputs},
                 code_paths=[str(p) for p in code_paths] if code_paths else None,
             )
+            # MLflow uploads from a temporary folder of its own (no hook): the sha256 is taken of
+            # the files as stored, read back at once, before the version exists to be served
+            all_tags[CONTENT_TAG] = _stored_sha256(model_info.model_uri, store)
+            all_tags[REGISTERED_TAG] = "true"
             mv = client.create_model_version(
                 name,
                 source=model_info.model_uri,
@@ -420,6 +494,7 @@ def promote(
                 client.set_model_version_tag(name, target.version, PROMOTED_BY_TAG, action)
                 if previous is not None:
                     client.set_model_version_tag(name, target.version, PREVIOUS_TAG, previous)
+            _mark_move(store, name, target.version, stage)
             # the target first (the alias moves in one write), the previous holder after
             client.set_registered_model_alias(name, stage, target.version)
             client.transition_model_version_stage(name, target.version, stage)
@@ -451,6 +526,102 @@ def _holder(name: str, stage: str, store: Store) -> str | None:
         return resolve(name, stage, store).version
     except ModelNotFound:
         return None
+
+
+def _moved_key(alias: str) -> str:
+    """The version tag that says when flywheel began moving `alias` (or that stage) to the version."""
+    if re.fullmatch(r"[A-Za-z0-9_\-]{1,200}", alias):
+        return MOVED_AT_TAG + alias
+    return MOVED_AT_TAG + hashlib.sha256(alias.encode()).hexdigest()[:32]
+
+
+def _mark_move(store: Store, name: str, version: str, alias: str) -> None:
+    # written before the alias moves: a host that resolves the new holder before the audit entry
+    # exists sees a flywheel move in progress, not a move made outside flywheel
+    store.client.set_model_version_tag(name, version, _moved_key(alias), str(audit.now_ms()))
+
+
+def _moves_alias(entry: audit.AuditEntry, alias: str) -> bool:
+    """True when the audit entry moved `alias` (a stage through promote/rollback, or a free alias)."""
+    if entry.action in ("promote", "rollback"):
+        return entry.evidence.get("stage") == alias
+    if entry.action in ("alias", OUTSIDE_ACTION):
+        return entry.evidence.get("alias") == alias
+    return False
+
+
+def audit_outside_move(store: Store, name: str, ref: str, info: VersionInfo) -> audit.AuditEntry | None:
+    """When `ref` (Staging, Production or a free alias) resolves to `info` and flywheel did not put
+    it there, write one audit entry `moved-outside` (from, to) and return it; else None.
+
+    What flywheel did is the audit trail: the newest entry that moved this alias names the version
+    it should resolve to. A version whose move flywheel began after that entry (`MOVED_AT_TAG`,
+    written before the alias moves) is a promotion in progress, not an outside move. Each outside
+    move is written once across hosts: the entry is taken as a claim (`Store.claim`) named after
+    the entry it departs from and the version it found, so every host that resolves it at the same
+    moment agrees who writes it, and the next resolution finds it as the newest entry.
+    """
+    try:
+        stage: str | None = canonical_stage(ref)
+    except ConfigError:
+        stage = None
+    if _DIGITS.match(ref) or ref.strip().lower() == "latest" or stage in ("None", "Archived"):
+        return None
+    alias = stage or ref
+    newest = next((e for e in audit.timeline(store, name) if _moves_alias(e, alias)), None)
+    if newest is not None and newest.version == info.version:
+        return None
+    try:
+        began = int(info.tags.get(_moved_key(alias), "0"))
+    except ValueError:
+        began = 0
+    if began and (newest is None or began >= newest.at_ms):
+        return None
+    departed = newest.run_id if newest is not None else "none"
+    alias_key = hashlib.sha256(alias.encode()).hexdigest()[:16]
+    claim = f"moved/{audit.model_key(name)}/{alias_key}/{departed}/{info.version}"
+    if not store.claim(claim):
+        return None  # another host writes it
+    previous = newest.version if newest is not None else None
+    entry = audit.record(
+        store,
+        name,
+        OUTSIDE_ACTION,
+        info.version,
+        reason=(
+            f"{alias} points at version {info.version}, "
+            + (f"not {previous} where flywheel last moved it" if previous else "and flywheel never moved it")
+            + "; the move was made outside flywheel (no audit entry)"
+        ),
+        evidence={"alias": alias, "from": previous, "to": info.version},
+    )
+    _tag_audit(store, name, info.version, entry)
+    return entry
+
+
+def trust(
+    name: str, version: str | int, store: Store | None = None, *, actor: str | None = None, reason: str = ""
+) -> VersionInfo:
+    """Adopt a version flywheel did not register (or whose files changed), after a person has
+    inspected it: record the sha256 of its files as stored now and mark it flywheel's; audited."""
+    store = store or connect()
+    info = get_version(name, version, store)
+    before = trust_state(info)
+    digest = _stored_sha256(info.uri, store)
+    store.client.set_model_version_tag(name, info.version, CONTENT_TAG, digest)
+    store.client.set_model_version_tag(name, info.version, REGISTERED_TAG, "true")
+    _forget(name, store)
+    entry = audit.record(
+        store,
+        name,
+        "trust",
+        info.version,
+        actor=actor,
+        reason=reason,
+        evidence={"content_sha256": digest, "previous_sha256": before[1], "was_registered": before[0]},
+    )
+    _tag_audit(store, name, info.version, entry)
+    return get_version(name, info.version, store)
 
 
 def _tag_audit(store: Store, name: str, version: str, entry: audit.AuditEntry) -> None:
@@ -513,6 +684,7 @@ def set_alias(
         before: str | None = str(store.client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         before = None
+    _mark_move(store, name, target.version, alias)
     store.client.set_registered_model_alias(name, alias, target.version)
     _forget(name, store)
     entry = audit.record(
