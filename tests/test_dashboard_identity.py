@@ -19,11 +19,21 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from test_dashboards import (  # the browser and page helpers of the dashboard tests
+    CARD,
+    LOAD,
+    STEP,
+    browser,  # noqa: F401 (a fixture)
+    ratings,
+    shown,
+    wait_moved_on,
+)
 
 import flywheel
 from flywheel import canary, review
 from flywheel.demo.seed import seed_demo
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
+from flywheel.ui.dashboards import Launched, free_port, launch
 from flywheel.ui.models import ModelsPanel, models_panel
 from flywheel.ui.pairwise import PairwisePanel, pairwise_panel
 from flywheel.ui.predict import PredictPanel, predict_panel
@@ -147,6 +157,64 @@ def test_a_rating_page_without_the_header_writes_nothing(rt: Runtime, visitor: A
     assert every_source(rt, ids) == set()
     assert panel.queue is not None and panel.queue.current is None
     assert "Sign-in required" in panel.identity.value
+
+
+@pytest.fixture(scope="module")
+def voila(rt: Runtime) -> Iterator[Launched]:
+    """Voila over the module's store, passing X-Forwarded-User to its kernels (http_header_envs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(VARIABLE, raising=False)  # the kernels get the header from the request only
+        launched = launch(port=free_port(0), open_api=False, block=False, echo=lambda line: None)
+    try:
+        yield launched
+    finally:
+        launched.stop()
+
+
+@pytest.mark.browser
+def test_in_chromium_a_tampered_reviewer_box_still_rates_as_the_signed_in_user(
+    rt: Runtime,
+    voila: Launched,
+    browser: Any,  # noqa: F811
+) -> None:
+    """The proxy signed mallory in. In the page she removes `disabled` from the Reviewer box,
+    types bob (a colleague in the same queue), opens another worklist and rates: MLflow holds
+    mallory's rating and nothing of bob's."""
+    ids, name = fresh_queue(rt, JOKES, ("mallory", "bob"), 2)
+    context = browser.new_context(
+        viewport={"width": 1100, "height": 900}, extra_http_headers={HEADER: "mallory"}
+    )
+    page = context.new_page()
+    page.set_default_timeout(LOAD)
+    try:
+        url = f"{voila.urls['rating.ipynb']}?reviewer=bob&model={JOKES}&queue={name}"
+        page.goto(url, wait_until="domcontentloaded", timeout=LOAD)
+        page.wait_for_selector(CARD)
+        page.wait_for_selector(".fw-signed-in:has-text('Signed in as mallory')")
+        assert page.input_value(".fw-reviewer input") == "mallory"
+        assert page.is_disabled(".fw-reviewer input")
+        first = shown(page)
+        assert first == ids[0]
+        page.evaluate("document.querySelector('.fw-reviewer input').removeAttribute('disabled')")
+        page.fill(".fw-reviewer input", "bob")
+        page.press(".fw-reviewer input", "Enter")  # the box sends its value (continuous_update off)
+        # another worklist, then back: the old panel built it for the name in the box
+        page.select_option(".fw-version select", label="v2 · Production")
+        page.wait_for_selector(CARD)
+        page.select_option(".fw-version select", label="all versions")
+        page.wait_for_function(
+            "t => document.querySelector('.fw-item .fw-card')?.dataset.traceId === t", arg=first
+        )
+        page.set_default_timeout(STEP)
+        page.click("button.fw-rate-up")  # the listener sends the box's name (no longer disabled)
+        wait_moved_on(page, first)
+        stored = ratings(rt, first, by="mallory")
+        assert [a.source.source_id for a in stored.get("user_rating", [])] == ["mallory"]
+        assert "bob" not in every_source(rt, ids)
+        page.wait_for_selector(".fw-status:has-text('Saved thumbs up as mallory')")
+        assert page.input_value(".fw-reviewer input") == "mallory"  # the kernel put it back
+    finally:
+        context.close()
 
 
 # --- predict page -----------------------------------------------------------------------------
