@@ -65,6 +65,11 @@ class Settings:
     mlflow_auth_admin_password: str | None = None
     flywheel_preheat_kernels: int = 1
     flywheel_kernel_idle_timeout: float = 600.0
+    flywheel_kernel_connect_timeout: float = 45.0  # a dashboard page that never connected
+    flywheel_kernels_per_user: int = 5
+    flywheel_dashboards_token: str | None = None  # unset: a new one per start, in the printed URLs
+    flywheel_trusted_proxies: str = "127.0.0.1,::1"  # peers whose FLYWHEEL_REVIEWER_HEADER counts
+    flywheel_dashboards_hosts: str = ""  # Host names Voila answers besides IP addresses and localhost
     registry_needs_key: bool = False
     max_request_bytes: int = 4_194_304  # a 1 MB text field, JSON-escaped, with room to spare
     max_field_chars: int = 1_048_576
@@ -152,6 +157,8 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "program_threads": (int, 1, 256),
     "flywheel_preheat_kernels": (int, 0, 16),
     "flywheel_kernel_idle_timeout": (float, 5, 30 * 86400),
+    "flywheel_kernel_connect_timeout": (float, 5, 86400),
+    "flywheel_kernels_per_user": (int, 1, 1000),
     "gate_alpha": (float, 0.0001, 0.5),
     "gate_margin": (float, 0, 1),
     "gate_min_rows": (int, 1, 1_000_000),

@@ -8,6 +8,7 @@ is one `mlflow server` per session (tests/pg.py) whose database is emptied for e
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -20,6 +21,9 @@ from flywheel import store
 from flywheel.config import get_settings
 
 pytest_plugins = ["pg"]  # tests/pg.py: the session's PostgreSQL and tracking server
+# every Voila the tests start requires this token (Voila's launchers pass the setting on); the
+# dashboard tests' `open_page` adds it to the URL as a person's first click does
+os.environ.setdefault("FLYWHEEL_DASHBOARDS_TOKEN", "flywheel-tests-dashboards-token")
 BACKENDS = ("sqlite", "postgres")
 
 _ENV_NAMES = [

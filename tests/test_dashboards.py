@@ -39,6 +39,7 @@ from flywheel.ui.dashboards import (
     voila_command,
     voila_env,
     wait_until_up,
+    with_token,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -122,6 +123,7 @@ def browser() -> Iterator[Any]:
 def open_page(browser: Any, url: str, height: int = 900) -> Any:
     page = browser.new_page(viewport={"width": 1100, "height": height})
     page.set_default_timeout(STEP)
+    url = with_token(url, os.environ["FLYWHEEL_DASHBOARDS_TOKEN"])  # tests/conftest.py sets it
     page.goto(url, wait_until="domcontentloaded", timeout=LOAD)  # Voila answers once the kernel started
     return page
 
@@ -178,7 +180,8 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     import httpx
 
     cmd = voila_command(Path("dashboards"), 1234)
-    assert cmd[1:4] == ["-m", "voila", "dashboards"] and "--no-browser" in cmd and "--port=1234" in cmd
+    assert cmd[1:4] == ["-m", "flywheel.ui.voila_app", "dashboards"] and "--no-browser" in cmd
+    assert "--port=1234" in cmd
     wanted = {"FLYWHEEL_REVIEWER_HEADER": "X-User", "FLYWHEEL_KERNEL_IDLE_TIMEOUT": "30"}
     custom = load_settings(wanted, env_file=None)
     cmd = voila_command(Path("dashboards"), 1234, settings=custom)  # both launchers pass theirs
@@ -189,10 +192,11 @@ def test_voila_command_and_launch(voila: Launched) -> None:
     assert Path(env["FLYWHEEL_HOME"]).is_absolute() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
     assert load_settings(env, env_file=None) == get_settings()
     assert voila.api_url and httpx.get(f"{voila.api_url}/health").json()["status"] == "healthy"
-    assert httpx.get(f"{voila.base_url}/voila/tree").status_code == 200
+    signed_in = {"Authorization": f"token {voila.token}"}
+    assert httpx.get(f"{voila.base_url}/voila/tree", headers=signed_in).status_code == 200
     # dashboards/voila.json: the widget manager's hashed scripts are kept by a returning browser
     # (Voila's default asks for each again on every page: a 304 per file, in three waves)
-    page = httpx.get(voila.urls["models.ipynb"], timeout=120).text
+    page = httpx.get(voila.urls["models.ipynb"], headers=signed_in, timeout=120).text
     manager = "@jupyter-widgets/jupyterlab-manager"
     entry = re.search(rf'"load": "(static/remoteEntry\.[0-9a-f]+\.js)", "name": "{manager}"', page)
     assert entry, "the page names no widget manager script"

@@ -37,7 +37,15 @@ from typing import IO
 import httpx
 
 from flywheel.config import child_environment, get_settings
-from flywheel.ui.dashboards import DASHBOARDS, dashboards_dir, free_port, voila_command, voila_env
+from flywheel.ui.dashboards import (
+    DASHBOARDS,
+    dashboards_dir,
+    dashboards_token,
+    free_port,
+    voila_command,
+    voila_env,
+    with_token,
+)
 from flywheel.ui.mlflow_ui import HOST as MLFLOW_UI_HOST
 from flywheel.ui.mlflow_ui import (
     MLFLOW_UI_ENV,  # noqa: F401  # tests start their mlflow servers with it
@@ -200,11 +208,12 @@ def start_workbench(
         port = free_port(dashboards_port, host)
         voila_url = f"http://{host}:{port}"
         directory = dashboards_dir()
+        token = dashboards_token(settings)  # every dashboard URL printed below carries it
         bench.children.append(
             _start(
                 "dashboards",
                 voila_command(directory, port, host, preheat, settings),
-                voila_env(env),
+                voila_env(env, token),
                 logs,
                 voila_url,
                 "/voila/tree",
@@ -219,10 +228,10 @@ def start_workbench(
     bench.urls = {
         "api": api_url,
         "api docs": f"{api_url}/docs",
-        "rating": f"{render}/rating.ipynb?reviewer={DEMO_REVIEWER}",
-        "models": f"{render}/models.ipynb",
-        "predict": f"{render}/predict.ipynb?user={DEMO_REVIEWER}",
-        "pairwise": f"{render}/pairwise.ipynb?reviewer={DEMO_REVIEWER}",
+        "rating": with_token(f"{render}/rating.ipynb?reviewer={DEMO_REVIEWER}", token),
+        "models": with_token(f"{render}/models.ipynb", token),
+        "predict": with_token(f"{render}/predict.ipynb?user={DEMO_REVIEWER}", token),
+        "pairwise": with_token(f"{render}/pairwise.ipynb?reviewer={DEMO_REVIEWER}", token),
         "mlflow": bench.mlflow_url,
     }
     echo("flywheel workbench")
