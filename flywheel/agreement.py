@@ -2,8 +2,10 @@
 answer of an item counts (the export policy).
 
 Answers. A reviewer's answer to a question is their newest valid assessment of that name on
-the trace (source HUMAN, their id). Adjudicators' decisions (source id `adjudicator:<name>`,
-`feedback.ADJUDICATOR`) are not answers: they are the consensus where there is one.
+the trace (source HUMAN, their id, role `reviewer`: `feedback.role_of`). Adjudicators' decisions
+(role `adjudicator`, source id `adjudicator:<name>`) are not answers: they are the consensus where
+there is one. End users' ratings (role `end_user`: `/feedback`, the workbench) are not answers
+either: an end user "alice" is not the reviewer "alice", and no statistic counts end users.
 
 Statistics, per label (`user_rating` and each `<model>:<label>` that is not free text), computed
 by the libraries, never by hand:
@@ -25,13 +27,15 @@ The export policy. `decide` picks the answer a training row is made of, trying t
 `EXPORT_POLICY` in order (default `adjudicated,majority,single,latest`):
 
 - `adjudicated`: the newest adjudicator's decision;
-- `majority`: more than half of the reviewers gave the same rating; the row is one reviewer of
-  that majority (the newest who gave a correction, else the newest);
-- `single`: exactly one person rated the item;
-- `latest`: the newest rating (an unresolved disagreement; leave it out of the policy to hold
-  such items back until they are adjudicated).
+- `majority`: more than half of the reviewers gave the same rating (two or more reviewers; end
+  users never count); the row is one reviewer of that majority (the newest who gave a
+  correction, else the newest);
+- `single`: exactly one person (end user or reviewer) rated the item;
+- `latest`: the newest rating of an end user or a reviewer (an unresolved disagreement; leave it
+  out of the policy to hold such items back until they are adjudicated).
 
-The rating, the correction and the comment of a row always come from the one source the rule chose.
+The rating, the correction and the comment of a row always come from the one source the rule chose
+(the same id in the same role).
 """
 
 from __future__ import annotations
@@ -45,7 +49,18 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 from flywheel.config import EXPORT_RULES
-from flywheel.feedback import ADJUDICATOR, COMMENT, CORRECTION, PREFERENCE, RATING, assessment_value
+from flywheel.feedback import (
+    ADJUDICATOR,
+    ADJUDICATOR_ROLE,
+    COMMENT,
+    CORRECTION,
+    END_USER,
+    PREFERENCE,
+    RATING,
+    REVIEWER,
+    assessment_value,
+    role_of,
+)
 from flywheel.tracing import model_filter
 
 if TYPE_CHECKING:
@@ -73,11 +88,17 @@ def _human(a: Any) -> bool:
     return a.source is not None and str(a.source.source_type).endswith("HUMAN")
 
 
-def newest_per_source(assessments: Iterable[Any], name: str) -> dict[str, Any]:
-    """{source id: its newest valid HUMAN assessment `name`}."""
+def newest_per_source(
+    assessments: Iterable[Any], name: str, roles: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """{source id: its newest valid HUMAN assessment `name`}, of the `roles` only when given
+    (ask per role: an end user and a reviewer may share an id)."""
+    wanted = set(roles) if roles is not None else None
     out: dict[str, Any] = {}
     for a in assessments:
         if a.name != name or a.valid is False or not _human(a):
+            continue
+        if wanted is not None and role_of(a) not in wanted:
             continue
         who = _source(a) or ""
         if who not in out or (a.create_time_ms or 0) >= (out[who].create_time_ms or 0):
@@ -102,9 +123,9 @@ def answers_from_infos(
     """(answers, decisions) from trace infos' assessments.
 
     `answers[label][trace][reviewer]` is a reviewer's newest valid answer; `decisions[label][trace]`
-    an adjudicator's newest. Only `reviewers` count when given (a queue's); `labels` limits the
-    questions, else `user_rating` and the model's own (`<model>:...`), or every name but the
-    free-text ones when no model is given.
+    the newest adjudicator's decision; end users' ratings are neither. Only `reviewers` count
+    when given (a queue's); `labels` limits the questions, else `user_rating` and the model's
+    own (`<model>:...`), or every name but the free-text ones when no model is given.
     """
     people = {r.strip().lower() for r in reviewers} if reviewers is not None else None
     wanted = set(labels) if labels is not None else None
@@ -121,10 +142,12 @@ def answers_from_infos(
                 model is not None and name != RATING and not name.startswith(f"{model}:")
             ):
                 continue
-            for who, a in newest_per_source(assessments, name).items():
-                if is_adjudicator(who):
-                    decisions.setdefault(name, {})[info.trace_id] = _value(a)
-                elif people is None or who in people:
+            judged = newest_per_source(assessments, name, (ADJUDICATOR_ROLE,)).values()
+            if judged:
+                newest = max(judged, key=lambda a: a.create_time_ms or 0)
+                decisions.setdefault(name, {})[info.trace_id] = _value(newest)
+            for who, a in newest_per_source(assessments, name, (REVIEWER,)).items():
+                if people is None or who in people:
                     answers.setdefault(name, {}).setdefault(info.trace_id, {})[who] = _value(a)
     return answers, decisions
 
@@ -438,18 +461,20 @@ def report(
 class Decision:
     rule: str  # one of RULES
     rating: Any  # the assessment chosen
-    source: str  # whose correction and comment go with it
+    source: str  # whose correction and comment go with it (this id in this role)
     voters: tuple[str, ...] = ()
+    role: str = REVIEWER  # feedback.END_USER, REVIEWER or ADJUDICATOR_ROLE
 
 
 def decide(assessments: Iterable[Any], policy: Iterable[str] = DEFAULT_POLICY) -> Decision | None:
     """The rating a row is made of, by the first rule of `policy` that applies; None when none does."""
     assessments = list(assessments)
-    latest = newest_per_source(assessments, RATING)
-    if not latest:
+    judged = newest_per_source(assessments, RATING, (ADJUDICATOR_ROLE,))
+    reviewers = newest_per_source(assessments, RATING, (REVIEWER,))
+    users = newest_per_source(assessments, RATING, (END_USER,))
+    people = [(REVIEWER, w, a) for w, a in reviewers.items()] + [(END_USER, w, a) for w, a in users.items()]
+    if not judged and not people:
         return None
-    judged = {w: a for w, a in latest.items() if is_adjudicator(w)}
-    people = {w: a for w, a in latest.items() if not is_adjudicator(w)}
 
     def newest(pool: Mapping[str, Any]) -> tuple[str, Any]:
         return max(pool.items(), key=lambda kv: kv[1].create_time_ms or 0)
@@ -457,20 +482,20 @@ def decide(assessments: Iterable[Any], policy: Iterable[str] = DEFAULT_POLICY) -
     for rule in policy:
         if rule == "adjudicated" and judged:
             who, a = newest(judged)
-            return Decision(rule, a, who, (who,))
+            return Decision(rule, a, who, (who,), ADJUDICATOR_ROLE)
         if rule == "single" and len(people) == 1:
-            ((who, a),) = people.items()
-            return Decision(rule, a, who, (who,))
-        if rule == "majority" and len(people) >= 2:
-            top = majority(assessment_value(a) for a in people.values())
+            ((role, who, a),) = people
+            return Decision(rule, a, who, (who,), role)
+        if rule == "majority" and len(reviewers) >= 2:
+            top = majority(assessment_value(a) for a in reviewers.values())
             if top is None:
                 continue
-            voters = {w: a for w, a in people.items() if answer_key(assessment_value(a)) == top}
-            corrected = set(newest_per_source(assessments, CORRECTION))
+            voters = {w: a for w, a in reviewers.items() if answer_key(assessment_value(a)) == top}
+            corrected = set(newest_per_source(assessments, CORRECTION, (REVIEWER,)))
             pool = {w: a for w, a in voters.items() if w in corrected} or voters
             who, a = newest(pool)
-            return Decision(rule, a, who, tuple(sorted(voters)))
+            return Decision(rule, a, who, tuple(sorted(voters)), REVIEWER)
         if rule == "latest" and people:
-            who, a = newest(people)
-            return Decision(rule, a, who, (who,))
+            role, who, a = max(people, key=lambda p: p[2].create_time_ms or 0)
+            return Decision(rule, a, who, (who,), role)
     return None

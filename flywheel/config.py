@@ -55,6 +55,8 @@ class Settings:
     flywheel_experiment: str = "flywheel"
     flywheel_resolve_ttl: float = 2.0
     feedback_wait: float = 300.0
+    feedback_pending_max_bytes: int = 64 << 20  # held (202) feedback of every client, in outbox.db
+    feedback_pending_per_client: int = 100  # held (202) feedback items of one user_id or address
     request_timeout: float = 30.0
     flywheel_predict_key: str | None = None
     flywheel_feedback_key: str | None = None
@@ -146,6 +148,8 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "worker_healthcheck_timeout": (int, 1, 3600),
     "flywheel_resolve_ttl": (float, 0, 3600),
     "feedback_wait": (float, 0, 7 * 86400),
+    "feedback_pending_max_bytes": (int, 0, 1 << 40),
+    "feedback_pending_per_client": (int, 0, 10_000_000),
     "request_timeout": (float, 0.001, 86400),
     "max_request_bytes": (int, 1024, 1 << 30),
     "max_field_chars": (int, 100, 1 << 30),

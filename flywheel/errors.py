@@ -27,6 +27,7 @@ __all__ = [
     "ProgramError",
     "ReviewError",
     "RollbackError",
+    "TooManyPending",
     "TraceNotFound",
     "Unavailable",
     "UntrustedVersion",
@@ -154,6 +155,18 @@ class Unavailable(FlywheelError, RuntimeError):
     those are for what is known to be wrong."""
 
     status = 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class TooManyPending(FlywheelError, RuntimeError):
+    """Feedback for a trace not known yet would pass FEEDBACK_PENDING_PER_CLIENT or
+    FEEDBACK_PENDING_MAX_BYTES; nothing was stored. The API answers 429 with `Retry-After`
+    (seconds until the oldest waiting item's deadline, when room is likely)."""
+
+    status = 429
 
     def __init__(self, message: str, retry_after: int = 5) -> None:
         self.retry_after = retry_after

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from flywheel import registry
 from flywheel.agreement import DEFAULT_POLICY, decide
 from flywheel.errors import ExportError
-from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value
+from flywheel.feedback import COMMENT, CORRECTION, RATING, assessment_value, role_of
 from flywheel.tracing import ServedCall, complete_calls, model_filter, served_call
 
 if TYPE_CHECKING:
@@ -85,12 +85,18 @@ def rated_trace_infos(
         upper = min(i.request_time for i in infos)  # keyset: ties re-read, then skipped
 
 
-def _latest(assessments: list[Any], name: str, reviewer: str | None = None) -> Any | None:
-    """The newest valid assessment `name`, of `reviewer` only when one is given."""
+def _latest(
+    assessments: list[Any], name: str, reviewer: str | None = None, role: str | None = None
+) -> Any | None:
+    """The newest valid assessment `name`, of `reviewer` in `role` only when given (an end user
+    and a reviewer may share an id: one's correction never goes with the other's rating)."""
     valid = [
         a
         for a in assessments
-        if a.name == name and a.valid is not False and (reviewer is None or _reviewer(a) == reviewer)
+        if a.name == name
+        and a.valid is not False
+        and (reviewer is None or _reviewer(a) == reviewer)
+        and (role is None or role_of(a) == role)
     ]
     return max(valid, key=lambda a: a.create_time_ms or 0, default=None)
 
@@ -107,7 +113,7 @@ def row_from_trace(
 
     The export policy (`agreement.decide`: adjudicated > majority > single > latest, as
     EXPORT_POLICY orders them) picks the rating, and the row's correction and comment are those
-    of the same source, never of a reviewer who disagreed; `decision_rule` names the rule. None
+    of the same source (id and role), never of a reviewer who disagreed; `decision_rule` names the rule. None
     when no rule of the policy applies. `call` is the complete prediction when the tags were
     truncated (tracing.complete_calls).
     """
@@ -118,10 +124,10 @@ def row_from_trace(
         return None
     reviewer = decision.source
     inputs, outputs = call.inputs, call.outputs
-    correction = _latest(assessments, CORRECTION, reviewer)
+    correction = _latest(assessments, CORRECTION, reviewer, decision.role)
     if correction is not None and isinstance(value := assessment_value(correction), dict):
         outputs = {**outputs, **value}
-    comment = _latest(assessments, COMMENT, reviewer)
+    comment = _latest(assessments, COMMENT, reviewer, decision.role)
     return {
         **inputs,
         **outputs,

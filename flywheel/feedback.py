@@ -19,20 +19,36 @@ older or malformed unknown id is TraceNotFound (404). When MLflow cannot be
 asked, a young id is pending and any other is Unavailable (503), never a 404.
 A correction is checked against the output fields this host knows (its memory,
 its last-known-good disk, the queued trace), else the registry's; a pending one
-is checked when its trace arrives.
+is checked when its trace arrives. Pending feedback is capped: at most
+FEEDBACK_PENDING_PER_CLIENT items per client (the user id given, else the caller's
+address) and FEEDBACK_PENDING_MAX_BYTES of payload in all wait in the outbox; beyond
+that it is TooManyPending (429 with Retry-After) and nothing is stored.
+
+Who: end users and reviewers are two name spaces. Every assessment carries its role in
+the metadata `flywheel.role`: `end_user` (the API, the workbench: the default),
+`reviewer` (a review queue's session, `review.ReviewQueue.rate`) or `adjudicator`
+(`review.Adjudication`, source id `adjudicator:<name>`). An end user "alice" and a
+reviewer "alice" are two sources: neither overrides the other's answer, and only
+reviewers' answers count toward agreement and the export's `majority` (flywheel.agreement).
+An assessment without the marker (written before it existed, or in MLflow's own review
+UI) is a reviewer's, or an adjudicator's when its source id starts `adjudicator:`.
+User ids are stored NFKC-normalised without format characters (zero-width and the like),
+and an id that then reads `adjudicator` followed by a non-alphanumeric is refused (422)
+unless it is an adjudication: no lookalike of an adjudicator (`adjudicator：boss`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flywheel import limits
-from flywheel.errors import FeedbackError, TraceNotFound, Unavailable
-from flywheel.outbox import Item, Outcome
+from flywheel.errors import FeedbackError, TooManyPending, TraceNotFound, Unavailable
+from flywheel.outbox import Cap, Item, Outcome, OverCap
 from flywheel.store import Store, is_missing
 from flywheel.tracing import is_trace_id, served_call, trace_time
 
@@ -46,6 +62,45 @@ PREFERENCES = ("A", "B", "tie")
 FEEDBACK_ID = "flywheel.feedback_id"
 ANONYMOUS = "anonymous"
 ADJUDICATOR = "adjudicator:"  # source id prefix of an adjudicator's decision (review.Adjudication)
+ROLE = "flywheel.role"  # assessment metadata: who wrote it (see the module's docstring)
+END_USER, REVIEWER, ADJUDICATOR_ROLE = "end_user", "reviewer", "adjudicator"
+ROLES = (END_USER, REVIEWER, ADJUDICATOR_ROLE)
+
+
+def clean_name(name: str | None) -> str:
+    """A user or reviewer id as stored: NFKC-normalised, format characters (Unicode category
+    Cf: zero-width spaces and joiners, bidi marks) removed, outer whitespace stripped."""
+    text = unicodedata.normalize("NFKC", name or "")
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
+def reserved(name: str | None) -> bool:
+    """Whether a (cleaned) id reads as an adjudicator's: `adjudicator` then anything but a
+    letter or digit (`adjudicator:`, `adjudicator boss`, ...)."""
+    word = ADJUDICATOR[:-1]
+    folded = clean_name(name).casefold()
+    return folded.startswith(word) and not folded[len(word) : len(word) + 1].isalnum()
+
+
+def check_name(name: str | None, what: str = "user_id") -> str:
+    """`name` cleaned (`clean_name`); FeedbackError (422) when it reads as an adjudicator's."""
+    cleaned = clean_name(name)
+    if reserved(cleaned):
+        raise FeedbackError(
+            f"{what} {name!r}: ids that read {ADJUDICATOR!r} (after Unicode normalisation) are "
+            "reserved for adjudicators' decisions"
+        )
+    return cleaned
+
+
+def role_of(assessment: Any) -> str:
+    """The role an assessment was written in: its `flywheel.role`, else (no marker: older
+    data, MLflow's own review UI) an adjudicator's by its source id, else a reviewer's."""
+    role = (assessment.metadata or {}).get(ROLE)
+    if role in ROLES:
+        return str(role)
+    source = assessment.source.source_id if assessment.source is not None else None
+    return ADJUDICATOR_ROLE if str(source or "").startswith(ADJUDICATOR) else REVIEWER
 
 
 @dataclass(frozen=True)
@@ -58,6 +113,7 @@ class Receipt:
     queued: bool
     feedback_id: str = ""
     pending: bool = False  # its trace is not known yet: accepted durably, lands when the trace does
+    role: str = END_USER
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,21 +194,29 @@ def submit(
     user_id: str | None = None,
     labels: dict[str, Any] | None = None,
     adjudication: bool = False,
+    role: str = END_USER,
+    client: str | None = None,
 ) -> Receipt:
     """Validate and durably queue feedback; returns once it cannot be lost.
 
-    The receipt is `pending` when the trace is not known yet (the API's 202). `labels`: answers
-    to a review queue's own questions ({schema name: value}, checked by `review`), written as
-    assessments of those names beside the rating. A user id starting `adjudicator:` is an
-    adjudicator's decision: only `adjudication=True` (the admin-guarded review.Adjudication) may
-    write one, so nobody can pass for an adjudicator through the API.
+    The receipt is `pending` when the trace is not known yet (the API's 202); pending feedback
+    past its caps is TooManyPending. `labels`: answers to a review queue's own questions
+    ({schema name: value}, checked by `review`), written as assessments of those names beside
+    the rating. `role`: `end_user` (the default: the API, the workbench) or `reviewer` (a review
+    queue's session). A user id reading `adjudicator:` is an adjudicator's decision: only
+    `adjudication=True` (the admin-guarded review.Adjudication) may write one, so nobody can
+    pass for an adjudicator through the API. `client`: the caller's address (the API's peer),
+    whose pending feedback is capped when no user id is given.
     """
-    if ((user_id or "").strip().lower().startswith(ADJUDICATOR)) != adjudication:
-        raise FeedbackError(
-            f"user_id {user_id!r}: ids starting {ADJUDICATOR!r} are reserved for adjudicators' decisions"
-            if not adjudication
-            else f"an adjudication needs a user id starting {ADJUDICATOR!r}"
-        )
+    if adjudication:
+        user_id = clean_name(user_id)
+        if not user_id.lower().startswith(ADJUDICATOR):
+            raise FeedbackError(f"an adjudication needs a user id starting {ADJUDICATOR!r}")
+        role = ADJUDICATOR_ROLE
+    else:
+        user_id = check_name(user_id)
+        if role not in (END_USER, REVIEWER):
+            raise FeedbackError(f"role must be {END_USER} or {REVIEWER}, not {role!r}")
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
     if not trace_id or not trace_id.strip():
@@ -193,7 +257,7 @@ def submit(
     limit = runtime.settings.max_field_chars, runtime.settings.max_trace_chars
     correction = limits.stored(correction, *limit)
     comment = limits.stored((comment or "").strip() or None, *limit)
-    user = (user_id or "").strip() or ANONYMOUS
+    user = user_id or ANONYMOUS
     payload = {
         "feedback_id": uuid.uuid4().hex,
         "trace_id": trace_id,
@@ -201,19 +265,30 @@ def submit(
         "rating": rating,
         "corrected_output": correction,
         "comment": comment,
+        "role": role,
     }
     if labels:
         payload["labels"] = {
             str(k): limits.stored(v, *limit) if isinstance(v, str) else v for k, v in labels.items()
         }
+    cap = None
     if pending:
         payload["unchecked"] = True
+        settings = runtime.settings
+        who = f"user:{user}" if user_id else f"addr:{client}" if client else f"user:{ANONYMOUS}"
+        cap = Cap(who, settings.feedback_pending_per_client, settings.feedback_pending_max_bytes)
     try:
-        runtime.outbox.put_durable("feedback", trace_id, payload, deadline=deadline)
+        runtime.outbox.put_durable("feedback", trace_id, payload, deadline=deadline, cap=cap)
+    except OverCap as exc:
+        raise TooManyPending(
+            f"too much feedback is waiting for traces not known yet ({exc}; "
+            "FEEDBACK_PENDING_PER_CLIENT, FEEDBACK_PENDING_MAX_BYTES); nothing was stored, retry later",
+            exc.retry_after,
+        ) from None
     except Exception as exc:
         raise Unavailable(f"the feedback could not be committed to {runtime.outbox.path}: {exc}") from None
     shown = correction if isinstance(correction, dict) or correction is None else None
-    return Receipt(trace_id, rating, user, shown, comment, True, payload["feedback_id"], pending)
+    return Receipt(trace_id, rating, user, shown, comment, True, payload["feedback_id"], pending, role)
 
 
 def prefer(
@@ -242,7 +317,7 @@ def prefer(
             _local_trace(runtime, trace_id) is None and _mlflow_trace(runtime, trace_id) is None
         ):
             raise TraceNotFound(trace_id)
-    user = (user_id or "").strip() or ANONYMOUS
+    user = check_name(user_id) or ANONYMOUS
     limit = runtime.settings.max_field_chars, runtime.settings.max_trace_chars
     note = limits.stored((comment or "").strip() or None, *limit)
     deadline = time.time() + runtime.settings.feedback_wait
@@ -257,6 +332,7 @@ def prefer(
             "corrected_output": None,
             "comment": note,
             "preference": value,
+            "role": END_USER,
         }
         try:
             runtime.outbox.put_durable("feedback", trace_id, payload, deadline=deadline)
@@ -318,6 +394,8 @@ def deliver(store: Store, items: list[Item]) -> Outcome:
         existing = list(info.assessments or [])
         already = {a.name for a in existing if (a.metadata or {}).get(FEEDBACK_ID) == p["feedback_id"]}
         source = AssessmentSource(source_type="HUMAN", source_id=p["user_id"])
+        role = p.get("role")  # None: queued before roles existed (read as a reviewer's, `role_of`)
+        metadata = {FEEDBACK_ID: p["feedback_id"], **({ROLE: role} if role else {})}
         values = {
             RATING: p["rating"],
             CORRECTION: p["corrected_output"],
@@ -328,12 +406,12 @@ def deliver(store: Store, items: list[Item]) -> Outcome:
         for name, value in values.items():
             if value is None or name in already:
                 continue
-            previous = _latest_valid(existing, name, p["user_id"])
+            previous = _latest_valid(existing, name, p["user_id"], role)
             assessment = Feedback(
                 name=name,
                 value=value,
                 source=source,
-                metadata={FEEDBACK_ID: p["feedback_id"]},
+                metadata=metadata,
                 overrides=previous.assessment_id if previous else None,
             )
             assessment.trace_id = p["trace_id"]
@@ -357,7 +435,9 @@ def _trace_fields(store: Store, info: Any) -> list[str]:
         return []
 
 
-def _latest_valid(assessments: list[Any], name: str, user: str) -> Any | None:
+def _latest_valid(assessments: list[Any], name: str, user: str, role: str | None) -> Any | None:
+    """The newest valid assessment `name` of this user in this role (what a new one overrides)."""
+    role = role or REVIEWER
     mine = [
         a
         for a in assessments
@@ -366,6 +446,7 @@ def _latest_valid(assessments: list[Any], name: str, user: str) -> Any | None:
         and a.source is not None
         and str(a.source.source_type) in ("HUMAN", "AssessmentSourceType.HUMAN")
         and a.source.source_id == user
+        and role_of(a) == role
     ]
     return max(mine, key=lambda a: a.create_time_ms or 0, default=None)
 

@@ -19,12 +19,24 @@ retried with a growing delay; one with a deadline is moved to the `dead` table
 MLflow answered, unless an item of an earlier kind for the same trace still waits
 here. Rows of `delivered` (what feedback checks without MLflow) are pruned after
 DELIVERED_KEEP_SECONDS. A failed commit is logged; its waiters get the error.
+
+Held items and their cap. A producer may put an item `held` by a client under a `Cap`
+(feedback for a trace not known yet: it may wait up to FEEDBACK_WAIT). The cap is checked in
+the commit's own transaction, so concurrent requests of every process on the file never pass
+it together: beyond the client's count or everyone's total bytes, the item is not written and
+its waiter gets `OverCap`. The counts are kept by triggers in the `held` table (one row per
+client, '' for the total), so the check is two primary-key reads, never a scan of payloads.
+
+Dead letters are pruned by the delivery thread's periodic pass (and after a pass that made
+some): those older than `keep_dead` seconds go, then the oldest beyond `dead_max_bytes` of
+payload. `dead_letters()` counts what is kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -42,7 +54,10 @@ BATCH = 500
 COMMIT_EVERY = 0.02  # an item nobody waits for is on disk within 20 ms; urgent ones at once
 RETRY_FIRST, RETRY_MAX = 0.25, 5.0  # delay before an undelivered item is tried again, doubling
 DELIVERED_KEEP_SECONDS = 7 * 86400  # how long `delivered` remembers a trace's model for feedback
+DEAD_KEEP_WAITS = 12  # the runtime keeps a dead letter FEEDBACK_WAIT x this for inspection,
+DEAD_KEEP_SECONDS = 3600.0  # and at least this long (also the default of a bare Outbox)
 PRUNE_EVERY = 600.0
+WAL_KEEP_BYTES = 4 << 20  # a checkpointed WAL longer than this is truncated to it
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,7 +90,29 @@ _COLUMNS = {  # added after the first release: files written before get them on 
     ("items", "deadline"): "REAL",
     ("items", "tries"): "INTEGER NOT NULL DEFAULT 0",
     ("items", "next_try"): "REAL NOT NULL DEFAULT 0",
+    ("items", "held_by"): "TEXT",  # the client a capped item counts against (`Cap`)
+    ("items", "size"): "INTEGER NOT NULL DEFAULT 0",  # its payload's bytes, for the cap
+    ("dead", "size"): "INTEGER",  # payload bytes, for `dead_max_bytes` (older rows: filled on upgrade)
 }
+# After the columns exist. `held`: per client ('' = all) the capped items waiting and their bytes,
+# kept exact by triggers in the same transaction as every insert and delete of `items`.
+_HELD = """
+CREATE TABLE IF NOT EXISTS held (
+    client TEXT PRIMARY KEY,
+    items INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS items_held_in AFTER INSERT ON items WHEN NEW.held_by IS NOT NULL BEGIN
+    INSERT INTO held(client, items, bytes) VALUES (NEW.held_by, 1, NEW.size), ('', 1, NEW.size)
+    ON CONFLICT(client) DO UPDATE SET items = items + excluded.items, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS items_held_out AFTER DELETE ON items WHEN OLD.held_by IS NOT NULL BEGIN
+    UPDATE held SET items = items - 1, bytes = bytes - OLD.size WHERE client IN (OLD.held_by, '');
+    DELETE FROM held WHERE client = OLD.held_by AND items <= 0;
+END;
+CREATE INDEX IF NOT EXISTS items_held ON items(held_by, deadline) WHERE held_by IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dead_died ON dead(died, size);
+"""
 
 
 @dataclass(frozen=True)
@@ -97,11 +134,30 @@ class Outcome(list[int]):
         self.dead = dict(dead or {})
 
 
+@dataclass(frozen=True)
+class Cap:
+    """What a held item may add to: at most `per_client` items of `client` and `total_bytes` of
+    payload of every client's held items waiting in the file (its own included)."""
+
+    client: str
+    per_client: int
+    total_bytes: int
+
+
+class OverCap(Exception):
+    """A held item was refused by its `Cap`; nothing of it was written. `retry_after`: seconds
+    until the oldest held item's deadline, when room is likely to free up."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 Deliver = Callable[[list[Item]], list[int]]
 """Writes a batch of one kind to its destination; returns the ids now stored (idempotently).
 Raising means the destination is unreachable: the batch waits, nothing is dead-lettered."""
 
-_Pending = tuple[str, str, str, "float | None", "Future[int]"]
+_Pending = tuple[str, str, str, "float | None", "Future[int]", "Cap | None"]
 
 
 def _alive(pid: int) -> bool:
@@ -119,14 +175,24 @@ class Outbox:
 
     `grace`: seconds MLflow must have answered (since this process started or since an
     outage ended) before anything is dead-lettered, so other hosts can replay their backlog
-    first.
+    first. `keep_dead`: seconds a dead letter is kept; `dead_max_bytes`: at most this much
+    payload of dead letters is kept, the oldest pruned first (None: no bound but the age).
     """
 
-    def __init__(self, path: Path, interval: float = 0.25, grace: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval: float = 0.25,
+        grace: float = 0.0,
+        keep_dead: float = DEAD_KEEP_SECONDS,
+        dead_max_bytes: int | None = None,
+    ) -> None:
         self.path = path
         self._deliverers: dict[str, Deliver] = {}
         self.interval = interval
         self.grace = grace
+        self.keep_dead = keep_dead
+        self.dead_max_bytes = dead_max_bytes
         self.owner = f"{os.getpid()}-{id(self):x}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
@@ -134,7 +200,14 @@ class Outbox:
         db.executescript(_SCHEMA)
         for (table, column), kind in _COLUMNS.items():
             if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                try:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
+                if (table, column) == ("dead", "size"):
+                    db.execute("UPDATE dead SET size = length(CAST(payload AS BLOB)) WHERE size IS NULL")
+        db.executescript(_HELD)
         self._pending: list[_Pending] = []
         self._cond = threading.Condition()
         self._urgent = False
@@ -154,6 +227,7 @@ class Outbox:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+            db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")  # the WAL shrinks back after a burst
             self._local.db = db
         return db
 
@@ -171,17 +245,20 @@ class Outbox:
         payload: dict[str, Any],
         urgent: bool = False,
         deadline: float | None = None,
+        cap: Cap | None = None,
     ) -> Future[int]:
         """Queue an item; the future resolves once it is committed to disk (or fails with the
-        commit's error, which is logged).
+        commit's error, which is logged, or with `OverCap`).
 
         Items are group-committed every COMMIT_EVERY seconds; `urgent` wakes the
         committer at once (someone is waiting for the commit). `deadline` (Unix time):
-        after it an item its deliverer does not store becomes a dead letter.
+        after it an item its deliverer does not store becomes a dead letter. `cap`: the item is
+        held by `cap.client` and written only within the cap (see the module's docstring).
         """
         future: Future[int] = Future()
+        item = (kind, trace_id, json.dumps(payload, default=str), deadline, future, cap)
         with self._cond:
-            self._pending.append((kind, trace_id, json.dumps(payload, default=str), deadline, future))
+            self._pending.append(item)
             if urgent:
                 self._urgent = True
                 self._cond.notify_all()
@@ -196,9 +273,11 @@ class Outbox:
         payload: dict[str, Any],
         timeout: float = 30,
         deadline: float | None = None,
+        cap: Cap | None = None,
     ) -> int:
-        """Queue an item and return only once it is on disk (what a 200 for feedback promises)."""
-        return self.put(kind, trace_id, payload, urgent=True, deadline=deadline).result(timeout)
+        """Queue an item and return only once it is on disk (what a 200 for feedback promises);
+        `OverCap` when its `cap` refused it."""
+        return self.put(kind, trace_id, payload, urgent=True, deadline=deadline, cap=cap).result(timeout)
 
     def _commit_pending(self) -> None:
         # Items stay in _pending until committed, so pending_trace() never misses one in flight.
@@ -216,14 +295,20 @@ class Outbox:
         db = self._db()
         try:
             db.execute("BEGIN IMMEDIATE")
-            ids = []
+            ids: list[int | OverCap] = []
             now = time.time()
-            for kind, trace_id, payload, deadline, _ in batch:
+            for kind, trace_id, payload, deadline, _, cap in batch:
+                size = len(payload.encode())
+                refused = self._over(db, cap, size, now) if cap is not None else None
+                if refused is not None:
+                    ids.append(refused)  # not written: only this item's waiter hears of it
+                    continue
                 cur = db.execute(
-                    "INSERT INTO items(kind, trace_id, payload, created, deadline) VALUES (?, ?, ?, ?, ?)",
-                    (kind, trace_id, payload, now, deadline),
+                    "INSERT INTO items(kind, trace_id, payload, created, deadline, held_by, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (kind, trace_id, payload, now, deadline, cap.client if cap else None, size),
                 )
-                ids.append(cur.lastrowid)
+                ids.append(int(cur.lastrowid or 0))
             db.execute("COMMIT")
         except BaseException as exc:
             log.error(
@@ -238,11 +323,34 @@ class Outbox:
                     db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            for *_, future in batch:
+            for *_, future, _cap in batch:
                 future.set_exception(exc)
             return
-        for (*_, future), row_id in zip(batch, ids, strict=True):
-            future.set_result(int(row_id or 0))
+        for (*_, future, _cap), row_id in zip(batch, ids, strict=True):
+            if isinstance(row_id, OverCap):
+                future.set_exception(row_id)
+            else:
+                future.set_result(row_id)
+
+    def _over(self, db: sqlite3.Connection, cap: Cap, size: int, now: float) -> OverCap | None:
+        """Why `cap` refuses one more item of `size` bytes now (inside the commit's transaction)."""
+        held = {
+            client: (items, total)
+            for client, items, total in db.execute(
+                "SELECT client, items, bytes FROM held WHERE client IN (?, '')", (cap.client,)
+            )
+        }
+        mine, total = held.get(cap.client, (0, 0))[0], held.get("", (0, 0))[1]
+        if mine < cap.per_client and total + size <= cap.total_bytes:
+            return None
+        if mine >= cap.per_client:
+            why = f"{mine} items of this client are already waiting (at most {cap.per_client})"
+            where, args = "held_by = ?", (cap.client,)
+        else:
+            why = f"{total} bytes are already waiting; {size} more would pass {cap.total_bytes}"
+            where, args = "held_by IS NOT NULL", ()
+        (soonest,) = db.execute(f"SELECT MIN(deadline) FROM items WHERE {where}", args).fetchone()
+        return OverCap(why, max(1, math.ceil((soonest or now + 60) - now)))
 
     # --- queries -----------------------------------------------------------------------
 
@@ -253,7 +361,8 @@ class Outbox:
             return int(count) + len(self._pending)
 
     def dead_letters(self) -> int:
-        """Items given up on (see the module's docstring); kept in the `dead` table for inspection."""
+        """Items given up on and still kept in the `dead` table for inspection: those of the last
+        `keep_dead` seconds, within `dead_max_bytes` (see the module's docstring)."""
         (count,) = self._db().execute("SELECT COUNT(*) FROM dead").fetchone()
         return int(count)
 
@@ -280,9 +389,29 @@ class Outbox:
         return (row[0], row[1]) if row else None
 
     def prune(self, keep_seconds: float = DELIVERED_KEEP_SECONDS) -> int:
-        """Forget delivered traces older than `keep_seconds`; returns how many rows went."""
+        """Forget delivered traces older than `keep_seconds`, and dead letters (`prune_dead`);
+        returns how many rows went."""
         cur = self._db().execute("DELETE FROM delivered WHERE at < ?", (time.time() - keep_seconds,))
-        return int(cur.rowcount or 0)
+        return int(cur.rowcount or 0) + self.prune_dead()
+
+    def prune_dead(self) -> int:
+        """Drop dead letters older than `keep_dead`, then the oldest beyond `dead_max_bytes`."""
+        db = self._db()
+        gone = int(
+            db.execute("DELETE FROM dead WHERE died < ?", (time.time() - self.keep_dead,)).rowcount or 0
+        )
+        if self.dead_max_bytes is not None:
+            gone += int(
+                db.execute(
+                    "DELETE FROM dead WHERE id IN (SELECT id FROM (SELECT id, SUM(size) OVER "
+                    "(ORDER BY died DESC, id DESC) AS kept FROM dead) WHERE kept > ?)",
+                    (self.dead_max_bytes,),
+                ).rowcount
+                or 0
+            )
+        if gone:
+            log.info("outbox: pruned %d dead letter(s)", gone)
+        return gone
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -404,8 +533,8 @@ class Outbox:
                 dead[item.id] = "not delivered by its deadline: its trace never reached MLflow"
             gone = [by_id[i] for i in dead if i in by_id]
             db.executemany(
-                "INSERT OR REPLACE INTO dead(id, kind, trace_id, payload, created, died, reason) "
-                "SELECT id, kind, trace_id, payload, created, ?, ? FROM items WHERE id=?",
+                "INSERT OR REPLACE INTO dead(id, kind, trace_id, payload, created, died, reason, size) "
+                "SELECT id, kind, trace_id, payload, created, ?, ?, size FROM items WHERE id=?",
                 [(now, dead[i.id], i.id) for i in gone],
             )
             db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in gone])
@@ -426,6 +555,8 @@ class Outbox:
             raise
         for item in gone:
             log.warning("outbox: dead letter %s %s (%s)", item.kind, item.trace_id, dead[item.id])
+        if gone and self.dead_max_bytes is not None:
+            self.prune_dead()  # a burst of dead letters stays within its bytes at once
 
     def deliver_available(self, max_batches: int | None = None) -> bool:
         """Deliver the batches this process can claim now, without waiting for ones another
@@ -500,7 +631,7 @@ class Outbox:
                 try:
                     self.prune()
                 except sqlite3.Error as exc:
-                    log.warning("outbox: pruning delivered rows failed: %s", exc)
+                    log.warning("outbox: pruning delivered rows and dead letters failed: %s", exc)
             if now < self._backoff:
                 continue
             try:

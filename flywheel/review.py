@@ -285,8 +285,9 @@ def queue_name(model: str, name: str = "default") -> str:
 
 
 def normalize_reviewer(reviewer: str) -> str:
-    """MLflow stores assigned users lower-cased and stripped; so does flywheel."""
-    return (reviewer or "").strip().lower()
+    """MLflow stores assigned users lower-cased and stripped; so does flywheel, after Unicode
+    normalisation without format characters (`feedback.clean_name`)."""
+    return feedback.clean_name(reviewer).lower()
 
 
 def create_queue(
@@ -308,6 +309,8 @@ def create_queue(
     """
     from mlflow.exceptions import MlflowException
 
+    for r in reviewers:
+        feedback.check_name(r, "reviewer")  # 422 for a name that reads as an adjudicator's
     people = tuple(dict.fromkeys(normalize_reviewer(r) for r in reviewers if normalize_reviewer(r)))
     if not people or len(people) > MAX_REVIEWERS:
         raise ReviewError(f"a queue needs 1 to {MAX_REVIEWERS} reviewers, not {len(people)}")
@@ -802,6 +805,7 @@ class ReviewQueue:
             comment=comment,
             user_id=self.reviewer,
             labels=checked,
+            role=feedback.REVIEWER,  # counts toward agreement and the export's majority
         )
         self._finish(item.trace_id)
         self.history.append(_Done("rate", item, receipt, checked))
@@ -983,11 +987,13 @@ class AdjudicationItem:
 
 
 def all_answers(store: Store, trace_id: str) -> list[Answer]:
-    """Every HUMAN source's newest valid answers on a trace (what an adjudicator sees)."""
+    """Every reviewer's and adjudicator's newest valid answers on a trace (what an adjudicator
+    sees); end users' ratings are not reviewers' answers (feedback's name spaces)."""
     info = store.tracking.get_trace_info(trace_id)
     by_source: dict[str, dict[str, Any]] = {}
+    roles = (feedback.REVIEWER, feedback.ADJUDICATOR_ROLE)
     for name in {a.name for a in info.assessments or []}:
-        for who, a in agreement.newest_per_source(info.assessments or [], name).items():
+        for who, a in agreement.newest_per_source(info.assessments or [], name, roles).items():
             by_source.setdefault(who, {})[name] = feedback.assessment_value(a)
     return [
         Answer(who, values, who.startswith(ADJUDICATOR))

@@ -31,7 +31,7 @@ from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
 from flywheel.errors import ReviewError, Unavailable
 from flywheel.loader import Loader
-from flywheel.outbox import Outbox
+from flywheel.outbox import DEAD_KEEP_SECONDS, DEAD_KEEP_WAITS, Outbox
 
 if TYPE_CHECKING:
     import dspy
@@ -73,8 +73,15 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         self._watcher: Any = None
         home = self.settings.flywheel_home
-        # nothing is dead-lettered until MLflow has answered for FEEDBACK_WAIT: other hosts replay first
-        self.outbox = Outbox(home / "outbox.db", grace=self.settings.feedback_wait)
+        # nothing is dead-lettered until MLflow has answered for FEEDBACK_WAIT: other hosts replay first;
+        # dead letters are kept FEEDBACK_WAIT x 12 (an hour at least), within FEEDBACK_PENDING_MAX_BYTES
+        wait = self.settings.feedback_wait
+        self.outbox = Outbox(
+            home / "outbox.db",
+            grace=wait,
+            keep_dead=max(DEAD_KEEP_SECONDS, wait * DEAD_KEEP_WAITS),
+            dead_max_bytes=self.settings.feedback_pending_max_bytes,
+        )
         self.outbox.register("trace", partial(tracing.deliver, self.store))
         self.outbox.register("feedback", partial(feedback.deliver, self.store))
         self.counters = RequestCounters(home / "metrics")

@@ -17,7 +17,7 @@ from flywheel.http.api import create_app
 from flywheel.runtime import Runtime
 from flywheel.store import Store
 
-STATUSES = {404, 409, 422, 500, 502, 503, 504}
+STATUSES = {404, 409, 422, 429, 500, 502, 503, 504}
 UNKNOWN_TRACE = "tr-" + "0" * 32
 
 

@@ -170,7 +170,8 @@ def test_rating_and_correction_come_from_the_same_reviewer(http: httpx.Client) -
     rows = http.get("/export", params={"model": JOKES}).json()["rows"]
     row = next(r for r in rows if r["trace_id"] == trace_id)
     assert (row["rating"], row["joke"], row["comment"]) == ("thumbs_down", "Carl's.", "meh")
-    assert row["decision_rule"] == "majority"  # Ann and Carl; the row is Carl's (the newest) whole
+    # Ann and Carl agree, but as end users (/feedback) they are no majority (issue 31): the newest, whole
+    assert row["decision_rule"] == "latest"
 
 
 # 4. limits as documented settings

@@ -211,3 +211,45 @@ def test_a_failed_commit_is_logged_and_fails_its_waiters(
     with pytest.raises(sqlite3.OperationalError):
         future.result(5)
     assert any("commit" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+def test_held_items_are_refused_beyond_their_cap_by_every_process_on_the_file(tmp_path: Path) -> None:
+    """Issue 31: the cap is checked in the commit's transaction, from counts kept by triggers."""
+    from flywheel.outbox import Cap, OverCap
+
+    sink = Sink()
+    box, other = (box_for(tmp_path / "o.db", sink) for _ in range(2))  # two worker processes, say
+    cap = Cap("user:eve", per_client=2, total_bytes=4000)
+    box.put_durable("feedback", "tr-1", {"n": "a"}, cap=cap)
+    other.put_durable("feedback", "tr-2", {"n": "b"}, cap=cap)
+    with pytest.raises(OverCap, match="at most 2") as refused:
+        box.put_durable("feedback", "tr-3", {"n": "c"}, cap=cap)
+    assert refused.value.retry_after >= 1
+    other.put_durable("feedback", "tr-4", {"n": "d"}, cap=Cap("user:fay", 2, 4000))  # another client
+    with pytest.raises(OverCap, match="would pass 4000"):
+        other.put_durable("feedback", "tr-5", {"n": "e" * 4000}, cap=Cap("user:gus", 2, 4000))
+    box.put_durable("feedback", "tr-6", {"n": "f"})  # an item without a cap is never refused
+    assert box.backlog() == 4  # nothing of a refused item was written
+    assert box.flush() and sorted(sink.seen) == ["a", "b", "d", "f"]
+    box.put_durable("feedback", "tr-7", {"n": "g"}, cap=cap)  # delivered items free their room
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        assert db.execute("SELECT client, items FROM held ORDER BY client").fetchall() == [
+            ("", 1),
+            ("user:eve", 1),
+        ]
+
+
+def test_dead_letters_beyond_their_bytes_are_pruned_oldest_first(tmp_path: Path) -> None:
+    from flywheel.outbox import Outcome
+
+    def refuse(items: list[Item]) -> Outcome:
+        return Outcome([], {i.id: "never storable" for i in items})
+
+    box = Outbox(tmp_path / "o.db", dead_max_bytes=2500)
+    box.register("feedback", refuse)
+    for n in range(5):
+        box.put_durable("feedback", f"tr-{n}", {"n": str(n) * 1000})
+    assert box.flush()
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        kept = [row[0] for row in db.execute("SELECT trace_id FROM dead ORDER BY id")]
+    assert kept == ["tr-3", "tr-4"] and box.dead_letters() == 2

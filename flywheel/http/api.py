@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving, streaming
 from flywheel.config import Settings
 from flywheel.counters import prometheus
-from flywheel.errors import FlywheelError, Unavailable
+from flywheel.errors import FlywheelError, TooManyPending, Unavailable
 from flywheel.runtime import Runtime
 
 WORKER_HEADER = b"x-flywheel-worker"
@@ -144,6 +144,8 @@ _WHY = {
     "moved since it was judged, or this promotion was already rolled back)",
     413: "the request body is larger than MAX_REQUEST_BYTES",
     422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
+    429: "too much feedback for traces not known yet is waiting (FEEDBACK_PENDING_PER_CLIENT, "
+    "FEEDBACK_PENDING_MAX_BYTES); nothing was stored (retry after the Retry-After header's seconds)",
     502: "the language model (or the program around it) failed",
     503: "MLflow is unreachable and this host cannot answer from durable local state (retry after "
     "the Retry-After header's seconds), or the server is at API_LIMIT_CONCURRENCY",
@@ -159,7 +161,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         responses[status] = {"model": ErrorResponse, "description": _WHY[status]}
-        if status == 503:
+        if status in (429, 503):
             responses[status]["headers"] = {"Retry-After": _RETRY_AFTER}
     return responses
 
@@ -243,7 +245,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _flywheel_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, FlywheelError) else 500
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Unavailable) else None
+    retry = isinstance(exc, (Unavailable, TooManyPending))
+    headers = {"Retry-After": str(exc.retry_after)} if retry else None
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
@@ -414,10 +417,10 @@ async def predict_stream(body: PredictRequest, runtime: RuntimeDep) -> Streaming
             "but not known yet; the feedback is on disk, lands once the trace appears, or is "
             "dead-lettered after FEEDBACK_WAIT",
         },
-        **_errors(400, 401, 403, 404, 413, 422, 503),
+        **_errors(400, 401, 403, 404, 413, 422, 429, 503),
     },
 )
-async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackResponse:
+async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep, request: Request) -> FeedbackResponse:
     if not runtime.settings.feedback_enabled:
         raise HTTPException(403, "feedback is disabled on this server (FEEDBACK_ENABLED=false)")
     receipt = await run_in_threadpool(
@@ -428,6 +431,7 @@ async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep) -> FeedbackR
         corrected_output=body.corrected_output,
         comment=body.comment,
         user_id=body.user_id,
+        client=request.client.host if request.client else None,  # caps pending feedback without a user_id
     )
     if receipt.pending:
         pending = FeedbackResponse(status="pending", **receipt.to_dict())
