@@ -102,7 +102,10 @@ def test_a_version_made_outside_flywheel_is_refused_before_anything_is_unpickled
     fresh_store.client.set_registered_model_alias(NAME, "Production", evil)  # raw MLflow, no flywheel
 
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
-        replies = [client.post("/predict", json={"model": NAME, "inputs": {"topic": "x"}}) for _ in range(3)]
+        body = {"model": NAME, "inputs": {"topic": "x"}}
+        replies = [client.post("/predict", json=body) for _ in range(3)]
+        replies.append(client.post("/predict/stream", json=body))
+        replies.append(client.post("/predict", json={**body, "version": evil}))
     for reply in replies:
         assert reply.status_code == 409, reply.text
         assert reply.json()["detail"] == (
