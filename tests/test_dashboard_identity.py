@@ -401,3 +401,27 @@ def test_a_dollar_in_names_is_plain_text_and_no_section_blanks_another(rt: Runti
     panel.adj_queue.value = "$q^{$"
     panel.adj_next.click()
     assert ids[2] in panel.adj_item.value and FRAC in panel.adj_item.value, panel.adj_status.value
+
+
+def test_a_section_that_fails_blanks_no_other(
+    rt: Runtime, visitor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plot that cannot be drawn, or one query MLflow refuses, costs its own section only."""
+    from flywheel.ui import models
+
+    visitor("mallory")
+    disagreeing_queue(rt, ("cid", "dee"))
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("cannot draw this (test)")
+
+    monkeypatch.setattr(models, "agreement_png", broken)
+    monkeypatch.setattr(models.canary, "live_report", broken)
+    panel = models_panel(f"model={ROUTER}", runtime=rt)
+    assert isinstance(panel, ModelsPanel)
+    assert "The plot could not be drawn: RuntimeError: cannot draw this (test)" in panel.agreement.value
+    assert "Cohen&#x27;s kappa" in panel.agreement.value or "fw-agreement-table" in panel.agreement.value
+    assert "could not be drawn" in panel.live.value and "fw-section-error" in panel.live.value
+    assert panel.promote_version.options and "fw-progress-table" in panel.review_progress.value
+    assert panel.adj_queue.options and "fw-timeline-list" in panel.timeline.value
+    assert "fw-versions-table" in panel.versions.value and panel.status.value == ""

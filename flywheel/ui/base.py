@@ -21,7 +21,7 @@ from ipywidgets.widgets.widget_description import DescriptionStyle
 from ipywidgets.widgets.widget_string import HTMLStyle, TextStyle
 
 from flywheel import registry
-from flywheel.config import signed_in_user
+from flywheel.config import Settings, signed_in_user
 from flywheel.errors import FlywheelError
 
 if TYPE_CHECKING:
@@ -399,7 +399,7 @@ class Visitor:
         self.signed_in = signed_in  # None: no authentication; "": configured, nobody signed in
 
     @classmethod
-    def at_open(cls, settings: Any) -> Visitor:
+    def at_open(cls, settings: Settings) -> Visitor:
         return cls(signed_in_user(settings))
 
     @property

@@ -467,13 +467,16 @@ class ModelsPanel(widgets.VBox):
         self.overview.value = table(["model", "description", "Production", "Staging", "latest"], rows)
 
     def _draw_versions(self) -> None:
-        self._stats: dict[str, VersionStats] = {}
+        self._stats: dict[str, VersionStats] | None = None
         versions = registry.list_versions(self.model.value, self.runtime.store)
         self._stats = rating_stats(self.model.value, self.runtime)
         self.versions.value = versions_table(versions, self._stats)
 
     def _draw_trend(self) -> None:
         self.trend.layout.display = "none"  # no stale plot, whatever happens below
+        if self._stats is None:  # the versions section says why
+            self.trend_note.value = ""
+            return
         png = trend_png(self._stats)
         self.trend.value = png
         self.trend.layout.display = "block" if png else "none"
