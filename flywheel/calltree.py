@@ -18,7 +18,9 @@ threads. Token usage is written in MLflow's standard span attribute (`mlflow.cha
 on each LM span and, as autolog does, on the root; the trace's total goes in its metadata.
 
 An LM's parameters are recorded without anything that looks like a credential (an API key,
-headers, a password in a URL), as `lm.safe_params` decides.
+headers, a password in a URL), as `lm.safe_params` decides; a call's error message (a provider
+that quotes the key it was sent) is recorded as `lm.redact` leaves it, the redactor of the API's
+502 body, so nothing raw reaches the outbox or the store.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import dspy
 from dspy.utils.callback import ACTIVE_CALL_ID, BaseCallback
 from dspy.utils.usage_tracker import UsageTracker
 
-from flywheel.lm import safe_params
+from flywheel.lm import redact, safe_params
 from flywheel.tracing import token_usage
 
 CHAIN, LLM, CHAT_MODEL, PARSER, TOOL, AGENT, RETRIEVER = (
@@ -176,7 +178,7 @@ class CallTree(BaseCallback, UsageTracker):
                 attributes[USAGE_ATTRIBUTE] = call.usage
             error = None
             if call.error is not None:
-                error = {"type": _type_name(type(call.error)), "message": str(call.error)}
+                error = {"type": _type_name(type(call.error)), "message": redact(str(call.error))}
             elif call.end_ns is None:
                 error = {"type": "Unfinished", "message": "the call had not returned when the request ended"}
             out.append(

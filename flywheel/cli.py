@@ -7,8 +7,9 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from flywheel.config import get_settings
+from flywheel.config import get_settings, secret_values
 from flywheel.errors import Cancelled, ConfigError, FlywheelError
+from flywheel.limits import redact, redact_uri
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -19,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     from flywheel.store import connect
 
     store = connect()
-    print(f"Seeding the demo into {store.tracking_uri}")
+    print(f"Seeding the demo into {redact_uri(store.tracking_uri)}")
     seed_demo(store)
     print("Traffic waiting for review:")
     seed_traffic(store)
@@ -371,11 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         get_settings()
         return handler(args)
-    except ConfigError as exc:
-        print(f"flywheel: configuration error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # messages redacted (a password in a URI), whoever wrote them
+        print(f"flywheel: configuration error: {redact(str(exc), secret_values())}", file=sys.stderr)
         return 2
     except FlywheelError as exc:  # raised on purpose: its message is one line for a person
-        print(f"flywheel: {exc}", file=sys.stderr)
+        print(f"flywheel: {redact(str(exc), secret_values())}", file=sys.stderr)
         return 1
 
 

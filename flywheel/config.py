@@ -112,6 +112,19 @@ class Settings:
     def is_embedded(self) -> bool:
         return self.mlflow_tracking_uri.startswith("sqlite:")
 
+    def __repr__(self) -> str:  # a repr lands in logs and tracebacks: no key, password or token
+        from flywheel.limits import MASK, redact_uri
+
+        shown = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, str) and value and _secret_name(field.name):
+                value = MASK
+            elif field.name in ("mlflow_tracking_uri", "flywheel_lm_api_base") and value:
+                value = redact_uri(value)
+            shown.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
 
 def _parse_bool(name: str, raw: str) -> bool:
     value = raw.strip().lower()
@@ -238,8 +251,10 @@ def load_settings(
     home = (home if home.is_absolute() else root / home).resolve()
     uri = settings.mlflow_tracking_uri or f"sqlite:///{home / 'mlflow.db'}"
     if not uri.startswith(("sqlite:", "http://", "https://", "postgresql", "mysql", "file:")):
+        from flywheel.limits import redact_uri
+
         raise ConfigError(
-            f"MLFLOW_TRACKING_URI={uri!r} is not supported; use sqlite:///path, "
+            f"MLFLOW_TRACKING_URI={redact_uri(uri)!r} is not supported; use sqlite:///path, "
             "http(s)://host:port or a database URI"
         )
     return replace(settings, flywheel_home=home, mlflow_tracking_uri=uri)
@@ -306,6 +321,35 @@ def signed_in_user(settings: Settings, environ: Mapping[str, str] | None = None)
 def get_settings() -> Settings:
     """The process-wide settings, read once; tests call `get_settings.cache_clear()`."""
     return load_settings()
+
+
+_SECRET_NAME = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
+
+
+def secret_values(settings: Settings | None = None, environ: Mapping[str, str] | None = None) -> set[str]:
+    """Values never to write down (`limits.redact` masks them in any text): every setting and
+    environment variable named like a secret (FLYWHEEL_ADMIN_KEY, OPENAI_API_KEY, HF_TOKEN,
+    PGPASSWORD, ...) and the password in MLFLOW_TRACKING_URI and FLYWHEEL_LM_API_BASE.
+    `settings`: the process's when None (none when they cannot be read)."""
+    from flywheel.limits import uri_secrets
+
+    env = os.environ if environ is None else environ
+    found = {v for k, v in env.items() if _secret_name(k) and v}
+    try:
+        settings = settings or get_settings()
+    except ConfigError:
+        return found
+    for field in fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, str) and value and _secret_name(field.name):
+            found.add(value)
+    found.update(uri_secrets(settings.mlflow_tracking_uri), uri_secrets(settings.flywheel_lm_api_base))
+    return found
+
+
+def _secret_name(name: str) -> bool:
+    upper = name.upper()
+    return "PASSWORD" in upper or "PASSWD" in upper or any(p in _SECRET_NAME for p in upper.split("_"))
 
 
 def environment_snapshot(names: tuple[str, ...] | list[str]) -> dict[str, str | None]:

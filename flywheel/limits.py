@@ -4,12 +4,15 @@
 (nesting depth, text that UTF-8 cannot encode); `version_problem` checks a
 version number against what the model registry can hold; `stored` is the one
 place that cuts what is written to trace tags and the outbox down to size,
-leaving a marker. Kept free of heavy imports: the API's request models use it.
+leaving a marker; `redact` and `redact_uri` take secrets out of a text before it is
+shown, logged or stored. Kept free of heavy imports: the API's request models use it.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from typing import Any
 
 MAX_DEPTH = 32  # levels of objects/arrays below a request body (the body is level 0, its fields 1)
@@ -90,3 +93,65 @@ def _fields(value: Any, limit: int) -> Any:
     if isinstance(value, list):
         return [_fields(v, limit) for v in value]
     return value
+
+
+# --- secrets in text ---------------------------------------------------------------------------
+
+MASK = "***"
+MIN_SECRET_CHARS = 6  # a shorter known value is not searched for (it would mask ordinary words)
+_USERINFO = re.compile(r"(?<![\w.-])([\w.~%+-]+):([^\s/@'\"]+)@(?=[\w.\[-])")  # user:password@host
+_TOKEN_USERINFO = re.compile(r"(://)[^\s/@:'\"]+@(?=[\w.\[-])")  # scheme://token@host
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]{8,}")
+_KEYLIKE = re.compile(r"\b(sk|pk|rk)-[\w-]{12,}")
+_NAMED = re.compile(  # password=..., api_key: ..., "token": "...", OPENAI_API_KEY=...
+    r"(?i)\b([\w-]*(?:password|passwd|secret|token|api[_-]?key|access[_-]?key))"
+    r"([\"']?\s*[=:]\s*[\"']?)(?!\*\*\*)([^\s&'\",;]+)"
+)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without secrets: each of `secrets` (values known to be secret, such as the keys in
+    the environment, wherever they appear; values under MIN_SECRET_CHARS are skipped), a URL's
+    user:password (user:***@) or token (***@), an Authorization credential (Bearer ***), an
+    `sk-...` style key, and the value after a secret-named parameter (password=***)."""
+    for secret in sorted({s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    text = _USERINFO.sub(rf"\1:{MASK}@", text)
+    text = _TOKEN_USERINFO.sub(rf"\1{MASK}@", text)
+    text = _BEARER.sub(rf"\1 {MASK}", text)
+    text = _KEYLIKE.sub(rf"\1-{MASK}", text)
+    return _NAMED.sub(rf"\1\2{MASK}", text)
+
+
+def redact_uri(uri: str) -> str:
+    """A URI fit to print or write down: user:password@ -> user:***@, token@ -> ***@, and a
+    secret-named query parameter's value masked (postgresql://h/db?password=***)."""
+    from urllib.parse import urlsplit
+
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return redact(uri)
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        uri = uri.replace(netloc, f"{user}:{MASK}@{host}" if colon else f"{MASK}@{host}", 1)
+    return redact(uri)
+
+
+def uri_secrets(uri: str | None) -> list[str]:
+    """The secrets a URI carries in its userinfo (the password, or a lone token), as written and
+    decoded, for `redact` to find wherever a client quotes them."""
+    from urllib.parse import unquote, urlsplit
+
+    if not uri or "@" not in uri:
+        return []
+    try:
+        netloc = urlsplit(uri).netloc
+    except ValueError:
+        return []
+    if "@" not in netloc:
+        return []
+    userinfo = netloc.rsplit("@", 1)[0]
+    secret = userinfo.partition(":")[2] if ":" in userinfo else userinfo
+    return [s for s in {secret, unquote(secret)} if s]

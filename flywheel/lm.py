@@ -48,6 +48,9 @@ from dspy.lm15 import (
     response_to_events,
 )
 
+from flywheel import limits
+from flywheel.config import secret_values
+
 OFFLINE_MODEL = "flywheel/offline"
 
 NO_DEMOS = "No demos to answer from."
@@ -331,6 +334,7 @@ def configured_lm(settings: Any) -> dspy.BaseLM:
     LM and `py:` factories take none of them). The key stays in the provider's environment
     variable."""
     spec = settings.flywheel_lm
+    _remembered.update(secret_values(settings))  # `redact` masks them whichever settings are current
     if is_offline(spec) or spec.startswith("py:"):
         return make_lm(spec)
     kwargs: dict[str, Any] = {"num_retries": settings.flywheel_lm_retries}
@@ -387,17 +391,17 @@ def strip_userinfo(url: Any) -> Any:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-_USERINFO = re.compile(r"(?<![\w.-])([\w.~%+-]+):([^\s/@'\"]+)@(?=[\w.\[-])")
-_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[\w.~+/=-]{8,}")
-_KEYLIKE = re.compile(r"\b(sk|pk|rk)-[\w-]{12,}")
+_remembered: set[str] = set()  # the secrets of settings an LM was configured from (configured_lm)
 
 
 def redact(text: str) -> str:
-    """`text` (an error message) without the secrets a client may quote in it: a URL's
-    user:password, an Authorization header's credential, an `sk-...` style key."""
-    text = _USERINFO.sub(r"\1:***@", text)
-    text = _BEARER.sub(r"\1 ***", text)
-    return _KEYLIKE.sub(r"\1-***", text)
+    """`text` (an error message, a traceback) without the secrets a client may quote in it: the
+    known secret values (`config.secret_values`: the settings' keys, the provider keys in the
+    environment, the password of FLYWHEEL_LM_API_BASE and MLFLOW_TRACKING_URI, also of settings
+    an LM was configured from), and by their shape a URL's user:password, an Authorization
+    header's credential, an `sk-...` style key (`limits.redact`). The one redactor for what the
+    API answers, logs and traces."""
+    return limits.redact(text, secret_values() | _remembered)
 
 
 def _scrub(value: Any) -> Any:

@@ -26,8 +26,9 @@ an unreachable provider, an answer the adapter cannot parse) is 502 with the
 provider's message; a timeout is 504; an exception raised by the program's
 own code is 500 "program error: ...". Each is traced with state ERROR, the
 exception's type, message and traceback, and logged with its traceback; a
-credential a client quotes in its error (a URL's password, a bearer key) is
-redacted from all three.
+credential a client quotes in its error (a URL's password, a bearer key, the
+value of a known key such as OPENAI_API_KEY: `lm.redact`) is redacted from all
+three, and from every span of the call tree.
 """
 
 from __future__ import annotations

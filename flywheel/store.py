@@ -19,6 +19,9 @@ when an MLflow release moves one. docs/dependencies.md says how to move the pin.
 tracking server is down, from the experiment id this host recorded under
 FLYWHEEL_HOME/last-known-good the last time it connected: a worker restarted
 during an outage serves from last-known-good state instead of failing to start.
+
+A tracking URI is printed, logged and written down (experiments.json, errors, a Store's repr)
+without the password it may hold: `limits.redact_uri`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from flywheel.config import (
     get_settings,
     restore_environment,
 )
+from flywheel.limits import redact, redact_uri, uri_secrets
 
 _lock = threading.Lock()
 _connected: dict[tuple[str, str], Store] = {}
@@ -170,6 +174,9 @@ class Store:
     experiment_id: str
     settings: Settings
 
+    def __repr__(self) -> str:  # a repr lands in logs and tracebacks: the URI without its password
+        return f"Store({redact_uri(self.tracking_uri)!r}, experiment {self.experiment_id})"
+
     @cached_property
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
@@ -258,8 +265,9 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         return
     try:
         httpx.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise ConfigError(f"cannot reach the MLflow tracking server at {uri}: {exc}") from None
+    except httpx.HTTPError as exc:  # the URI's password masked, in the URI and in the error
+        detail = redact(str(exc), uri_secrets(uri))
+        raise ConfigError(f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {detail}") from None
 
 
 def connect(settings: Settings | None = None, *, allow_offline: bool = False) -> Store:
@@ -303,12 +311,17 @@ def _experiments_file(settings: Settings) -> Any:
     return settings.flywheel_home / "last-known-good" / "experiments.json"
 
 
+def _experiment_key(settings: Settings) -> str:
+    """The store and experiment as experiments.json names them: the URI without its password."""
+    return f"{redact_uri(settings.mlflow_tracking_uri)} {settings.flywheel_experiment}"
+
+
 def _recorded_experiment(settings: Settings) -> str | None:
     try:
         known = json.loads(_experiments_file(settings).read_text())
     except (OSError, ValueError):
         return None
-    value = known.get(f"{settings.mlflow_tracking_uri} {settings.flywheel_experiment}")
+    value = known.get(_experiment_key(settings))
     return str(value) if value else None
 
 
@@ -320,7 +333,8 @@ def _record_experiment(settings: Settings, experiment_id: str) -> None:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    known[f"{settings.mlflow_tracking_uri} {settings.flywheel_experiment}"] = experiment_id
+    known = {redact(str(k)): v for k, v in known.items()}  # a key an older flywheel wrote raw
+    known[_experiment_key(settings)] = experiment_id
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
@@ -357,7 +371,9 @@ def ensure_experiment(settings: Settings, name: str) -> str:
     try:
         experiment = client.get_experiment_by_name(name)
     except Exception as exc:  # an unreachable database or server: one line, not a traceback
-        raise ConfigError(f"cannot open the MLflow store {settings.mlflow_tracking_uri}: {exc}") from None
+        uri = settings.mlflow_tracking_uri
+        detail = redact(str(exc), uri_secrets(uri))
+        raise ConfigError(f"cannot open the MLflow store {redact_uri(uri)}: {detail}") from None
     if experiment is not None:
         return experiment.experiment_id
     location = (settings.artifact_root / name).as_uri() if settings.is_embedded else None

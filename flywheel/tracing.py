@@ -20,7 +20,9 @@ the complete inputs and outputs; `complete_calls` reads them back for the
 truncated traces a caller needs (export, the review queue).
 
 A failed prediction is a trace with state ERROR: the message in a tag, the
-exception's type, message and traceback as the span's `exception` event.
+exception's type, message and traceback as the span's `exception` event, each
+redacted when the record is made (a provider's error that quotes the key it was
+sent is stored with the key masked).
 Cache use is tagged: `flywheel.lm_cache` is `hit` when every LM call was
 answered by DSPy's cache, `partial` when some were, `miss` when none.
 """
@@ -36,6 +38,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
+
+from flywheel.config import secret_values
+from flywheel.limits import redact
 
 if TYPE_CHECKING:
     from flywheel.outbox import Item
@@ -223,6 +228,27 @@ class TraceRecord:
     route: str | None = None
     shadow_of: str | None = None
     spans: list[dict[str, Any]] | None = None  # the DSPy call tree (calltree.CallTree.spans)
+
+    def __post_init__(self) -> None:
+        """The error, its traceback and each call's error message redacted (`limits.redact`, the
+        known secret values and the shapes of credentials), before the record is queued in the
+        outbox or written as spans: whoever built it, a quoted key never reaches a file."""
+        if (
+            self.error is None
+            and self.error_traceback is None
+            and not any(s.get("error") for s in self.spans or ())
+        ):
+            return
+        secrets = secret_values()
+        for name in ("error", "error_traceback"):
+            if (text := getattr(self, name)) is not None:
+                object.__setattr__(self, name, redact(text, secrets))
+        if self.spans:  # copies: the call tree's own records are left as they are
+            spans = [
+                {**s, "error": _redacted_error(s["error"], secrets)} if s.get("error") else s
+                for s in self.spans
+            ]
+            object.__setattr__(self, "spans", spans)
 
     @property
     def name(self) -> str:
@@ -426,6 +452,10 @@ class TraceRecord:
                 )
             )
         return info, spans
+
+
+def _redacted_error(error: dict[str, Any], secrets: set[str]) -> dict[str, Any]:
+    return {**error, "message": redact(str(error.get("message") or ""), secrets)}
 
 
 def _span_id(trace_id: str, index: int) -> int:

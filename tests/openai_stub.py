@@ -53,6 +53,17 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _credential(headers: dict[str, str]) -> str:
+    """The key (Bearer) or user:password (Basic) a request's Authorization header carries."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value).decode()
+        except ValueError:
+            return value
+    return value
+
+
 def _tokens(text: str) -> int:
     return len(text.split())
 
@@ -152,8 +163,8 @@ class OpenAIStub:
             handler._json(
                 401,
                 {
-                    "error": {
-                        "message": "Incorrect API key provided.",
+                    "error": {  # quoting the credential sent, as OpenAI's 401 does
+                        "message": f"Incorrect API key provided: {_credential(headers)}.",
                         "type": "invalid_request_error",
                         "code": "invalid_api_key",
                     }
