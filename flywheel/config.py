@@ -78,6 +78,9 @@ class Settings:
     max_trace_chars: int = 4_194_304
     api_limit_concurrency: int = 200
     api_timeout_keep_alive: int = 5
+    api_max_connections: int = 1000
+    body_read_timeout: float = 10.0
+    api_allowed_hosts: str = ""
     gate_alpha: float = 0.05
     gate_margin: float = 0.0
     gate_min_rows: int = 10
@@ -169,6 +172,8 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "max_trace_chars": (int, 1000, 1 << 30),
     "api_limit_concurrency": (int, 1, 100_000),
     "api_timeout_keep_alive": (int, 1, 3600),
+    "api_max_connections": (int, 1, 1_000_000),
+    "body_read_timeout": (float, 0.1, 3600),
     "flywheel_lm_retries": (int, 0, 20),
     "flywheel_lm_timeout": (float, 0.001, 86400),
     "program_threads": (int, 1, 256),

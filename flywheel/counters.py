@@ -145,10 +145,13 @@ def prometheus(report: dict[str, Any], extra: dict[str, float] | None = None) ->
         "# HELP flywheel_average_latency_ms Mean latency of successful predictions.",
         "# TYPE flywheel_average_latency_ms gauge",
         f"flywheel_average_latency_ms {report['average_latency_ms']}",
-        "# HELP flywheel_model_served Models that served at least one prediction.",
-        "# TYPE flywheel_model_served gauge",
     ]
-    lines += [f'flywheel_model_served{{model="{_label(m)}"}} 1' for m in report["models_served"]]
+    if "models_served" in report:  # left out of a report without the key for model names (/metrics)
+        lines += [
+            "# HELP flywheel_model_served Models that served at least one prediction.",
+            "# TYPE flywheel_model_served gauge",
+        ]
+        lines += [f'flywheel_model_served{{model="{_label(m)}"}} 1' for m in report["models_served"]]
     for name, value in (extra or {}).items():
         lines += [f"# TYPE flywheel_{name} gauge", f"flywheel_{name} {value}"]
     return "\n".join(lines) + "\n"

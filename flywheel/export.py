@@ -9,7 +9,9 @@ the trace's root span. It asks MLflow only for traces that carry a
 cost grows with the rated traces it returns, not with every trace ever served.
 
 Values keep their JSON types (lists, objects, numbers, booleans from typed
-programs); a CSV cell holds a non-text value as JSON text.
+programs); a CSV cell holds a non-text value as JSON text. JSON and JSONL write a
+number JSON cannot hold (NaN, Infinity: refused by the API, but an older store may
+have one) as null (`finite`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -227,12 +230,29 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def finite(value: Any) -> Any:
+    """`value` with every number JSON cannot hold (NaN, Infinity, -Infinity) as null.
+
+    The API refuses such numbers (limits.problem), but a store written before it did, or by
+    other code, may hold them; JSON and JSONL exports stay valid JSON instead of failing.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def to_json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, ensure_ascii=False, default=str)
+    return json.dumps(finite(rows), ensure_ascii=False, allow_nan=False, default=str)
 
 
 def to_jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    return "".join(
+        json.dumps(finite(r), ensure_ascii=False, allow_nan=False, default=str) + "\n" for r in rows
+    )
 
 
 def to_dataframe(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -219,6 +219,13 @@ def submit(
             raise FeedbackError(f"role must be {END_USER} or {REVIEWER}, not {role!r}")
     if rating not in RATINGS:
         raise FeedbackError(f"rating must be one of {', '.join(RATINGS)}, not {rating!r}")
+    found = (
+        limits.problem(corrected_output, "corrected_output")
+        or limits.problem(comment, "comment")
+        or limits.problem(labels, "labels")
+    )
+    if found:  # what the API refuses (NaN, Infinity, lone surrogates) is never stored in-process either
+        raise FeedbackError(found)
     if not trace_id or not trace_id.strip():
         raise FeedbackError("trace_id is empty")
     trace_id = trace_id.strip()

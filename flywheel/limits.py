@@ -1,7 +1,8 @@
 """Hostile-input limits: what a request may hold, and how much of it flywheel stores.
 
 `problem(value)` checks a decoded JSON value before anything is queued or run
-(nesting depth, text that UTF-8 cannot encode); `version_problem` checks a
+(nesting depth, text that UTF-8 cannot encode, numbers JSON cannot hold: NaN,
+Infinity, and 1e999, which Python's json reads as infinity); `version_problem` checks a
 version number against what the model registry can hold; `stored` is the one
 place that cuts what is written to trace tags and the outbox down to size,
 leaving a marker; `redact` and `redact_uri` take secrets out of a text before it is
@@ -11,6 +12,7 @@ shown, logged or stored. Kept free of heavy imports: the API's request models us
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -21,11 +23,14 @@ TRUNCATED = "…[truncated by flywheel]"
 
 
 def problem(value: Any, where: str = "body", depth: int = 0) -> str | None:
-    """Why `value` may not be accepted (None when it may): too deep, or text UTF-8 cannot encode."""
+    """Why `value` may not be accepted (None when it may): too deep, text UTF-8 cannot encode, or a
+    number that is not finite (JSON has no NaN or Infinity; a store or export could not write it)."""
     if depth > MAX_DEPTH:
         return f"{where}: nested deeper than {MAX_DEPTH} levels"
     if isinstance(value, str):
         return _text_problem(value, where)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value} is not a finite number (NaN, Infinity and 1e999 are not accepted)"
     if isinstance(value, dict):
         for key, item in value.items():
             found = _text_problem(str(key), f"{where} key") or problem(item, f"{where}.{key}", depth + 1)

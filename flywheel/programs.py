@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import dspy
 
+from flywheel import limits
 from flywheel.errors import InputError
 
 if TYPE_CHECKING:
@@ -136,6 +137,9 @@ def check_inputs(info: VersionInfo, inputs: Any) -> dict[str, Any]:
     for name, value in inputs.items():
         if value is None or (isinstance(value, str) and not value.strip()):
             raise InputError(f"input field {name!r} is empty")
+    found = limits.problem(inputs, "inputs")  # what the API refuses is refused in-process too
+    if found:
+        raise InputError(found)
     return inputs
 
 

@@ -198,7 +198,7 @@ def test_predict_errors(http: httpx.Client, body: dict, status: int, message: st
 
 def test_empty_or_malformed_bodies_are_422(http: httpx.Client) -> None:
     for path in ("/predict", "/feedback", f"/models/{JOKES}/stage"):
-        assert http.post(path, content=b"").status_code == 422
+        assert http.post(path, content=b"", headers={"content-type": "application/json"}).status_code == 422
         assert (
             http.post(path, content=b"{not json", headers={"content-type": "application/json"}).status_code
             == 422

@@ -232,11 +232,14 @@ def test_uvicorn_connection_limits_come_from_settings(url: str) -> None:
 
     config = server._background.server.config  # type: ignore[union-attr]
     defaults = Settings()
+    # uvicorn's limit counts connections (slow senders too) and refuses /health past it: it is only a
+    # high cap (API_MAX_CONNECTIONS); the API bounds the requests at work (API_LIMIT_CONCURRENCY)
     assert (config.limit_concurrency, config.timeout_keep_alive) == (
-        defaults.api_limit_concurrency,
+        defaults.api_max_connections,
         defaults.api_timeout_keep_alive,
     )
-    tuned = replace(defaults, api_limit_concurrency=7, api_timeout_keep_alive=3)
+    assert defaults.api_max_connections >= 5 * defaults.api_limit_concurrency
+    tuned = replace(defaults, api_max_connections=7, api_timeout_keep_alive=3)
     assert server.connection_limits(tuned) == {"limit_concurrency": 7, "timeout_keep_alive": 3}
 
 

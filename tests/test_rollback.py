@@ -224,9 +224,10 @@ def test_api_rollback_needs_the_admin_key_and_happens_once(
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
             path = f"/models/{MODEL}/rollback"
-            assert http.post(path).status_code == 401
-            assert http.post(path, headers={"X-API-Key": "wrong"}).status_code == 403
-            admin = {"X-API-Key": "a-key"}
+            json_type = {"Content-Type": "application/json"}  # every write carries it, also without a body
+            assert http.post(path, headers=json_type).status_code == 401
+            assert http.post(path, headers={"X-API-Key": "wrong", **json_type}).status_code == 403
+            admin = {"X-API-Key": "a-key", **json_type}
             stale = http.post(path, json={"expected_version": "1"}, headers=admin)
             assert stale.status_code == 409 and "not 1" in stale.json()["detail"]
             assert http.post(path, json={"bogus": 1}, headers=admin).status_code == 422

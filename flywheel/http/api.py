@@ -6,10 +6,19 @@ what `flywheel serve` and `uvicorn flywheel.http.api:app` run) builds its own
 runtime at startup and closes it at shutdown. Errors are mapped by class: every
 `FlywheelError` carries its HTTP status; `Unavailable` (503) adds `Retry-After`.
 Every response names the worker process that answered (`X-Flywheel-Worker: <pid>`).
+
+Before any route runs, pure ASGI middleware answers, in this order: a Host header
+the API does not answer to (400, against DNS rebinding: `TrustedHosts`); a write
+(POST, PUT, PATCH, DELETE) without `Content-Type: application/json` (415: a browser
+cannot send one from another site's page without a CORS preflight, which this API
+never grants: `JsonWrites`); a body over MAX_REQUEST_BYTES (413) or slower than
+BODY_READ_TIMEOUT (408: `BodyLimit`); more than API_LIMIT_CONCURRENCY requests at
+work in this process (503, `/health` exempt: `Concurrency`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -136,30 +145,38 @@ class ErrorResponse(BaseModel):
 
 
 _WHY = {
-    400: "the body could not be read as the declared content type",
+    400: "the body could not be read as the declared content type, or the Host header names a host "
+    "this API does not answer to (add it to API_ALLOWED_HOSTS)",
     401: "an API key is configured for this route and the X-API-Key header is missing",
     403: "the X-API-Key header holds the wrong key, or the route is switched off",
     404: "no such model, version, stage, alias or trace",
+    408: "the request body did not arrive within BODY_READ_TIMEOUT seconds",
     409: "the registry is not in a state that allows it (e.g. nothing to roll back to, Production "
     "moved since it was judged, or this promotion was already rolled back)",
     413: "the request body is larger than MAX_REQUEST_BYTES",
-    422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of range)",
+    415: "a POST, PUT, PATCH or DELETE without the header Content-Type: application/json (needed also "
+    "without a body)",
+    422: "the request is invalid (also: text UTF-8 cannot encode, nesting too deep, a version out of "
+    "range, a number that is not finite: NaN, Infinity, 1e999)",
+    502: "the language model (or the program around it) failed",
+    503: "MLflow is unreachable and this host cannot answer from durable local state, or this server "
+    "process is working on API_LIMIT_CONCURRENCY requests already (retry after the Retry-After "
+    "header's seconds)",
     429: "too much feedback for traces not known yet is waiting (FEEDBACK_PENDING_PER_CLIENT, "
     "FEEDBACK_PENDING_MAX_BYTES); nothing was stored (retry after the Retry-After header's seconds)",
-    502: "the language model (or the program around it) failed",
-    503: "MLflow is unreachable and this host cannot answer from durable local state (retry after "
-    "the Retry-After header's seconds), or the server is at API_LIMIT_CONCURRENCY",
     504: "the prediction took longer than REQUEST_TIMEOUT",
 }
 
 
-_RETRY_AFTER = {"description": "seconds, when MLflow is unreachable", "schema": {"type": "integer"}}
+_RETRY_AFTER = {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}
+_DOORS = (400, 408, 413, 503)  # what the middleware below can answer on any route (not 503 on /health)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the error statuses a route can answer, all as ErrorResponse."""
+    """OpenAPI `responses` for the error statuses a route can answer, all as ErrorResponse
+    (with those every request can get from the middleware: Host, body read, concurrency)."""
     responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
+    for status in sorted({*statuses, *_DOORS}):
         responses[status] = {"model": ErrorResponse, "description": _WHY[status]}
         if status in (429, 503):
             responses[status]["headers"] = {"Retry-After": _RETRY_AFTER}
@@ -173,37 +190,106 @@ def _runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-def _key_check(kind: Literal["predict", "feedback", "admin", "registry"]) -> Any:
+KeyKind = Literal["predict", "feedback", "admin", "registry"]
+
+
+def _key_refusal(settings: Settings, kind: KeyKind, x_api_key: str | None) -> HTTPException | None:
+    """The 401 or 403 a request with this X-API-Key gets for a route of `kind`; None when it may pass."""
+    if kind == "registry":  # read-only: the predict or the admin key, when REGISTRY_NEEDS_KEY
+        keys = [settings.flywheel_predict_key, settings.flywheel_admin_key]
+        wanted = [k for k in keys if k] if settings.registry_needs_key else []
+        name = "predict or admin"
+    else:
+        key = {
+            "predict": settings.flywheel_predict_key,
+            "feedback": settings.flywheel_feedback_key,
+            "admin": settings.flywheel_admin_key,
+        }[kind]
+        wanted, name = [key] if key else [], kind
+    if not wanted:
+        return None
+    if x_api_key is None:
+        return HTTPException(401, f"this endpoint needs the {name} API key in the X-API-Key header")
+    # as bytes: compare_digest refuses a non-ASCII str, and a header is latin-1 on the wire
+    given = x_api_key.encode("latin-1", "replace")
+    if not any([secrets.compare_digest(given, w.encode("utf-8")) for w in wanted]):
+        return HTTPException(403, f"the X-API-Key header does not hold the {name} API key")
+    return None
+
+
+def _key_check(kind: KeyKind) -> Any:
     def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
-        settings = runtime.settings
-        if kind == "registry":  # read-only: the predict or the admin key, when REGISTRY_NEEDS_KEY
-            keys = [settings.flywheel_predict_key, settings.flywheel_admin_key]
-            wanted = [k for k in keys if k] if settings.registry_needs_key else []
-            name = "predict or admin"
-        else:
-            key = {
-                "predict": settings.flywheel_predict_key,
-                "feedback": settings.flywheel_feedback_key,
-                "admin": settings.flywheel_admin_key,
-            }[kind]
-            wanted, name = [key] if key else [], kind
-        if not wanted:
-            return
-        if x_api_key is None:
-            raise HTTPException(401, f"this endpoint needs the {name} API key in the X-API-Key header")
-        # as bytes: compare_digest refuses a non-ASCII str, and a header is latin-1 on the wire
-        given = x_api_key.encode("latin-1", "replace")
-        if not any([secrets.compare_digest(given, w.encode("utf-8")) for w in wanted]):
-            raise HTTPException(403, f"the X-API-Key header does not hold the {name} API key")
+        refusal = _key_refusal(runtime.settings, kind, x_api_key)
+        if refusal is not None:
+            raise refusal
 
     return Depends(check)
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over MAX_REQUEST_BYTES is answered 413.
+def _settings(scope: Any) -> Settings:
+    """The settings of the runtime the app serves (the defaults before it has started)."""
+    runtime = getattr(scope["app"].state, "runtime", None)
+    return runtime.settings if runtime is not None else Settings()
 
-    A declared Content-Length over the limit is refused before a byte is read; a chunked
-    (or lying) body is counted as it arrives and refused the moment it passes the limit.
+
+async def _refuse(
+    scope: Any, send: Any, status: int, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    """Answer `status` with the API's error shape and close the connection (a body may be unread)."""
+    response = JSONResponse(
+        {"detail": detail}, status_code=status, headers={"Connection": "close", **(headers or {})}
+    )
+
+    async def nothing() -> Any:  # the response never reads the request
+        return {"type": "http.disconnect"}
+
+    await response(scope, nothing, send)
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value.decode("latin-1")  # type: ignore[no-any-return]
+    return None
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header (or of an API_ALLOWED_HOSTS entry): lower case, without the port,
+    the brackets of an IPv6 address or a final dot. `[::1]:8000` -> `::1`."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        text = text[1 : text.index("]")] if "]" in text else text
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    return text.rstrip(".")
+
+
+def allowed_hosts(settings: Settings) -> tuple[str, ...]:
+    """The names a Host header may hold: localhost, 127.0.0.1, ::1, API_HOST (unless it is the
+    any-address 0.0.0.0 or ::) and API_ALLOWED_HOSTS (`*.example.com` for its subdomains, `*` for
+    any). Besides these, the address a connection arrived at is always allowed (`TrustedHosts`)."""
+    extra = [host_name(h) for h in settings.api_allowed_hosts.split(",") if h.strip()]
+    bound = [] if settings.api_host.strip() in _ANY_ADDRESS else [host_name(settings.api_host)]
+    return tuple(dict.fromkeys([*LOOPBACK_HOSTS, *bound, *extra]))
+
+
+def host_allowed(host: str, allowed: tuple[str, ...], own_address: str | None = None) -> bool:
+    if "*" in allowed or (own_address is not None and host == host_name(own_address)):
+        return True
+    return any(host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed)
+
+
+class TrustedHosts:
+    """ASGI middleware: a request whose Host header is not an allowed host is answered 400.
+
+    A page of another site that re-points its own name at 127.0.0.1 (DNS rebinding) reaches
+    the API with its own name in Host; only the names of `allowed_hosts` and the address the
+    connection arrived at (a direct `http://10.0.0.5:8000`, a load balancer's health check by
+    address) are answered. A request without a Host header (HTTP/1.0) is for that address too.
     """
 
     def __init__(self, app: Any) -> None:
@@ -213,25 +299,140 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        runtime = getattr(scope["app"].state, "runtime", None)
-        limit = runtime.settings.max_request_bytes if runtime is not None else Settings().max_request_bytes
-        message = f"the request body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
-        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+        given = _header(scope, b"host")
+        server = scope.get("server")
+        own = str(server[0]) if server else None
+        if given is not None and not host_allowed(host_name(given), allowed_hosts(_settings(scope)), own):
+            detail = (
+                f"the Host header {given[:200]!r} is not a host this API answers to (a guard against DNS "
+                "rebinding); a deployment reached by that name lists it in API_ALLOWED_HOSTS"
+            )
+            await _refuse(scope, send, 400, detail)
             return
+        await self.app(scope, receive, send)
+
+
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+class JsonWrites:
+    """ASGI middleware: a POST, PUT, PATCH or DELETE without `Content-Type: application/json` is 415.
+
+    A browser sends a cross-site request without asking first (a CORS preflight) only with a
+    form or text content type, or none; with application/json it must ask, and this API never
+    answers a preflight. So a page of another site cannot change anything, even with keys unset.
+    A write without a body (a rollback) carries the header too.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in WRITE_METHODS:
+            given = _header(scope, b"content-type")
+            if (given or "").partition(";")[0].strip().lower() != "application/json":
+                has = "none" if given is None else repr(given[:100])
+                detail = (
+                    f"{scope['method']} requests need the header Content-Type: application/json, "
+                    f"also without a body (this one has {has})"
+                )
+                await _refuse(scope, send, 415, detail)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: reads the whole request body before the route runs. A body over
+    MAX_REQUEST_BYTES is answered 413, one that has not arrived within BODY_READ_TIMEOUT
+    seconds 408; either way the connection is closed.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked
+    (or lying) body is counted as it arrives and refused the moment it passes the limit. A
+    client that sends its body slowly, or declares more than it sends, holds a connection for
+    BODY_READ_TIMEOUT at most and never counts against API_LIMIT_CONCURRENCY (`Concurrency`).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        settings = _settings(scope)
+        limit = settings.max_request_bytes
+        message = f"the request body is larger than {limit} bytes (MAX_REQUEST_BYTES)"
+        declared = (_header(scope, b"content-length") or "").strip()
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(scope, send, 413, message)
+            return
+        chunks: list[bytes] = []
         seen = 0
+        try:
+            async with asyncio.timeout(settings.body_read_timeout):
+                while True:
+                    event = await receive()
+                    if event["type"] == "http.disconnect":
+                        return  # the client left: nobody to answer
+                    chunk = event.get("body", b"")
+                    seen += len(chunk)
+                    if seen > limit:
+                        await _refuse(scope, send, 413, message)
+                        return
+                    chunks.append(chunk)
+                    if not event.get("more_body", False):
+                        break
+        except TimeoutError:
+            detail = (
+                f"the request body did not arrive within {settings.body_read_timeout:g} s "
+                f"(BODY_READ_TIMEOUT; {seen} bytes came)"
+            )
+            await _refuse(scope, send, 408, detail)
+            return
+        body: bytes | None = b"".join(chunks)
 
-        async def counted() -> Any:
-            nonlocal seen
-            event = await receive()
-            if event["type"] == "http.request":
-                seen += len(event.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, message)
-            return event
+        async def replay() -> Any:
+            nonlocal body
+            if body is not None:
+                event, body = {"type": "http.request", "body": body, "more_body": False}, None
+                return event
+            return await receive()  # after the body: wait for the client to leave
 
-        await self.app(scope, counted, send)
+        await self.app(scope, replay, send)
+
+
+class Concurrency:
+    """ASGI middleware: at most API_LIMIT_CONCURRENCY requests at work at once in this process;
+    one more is answered 503 with `Retry-After: 1`. It counts requests whose body has arrived
+    (it sits inside `BodyLimit`), so slow senders cannot use the places up; `/health` is never
+    counted nor refused, so a load balancer sees a busy process as busy, not dead.
+
+    uvicorn's own `limit_concurrency` (API_MAX_CONNECTIONS) is only a much higher bound on open
+    connections; beyond it uvicorn answers 503 to every request, `/health` too.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.active = 0  # one event loop per app: no lock needed
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        limit = _settings(scope).api_limit_concurrency
+        if self.active >= limit:
+            detail = (
+                f"this server process is working on {limit} requests already (API_LIMIT_CONCURRENCY); "
+                "retry after 1 s"
+            )
+            response = JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -276,6 +477,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
+_DESCRIPTION = """\
+Every POST and PUT needs the header `Content-Type: application/json`, also when it sends no
+body (`POST /models/{name}/rollback`); without it the answer is 415. A web page of another site
+cannot send that header without a CORS preflight, which this API never grants, so it cannot
+change anything here even with the API keys unset.
+
+The `Host` header must name localhost, 127.0.0.1, ::1, API_HOST, the address the request
+came to, or a host in API_ALLOWED_HOSTS (400 otherwise). Request bodies must arrive within
+BODY_READ_TIMEOUT seconds (408) and hold at most MAX_REQUEST_BYTES (413). Numbers must be
+finite: NaN, Infinity and 1e999 are 422. See docs/api.md.
+"""
+
+
 def create_app(runtime: Runtime | None = None) -> FastAPI:
     """The API over `runtime` (left running when the app stops), or over one it builds and owns."""
 
@@ -295,10 +509,15 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(
         title="flywheel",
         summary="Serve registered DSPy programs, collect feedback, export training data.",
+        description=_DESCRIPTION,
         version="0.1.0",
         lifespan=lifespan,
     )
+    # the last added runs first: Host, then the content type of writes, the body, concurrency
+    app.add_middleware(Concurrency)
     app.add_middleware(BodyLimit)
+    app.add_middleware(JsonWrites)
+    app.add_middleware(TrustedHosts)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(FlywheelError, _flywheel_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -346,7 +565,7 @@ def _sse(event: dict[str, Any]) -> bytes:
             "the version that answered; the header says why",
             "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
         },
-        **_errors(400, 401, 403, 404, 413, 422, 502, 503, 504),
+        **_errors(400, 401, 403, 404, 413, 415, 422, 502, 503, 504),
     },
 )
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
@@ -378,7 +597,7 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _STREAM_EXAMPLE}},
             "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
         },
-        **_errors(400, 401, 403, 404, 413, 422, 503),
+        **_errors(400, 401, 403, 404, 413, 415, 422, 503),
     },
 )
 async def predict_stream(body: PredictRequest, runtime: RuntimeDep) -> StreamingResponse:
@@ -417,7 +636,7 @@ async def predict_stream(body: PredictRequest, runtime: RuntimeDep) -> Streaming
             "but not known yet; the feedback is on disk, lands once the trace appears, or is "
             "dead-lettered after FEEDBACK_WAIT",
         },
-        **_errors(400, 401, 403, 404, 413, 422, 429, 503),
+        **_errors(400, 401, 403, 404, 413, 415, 422, 429, 503),
     },
 )
 async def post_feedback(body: FeedbackRequest, runtime: RuntimeDep, request: Request) -> FeedbackResponse:
@@ -484,7 +703,7 @@ async def get_export(
         )
     if format == "jsonl":
         return Response(export.to_jsonl(rows), media_type="application/x-ndjson")
-    return JSONResponse({"model": model, "count": len(rows), "rows": rows})
+    return JSONResponse({"model": model, "count": len(rows), "rows": export.finite(rows)})
 
 
 @router.get("/models", dependencies=[_key_check("registry")], responses=_errors(401, 403, 422, 503))
@@ -506,7 +725,7 @@ async def get_versions(name: str, runtime: RuntimeDep) -> dict[str, Any]:
 @router.post(
     "/models/{name}/stage",
     dependencies=[_key_check("admin")],
-    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 413, 415, 422, 503),
 )
 async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[str, Any]:
     info = await run_in_threadpool(
@@ -518,7 +737,7 @@ async def set_stage(name: str, body: StageRequest, runtime: RuntimeDep) -> dict[
 @router.post(
     "/models/{name}/rollback",
     dependencies=[_key_check("admin")],
-    responses=_errors(400, 401, 403, 404, 409, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 409, 413, 415, 422, 503),
 )
 async def post_rollback(
     name: str, runtime: RuntimeDep, body: RollbackRequest | None = None
@@ -540,7 +759,7 @@ async def post_rollback(
 @router.put(
     "/models/{name}/canary",
     dependencies=[_key_check("admin")],
-    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 413, 415, 422, 503),
 )
 async def put_canary(name: str, body: CanaryRequest, runtime: RuntimeDep) -> dict[str, Any]:
     plan = await run_in_threadpool(
@@ -560,7 +779,7 @@ async def put_canary(name: str, body: CanaryRequest, runtime: RuntimeDep) -> dic
 @router.put(
     "/models/{name}/shadow",
     dependencies=[_key_check("admin")],
-    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 413, 415, 422, 503),
 )
 async def put_shadow(name: str, body: ShadowRequest, runtime: RuntimeDep) -> dict[str, Any]:
     plan = await run_in_threadpool(
@@ -604,7 +823,7 @@ async def get_audit(
 @router.post(
     "/feedback/preference",
     dependencies=[_key_check("feedback")],
-    responses=_errors(400, 401, 403, 404, 413, 422, 503),
+    responses=_errors(400, 401, 403, 404, 413, 415, 422, 503),
 )
 async def post_preference(body: PreferenceRequest, runtime: RuntimeDep) -> dict[str, Any]:
     if not runtime.settings.feedback_enabled:
@@ -634,7 +853,8 @@ async def health(runtime: RuntimeDep) -> dict[str, Any]:
     responses={
         200: {
             "description": "counters as JSON, or in the Prometheus text format (`format=prometheus`, "
-            "or `Accept: text/plain`)",
+            "or `Accept: text/plain`). With REGISTRY_NEEDS_KEY, the model names (`models_served`, "
+            "`flywheel_model_served`) are left out unless X-API-Key holds the predict or admin key",
             "content": {
                 "application/json": {"schema": {"type": "object"}},
                 "text/plain; version=0.0.4": {"schema": {"type": "string"}},
@@ -644,9 +864,14 @@ async def health(runtime: RuntimeDep) -> dict[str, Any]:
     },
 )
 async def metrics(
-    request: Request, runtime: RuntimeDep, format: Literal["json", "prometheus"] | None = None
+    request: Request,
+    runtime: RuntimeDep,
+    format: Literal["json", "prometheus"] | None = None,
+    x_api_key: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any] | PlainTextResponse:
     report = await run_in_threadpool(runtime.counters.report)
+    if _key_refusal(runtime.settings, "registry", x_api_key) is not None:
+        del report["models_served"]  # model names are the registry's: the totals only
     wants_text = format == "prometheus" or (
         format is None and "text/plain" in request.headers.get("accept", "")
     )

@@ -173,15 +173,36 @@ def warn_if_exposed(host: str, settings: Settings) -> str | None:
 
 
 def connection_limits(settings: Settings) -> dict[str, int]:
-    """uvicorn's connection limits from settings (API_LIMIT_CONCURRENCY, API_TIMEOUT_KEEP_ALIVE).
+    """uvicorn's connection limits from settings (API_MAX_CONNECTIONS, API_TIMEOUT_KEEP_ALIVE).
 
+    uvicorn's `limit_concurrency` counts open connections (and tasks): past it, it answers 503 to
+    every request, `/health` too. So it is only a high cap on connections (API_MAX_CONNECTIONS);
+    the API bounds the requests it works on itself (API_LIMIT_CONCURRENCY, after their body has
+    arrived: `flywheel.http.api.Concurrency`), and a slow body is cut at BODY_READ_TIMEOUT.
     uvicorn cannot time out a client that sends its headers slowly: put a proxy in front
     (nginx `client_header_timeout`), see docs/configuration.md.
     """
     return {
-        "limit_concurrency": settings.api_limit_concurrency,
+        "limit_concurrency": settings.api_max_connections,
         "timeout_keep_alive": settings.api_timeout_keep_alive,
     }
+
+
+def raise_open_files_limit(settings: Settings) -> int:
+    """Raise this process's soft limit of open files (inherited by the workers) so that
+    API_MAX_CONNECTIONS connections fit, as far as the hard limit allows; the new soft limit."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.api_max_connections + 256  # the connections, plus files, sockets, MLflow's
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if new > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    return new if new > soft else soft
 
 
 def serve_foreground(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
@@ -189,6 +210,7 @@ def serve_foreground(host: str | None = None, port: int | None = None, workers: 
     settings = get_settings()
     logging.basicConfig(level=logging.INFO)
     warn_if_exposed(host or settings.api_host, settings)
+    raise_open_files_limit(settings)
     uvicorn.run(
         "flywheel.http.api:app",
         host=host or settings.api_host,
