@@ -285,6 +285,12 @@ def environment_subset(keep: Callable[[str], bool]) -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if keep(name)}
 
 
+def take_environment(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Remove `names` from this process's environment and return their values (unset ones are
+    absent): for a secret one process reads and none of its children may inherit (Voila's token)."""
+    return {name: os.environ.pop(name) for name in names if name in os.environ}
+
+
 # the MLflow UI's admin login: `flywheel up` writes it to that UI's own 0600 config, no child needs it
 NOT_FOR_CHILDREN = frozenset({"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"})
 

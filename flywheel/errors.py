@@ -179,6 +179,7 @@ class RollbackError(FlywheelError, RuntimeError):
 
     status = 409
 
+
 class UntrustedVersion(FlywheelError, RuntimeError):
     """A version flywheel will not load: not registered by flywheel (no content hash recorded), or
     its files differ from what was registered. 409: the request is fine and the server works; the

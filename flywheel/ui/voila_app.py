@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
 import secrets
 import time
 from typing import Any
@@ -47,6 +46,7 @@ from traitlets import Float, Integer, Unicode
 from voila.app import Voila
 from voila.tornado.handler import TornadoVoilaHandler
 
+from flywheel.config import take_environment
 from flywheel.ui.dashboards import TOKEN_VARIABLE, is_ip_literal, proxy_networks
 
 # read by Voila alone: taken out of its environment before the first kernel starts
@@ -237,11 +237,7 @@ class FlywheelVoila(Voila):
 
     def initialize(self, argv: Any = None) -> None:
         super().initialize(argv)
-        token = ""
-        for name in VOILA_ONLY_VARIABLES:
-            value = os.environ.pop(name, "")
-            if name == TOKEN_VARIABLE:
-                token = value.strip()
+        token = take_environment(VOILA_ONLY_VARIABLES).get(TOKEN_VARIABLE, "").strip()
         if not token:
             token = secrets.token_urlsafe(24)
             self.log.warning("No %s given: the dashboards' token is %s", TOKEN_VARIABLE, token)
