@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from flywheel.config import get_settings, secret_values
+from flywheel.config import Settings, get_settings, secret_values
 from flywheel.errors import Cancelled, ConfigError, FlywheelError
 from flywheel.limits import redact, redact_uri
 
@@ -181,15 +181,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboards_settings(args: argparse.Namespace) -> Settings:
+    """The settings `flywheel dashboards` runs Voila with: `--auth proxy` signs users in by the
+    header a reverse proxy sets (`--reviewer-header`), honoured only from `--trusted-proxies`."""
+    from dataclasses import replace
+
+    settings = get_settings()
+    if args.auth != "proxy":
+        if args.reviewer_header or args.trusted_proxies:
+            raise ConfigError("--reviewer-header and --trusted-proxies go with --auth proxy")
+        return settings
+    header = (args.reviewer_header or settings.flywheel_reviewer_header or "").strip()
+    if not header:
+        raise ConfigError(
+            "--auth proxy needs the header your proxy sets: --reviewer-header X-Forwarded-User "
+            "(or FLYWHEEL_REVIEWER_HEADER)"
+        )
+    proxies = (args.trusted_proxies or settings.flywheel_trusted_proxies).strip()
+    return replace(settings, flywheel_reviewer_header=header, flywheel_trusted_proxies=proxies)
+
+
 def _dashboards(args: argparse.Namespace) -> int:
     from flywheel.ui.dashboards import launch
 
+    settings = dashboards_settings(args)
     launch(
         port=args.port,
         open_api=not args.no_api,
         host=args.host,
         api_port=args.api_port,
-        preheat=get_settings().flywheel_preheat_kernels,
+        preheat=settings.flywheel_preheat_kernels,
+        settings=settings,
     )
     return 0
 
@@ -257,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--api-port", type=int, default=None, help="the API's port (default API_PORT)")
     p.add_argument("--no-api", action="store_true", help="do not start the API beside the dashboards")
+    p.add_argument(
+        "--auth",
+        choices=("token", "proxy"),
+        default="token",
+        help="token (default): every page needs the dashboards' token (FLYWHEEL_DASHBOARDS_TOKEN, or one "
+        "made per start, printed in the URLs); proxy: a reverse proxy signs users in with the header "
+        "--reviewer-header, honoured only from --trusted-proxies (the token still opens pages, as nobody)",
+    )
+    p.add_argument(
+        "--reviewer-header", default=None, help="--auth proxy: the header the proxy sets (X-Forwarded-User)"
+    )
+    p.add_argument(
+        "--trusted-proxies",
+        default=None,
+        help="--auth proxy: the proxy's addresses or networks, comma-separated (default: loopback)",
+    )
     p.set_defaults(handler=_dashboards)
     p = sub.add_parser(
         "up", help="the workbench: the API, the dashboards (Voila) and the MLflow UI until Ctrl-C"

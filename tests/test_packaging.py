@@ -82,7 +82,7 @@ def test_every_subpackage_and_the_notebooks_are_packaged() -> None:
     # Voila's own settings for the dashboards (voila.json in the folder Voila runs in)
     assert tool["package-data"]["flywheel._data.dashboards"] == ["*.ipynb", "voila.json"]
     template = ROOT / "flywheel" / "ui" / "jupyter" / "voila" / "templates" / "flywheel"
-    assert {p.name for p in template.iterdir()} == {"conf.json", "index.html.j2"}
+    assert {p.name for p in template.iterdir()} == {"conf.json", "index.html.j2", "error.html"}
     assert tool["package-data"]["flywheel.ui"] == ["jupyter/voila/templates/flywheel/*"]
 
 

@@ -298,3 +298,75 @@ def test_a_page_that_never_connected_loses_its_kernel(serve: Callable[..., Launc
     page.close()  # a closed tab keeps its kernel FLYWHEEL_KERNEL_IDLE_TIMEOUT (a reload may come back)
     time.sleep(10)
     assert kernel_model(voila, kept).status_code == 200
+
+
+def test_dashboards_auth_proxy_takes_the_header_and_the_proxies() -> None:
+    from flywheel.cli import build_parser, dashboards_settings
+
+    def settings(*argv: str) -> Any:
+        return dashboards_settings(build_parser().parse_args(["dashboards", *argv]))
+
+    get_settings.cache_clear()
+    chosen = settings("--auth", "proxy", "--reviewer-header", "X-Auth-User", "--trusted-proxies", "10.1.2.3")
+    assert chosen.flywheel_reviewer_header == "X-Auth-User"
+    assert chosen.flywheel_trusted_proxies == "10.1.2.3"
+    assert settings().flywheel_reviewer_header == get_settings().flywheel_reviewer_header
+    with pytest.raises(ConfigError, match="--reviewer-header"):
+        settings("--reviewer-header", "X-Auth-User")  # only with --auth proxy
+    if not get_settings().flywheel_reviewer_header:
+        with pytest.raises(ConfigError, match="needs the header your proxy sets"):
+            settings("--auth", "proxy")
+
+
+@pytest.mark.slow
+def test_flywheel_dashboards_auth_proxy_signs_in_by_the_proxys_header(tmp_path: Path) -> None:
+    """The documented reverse-proxy setup, as a user starts it: `flywheel dashboards --auth proxy`."""
+    import signal
+    import subprocess
+    import sys
+
+    from processes import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(FLYWHEEL_HOME=str(tmp_path / "home"), FLYWHEEL_PREHEAT_KERNELS="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "flywheel", "dashboards", "--no-api", "--port", str(port)]
+    cmd += ["--auth", "proxy", "--reviewer-header", "X-Forwarded-User", "--trusted-proxies", "127.0.0.1"]
+    log = (tmp_path / "dashboards.log").open("wb")
+    process = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    tree = f"http://127.0.0.1:{port}/voila/tree"
+    try:
+
+        def up() -> bool:
+            assert process.poll() is None, (tmp_path / "dashboards.log").read_text()[-3000:]
+            try:
+                return httpx.get(tree, timeout=5).status_code in (200, 302)
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 120, "flywheel dashboards answered")
+        with client("127.0.0.1") as proxy:
+            assert proxy.get(tree, headers={"X-Forwarded-User": "alice"}).status_code == 200
+            r = proxy.get(tree)  # the proxy let a request through without signing anyone in
+            assert r.status_code == 302 and r.headers["location"].startswith("/login?")
+        with client("127.0.0.2") as outsider:  # the header straight from a client counts for nothing
+            r = outsider.get(tree, headers={"X-Forwarded-User": "alice"})
+            assert r.status_code == 302 and r.headers["location"].startswith("/login?")
+        wait_for(
+            lambda: (
+                "signed in by the X-Forwarded-User header from 127.0.0.1"
+                in (tmp_path / "dashboards.log").read_text()
+            ),
+            30,
+            "the printed sign-in line",
+        )
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()

@@ -264,6 +264,8 @@ def test_the_mlflow_ui_listens_on_loopback_only_under_host_0_0_0_0_and_holds_no_
         names = {entry.partition("=")[0] for entry in environ.split("\0")}
         for name, value in SECRETS.items():
             assert name not in names and value not in environ, (p.pid, name)
+        # the store's URI (a database URI may hold a password) is in no command line, which `ps` shows
+        assert not any("mlflow.db" in part or "sqlite:" in part for part in p.cmdline()), p.cmdline()
     # the API and the dashboards were told --host 0.0.0.0 and do listen there
     api = up.urls["API docs"]
     assert api.startswith("http://0.0.0.0:")

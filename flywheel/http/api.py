@@ -152,7 +152,8 @@ _WHY = {
     404: "no such model, version, stage, alias or trace",
     408: "the request body did not arrive within BODY_READ_TIMEOUT seconds",
     409: "the registry is not in a state that allows it (e.g. nothing to roll back to, Production "
-    "moved since it was judged, or this promotion was already rolled back)",
+    "moved since it was judged, this promotion was already rolled back, or the version to serve was not "
+    "registered by flywheel or its files changed since: refused before anything is loaded, and audited)",
     413: "the request body is larger than MAX_REQUEST_BYTES",
     415: "a POST, PUT, PATCH or DELETE without the header Content-Type: application/json (needed also "
     "without a body)",
@@ -565,7 +566,7 @@ def _sse(event: dict[str, Any]) -> bytes:
             "the version that answered; the header says why",
             "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
         },
-        **_errors(400, 401, 403, 404, 413, 415, 422, 502, 503, 504),
+        **_errors(400, 401, 403, 404, 409, 413, 415, 422, 502, 503, 504),
     },
 )
 async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
@@ -597,7 +598,7 @@ async def predict(body: PredictRequest, runtime: RuntimeDep) -> PredictResponse:
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _STREAM_EXAMPLE}},
             "headers": {"X-Flywheel-Route": _ROUTE_HEADER},
         },
-        **_errors(400, 401, 403, 404, 413, 415, 422, 503),
+        **_errors(400, 401, 403, 404, 409, 413, 415, 422, 503),
     },
 )
 async def predict_stream(body: PredictRequest, runtime: RuntimeDep) -> StreamingResponse:

@@ -275,6 +275,7 @@ def launch(
     block: bool = True,
     echo: Callable[[str], None] = print,
     preheat: int = 0,
+    settings: Settings | None = None,
 ) -> Launched:
     """Start Voila on dashboards/ (and the API in the background unless one answers); print the URLs,
     each with the token (FLYWHEEL_DASHBOARDS_TOKEN, or one made for this start: `Launched.token`).
@@ -283,7 +284,8 @@ def launch(
     """
     from flywheel.http import server
 
-    token = dashboards_token()
+    settings = settings or get_settings()
+    token = dashboards_token(settings)
     directory = directory or dashboards_dir()
     api_url = None
     started_api = False
@@ -295,8 +297,8 @@ def launch(
     port = free_port(port, host)
     base = f"http://{host}:{port}"
     process = subprocess.Popen(
-        voila_command(directory, port, host, preheat),
-        env=voila_env(kernel_env(), token),
+        voila_command(directory, port, host, preheat, settings),
+        env=voila_env(child_environment(settings), token),
         cwd=directory,
         start_new_session=True,
     )
@@ -314,6 +316,11 @@ def launch(
         "predict (streamed answers)": "predict.ipynb?model=MODEL&user=YOUR_NAME",
     }
     echo(f"Dashboards (Voila) at {base}/ (token {token})")
+    if settings.flywheel_reviewer_header:
+        echo(
+            f"  signed in by the {settings.flywheel_reviewer_header} header from "
+            f"{settings.flywheel_trusted_proxies} (your proxy); the token alone opens pages as nobody"
+        )
     for label, page in pages.items():
         echo(f"  {label}: {with_token(f'{base}/voila/render/{page}', token)}")
     if api_url:

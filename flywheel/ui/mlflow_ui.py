@@ -166,15 +166,21 @@ def mlflow_ui_environment(login: MlflowLogin, extra: dict[str, str] | None = Non
     return env
 
 
-def mlflow_ui_command(tracking_uri: str, artifacts: Path, port: int) -> list[str]:
-    """`mlflow server` with MLflow's basic-auth app, on 127.0.0.1 only, one worker."""
+def store_environment(tracking_uri: str) -> dict[str, str]:
+    """The MLflow UI's store, as `mlflow server` reads it from its environment (`--backend-store-uri`'s
+    variable)."""
+    return {"MLFLOW_BACKEND_STORE_URI": tracking_uri}
+
+
+def mlflow_ui_command(artifacts: Path, port: int) -> list[str]:
+    """`mlflow server` with MLflow's basic-auth app, on 127.0.0.1 only, one worker. Its store comes
+    in its environment (`store_environment`), never on the command line, which every local user can
+    read (`ps`): a database URI may hold a password."""
     return [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--app-name",
         "basic-auth",
-        "--backend-store-uri",
-        tracking_uri,
         "--default-artifact-root",
         artifacts.as_uri(),
         "--host",

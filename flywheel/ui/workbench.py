@@ -53,6 +53,7 @@ from flywheel.ui.mlflow_ui import (
     mlflow_ui_command,
     mlflow_ui_environment,
     prepare_login,
+    store_environment,
 )
 
 DEMO_REVIEWER = "alice"  # flywheel.demo.traffic.DEMO_REVIEWERS[0]: the demo's queues name her
@@ -192,8 +193,8 @@ def start_workbench(
             bench.children.append(
                 _start(
                     "mlflow",
-                    mlflow_ui_command(uri, settings.artifact_root, port),
-                    mlflow_ui_environment(bench.mlflow_login, base_env),
+                    mlflow_ui_command(settings.artifact_root, port),
+                    mlflow_ui_environment(bench.mlflow_login, {**base_env, **store_environment(uri)}),
                     logs,
                     bench.mlflow_url,
                     "/health",
