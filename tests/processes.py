@@ -55,6 +55,27 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None
         proc.wait()
 
 
+def interrupt_up(proc: subprocess.Popen[str], grace: float = 60) -> None:
+    """Ctrl-C (SIGINT), as a user stops `flywheel up`; whatever of its family is left after `grace`
+    is killed (its children run in their own sessions, so a killed `up` would leave them behind)."""
+    import psutil
+
+    if proc.poll() is not None:
+        return
+    family = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for p in psutil.wait_procs(family, timeout=10)[1]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def start_mlflow_server(home: Path, port: int) -> subprocess.Popen[bytes]:
     """A one-worker `mlflow server` on 127.0.0.1:`port`, an sqlite file and an artifact folder
     under `home`, in its own session (`stop_group` stops it). It starts as `flywheel up` starts its

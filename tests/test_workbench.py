@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from processes import interrupt_up
 from test_dashboards import browser  # noqa: F401  # the fixture (one Chromium per module)
 
 from flywheel import store
@@ -91,20 +92,7 @@ def up(home: store.Store) -> Iterator[Up]:
         assert any(READY in line for line in lines), lines
         yield Up(proc, lines)
     finally:
-        if proc.poll() is None:  # a test failed before its own Ctrl-C: stop it the same way
-            family = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            # its children run in their own sessions: a killed `up` would leave them behind
-            for p in psutil.wait_procs(family, timeout=5)[1]:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+        interrupt_up(proc)  # a test failed before its own Ctrl-C: stop it the same way
 
 
 def wait_interactive(page: Any) -> str:

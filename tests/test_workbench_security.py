@@ -11,7 +11,6 @@ from __future__ import annotations
 import configparser
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import httpx
 import mlflow
 import psutil
 import pytest
+from processes import interrupt_up
 
 from flywheel import store
 from flywheel.config import child_environment, load_settings
@@ -131,20 +131,7 @@ class Up:
 
 def stop(proc: subprocess.Popen[str]) -> None:
     """Ctrl-C (SIGINT) as a user stops `up`; whatever of its family is left is killed."""
-    if proc.poll() is not None:
-        return
-    family = psutil.Process(proc.pid).children(recursive=True)
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for p in psutil.wait_procs(family, timeout=10)[1]:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    interrupt_up(proc)
 
 
 def start_up(*args: str, env: dict[str, str] | None = None) -> Up:
