@@ -203,7 +203,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(out, fieldnames=columns or list(META_COLUMNS))
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _cell(v) for k, v in row.items()})
+        writer.writerow({k: _cell(finite(v)) for k, v in row.items()})
     return out.getvalue()
 
 
@@ -234,7 +234,8 @@ def finite(value: Any) -> Any:
     """`value` with every number JSON cannot hold (NaN, Infinity, -Infinity) as null.
 
     The API refuses such numbers (limits.problem), but a store written before it did, or by
-    other code, may hold them; JSON and JSONL exports stay valid JSON instead of failing.
+    other code, may hold them; JSON and JSONL exports stay valid JSON instead of failing, and a
+    CSV cell is empty (as for any missing value) rather than `nan`, which readers take for text.
     """
     if isinstance(value, float) and not math.isfinite(value):
         return None
