@@ -47,7 +47,14 @@ import dspy
 
 from flywheel import canary
 from flywheel.calltree import CallTree
-from flywheel.errors import FlywheelError, LMFailure, ModelNotFound, PredictTimeout, ProgramError
+from flywheel.errors import (
+    FlywheelError,
+    LMFailure,
+    ModelNotFound,
+    PredictTimeout,
+    ProgramError,
+    UntrustedVersion,
+)
 from flywheel.lm import redact
 from flywheel.programs import check_inputs, convert_inputs, output_values, runs_async
 from flywheel.tracing import TraceRecord, new_trace_id
@@ -199,6 +206,8 @@ async def _choose(
             return await _load(runtime, model, plan.canary_ref), route, plan
         except ModelNotFound:  # the canary's alias was removed: its share is served as usual
             route = canary.STABLE
+        except UntrustedVersion:  # the canary's alias was moved to a version flywheel refuses
+            route = canary.STABLE  # (refused and audited by the loader): its share is served as usual
     return await _load(runtime, model, ref), route, plan
 
 

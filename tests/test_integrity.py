@@ -21,7 +21,7 @@ import mlflow
 import pytest
 from fastapi.testclient import TestClient
 
-from flywheel import audit, registry
+from flywheel import audit, canary, registry
 from flywheel.errors import FlywheelError
 from flywheel.http.api import create_app
 from flywheel.loader import Loader, load_program
@@ -124,6 +124,27 @@ def test_a_version_made_outside_flywheel_is_refused_before_anything_is_unpickled
     with pytest.raises(FlywheelError, match="not registered by flywheel"):
         load_program(fresh_store, registry.get_version(NAME, evil, fresh_store))
     assert not marker.exists()
+
+
+def test_a_canary_moved_to_an_untrusted_version_serves_its_share_from_stable(
+    fresh_store: Store, runtime: Runtime, tmp_path: Path
+) -> None:
+    _register(fresh_store, "one")
+    _register(fresh_store, "two")
+    registry.promote(NAME, "1", "Production", fresh_store)
+    registry.set_alias(NAME, "canary", "2", fresh_store)
+    canary.set_canary(fresh_store, NAME, "canary", 1.0)
+    marker = tmp_path / "pwned"
+    evil = _outside_version(fresh_store, marker)
+    fresh_store.client.set_registered_model_alias(NAME, "canary", evil)  # raw MLflow, no flywheel
+
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+        replies = [client.post("/predict", json={"model": NAME, "inputs": {"topic": "x"}}) for _ in range(3)]
+    for reply in replies:  # the whole canary share, served by Production instead of refused
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["model_version"] == "1" and reply.headers["X-Flywheel-Route"] == "stable"
+    assert not marker.exists()
+    assert [e.version for e in _entries(fresh_store, "refused-load")] == [evil]
 
 
 def test_a_registered_version_whose_files_were_swapped_is_refused(
