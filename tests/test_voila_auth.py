@@ -323,11 +323,10 @@ def test_dashboards_auth_proxy_takes_the_header_and_the_proxies() -> None:
 @pytest.mark.slow
 def test_flywheel_dashboards_auth_proxy_signs_in_by_the_proxys_header(tmp_path: Path) -> None:
     """The documented reverse-proxy setup, as a user starts it: `flywheel dashboards --auth proxy`."""
-    import signal
     import subprocess
     import sys
 
-    from processes import free_port
+    from processes import free_port, interrupt_up
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
@@ -365,10 +364,6 @@ def test_flywheel_dashboards_auth_proxy_signs_in_by_the_proxys_header(tmp_path: 
             "the printed sign-in line",
         )
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        # Ctrl-C, as a user stops it (Voila runs in a session of its own: what is left is killed)
+        interrupt_up(process)
         log.close()
