@@ -35,9 +35,11 @@ __all__ = [
 
 
 class FlywheelError(Exception):
-    """Base of flywheel's errors. `status` is the HTTP status the API answers with."""
+    """Base of flywheel's errors. `status` is the HTTP status the API answers with; `retry_after`,
+    when set, the seconds of its `Retry-After` header (503 and 429 set it)."""
 
     status: int = 500
+    retry_after: int | None = None
 
 
 class ConfigError(FlywheelError, ValueError):

@@ -4,7 +4,8 @@
 a notebook, a test) and never closes it; `create_app()` (and the module's `app`,
 what `flywheel serve` and `uvicorn flywheel.http.api:app` run) builds its own
 runtime at startup and closes it at shutdown. Errors are mapped by class: every
-`FlywheelError` carries its HTTP status; `Unavailable` (503) adds `Retry-After`.
+`FlywheelError` carries its HTTP status; one with `retry_after` (503 `Unavailable`, 429
+`TooManyPending`) adds `Retry-After`.
 Every response names the worker process that answered (`X-Flywheel-Worker: <pid>`).
 
 Before any route runs, pure ASGI middleware answers, in this order: a Host header
@@ -19,6 +20,7 @@ work in this process (503, `/health` exempt: `Concurrency`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import secrets
@@ -38,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving, streaming
 from flywheel.config import Settings
 from flywheel.counters import prometheus
-from flywheel.errors import FlywheelError, TooManyPending, Unavailable
+from flywheel.errors import FlywheelError
 from flywheel.runtime import Runtime
 
 WORKER_HEADER = b"x-flywheel-worker"
@@ -269,6 +271,7 @@ def host_name(value: str) -> str:
     return text.rstrip(".")
 
 
+@functools.lru_cache(maxsize=8)
 def allowed_hosts(settings: Settings) -> tuple[str, ...]:
     """The names a Host header may hold: localhost, 127.0.0.1, ::1, API_HOST (unless it is the
     any-address 0.0.0.0 or ::) and API_ALLOWED_HOSTS (`*.example.com` for its subdomains, `*` for
@@ -447,8 +450,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _flywheel_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status if isinstance(exc, FlywheelError) else 500
-    retry = isinstance(exc, (Unavailable, TooManyPending))
-    headers = {"Retry-After": str(exc.retry_after)} if retry else None
+    retry = exc.retry_after if isinstance(exc, FlywheelError) else None
+    headers = {"Retry-After": str(retry)} if retry is not None else None
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
 
