@@ -292,13 +292,18 @@ class Loader:
             return loaded
 
     def _load_program(self, info: VersionInfo) -> dspy.Module:
-        check_registered(self.store, info)  # before any download
         expected = registry.trust_state(info)[1]
         with self._lock:
             refused = self._refused.get((info.name, info.version))
         if refused is not None and refused[0] == expected:
             if time.monotonic() - refused[1] < max(self.store.settings.flywheel_resolve_ttl, 1.0):
-                raise refused[2]
+                raise refused[2]  # no second check, log line or audit lookup per request
+        try:
+            check_registered(self.store, info)  # before any download
+        except UntrustedVersion as exc:
+            with self._lock:
+                self._refused[(info.name, info.version)] = (expected, time.monotonic(), exc)
+            raise
         try:
             path = self.lkg.fetch(info)
         except Exception as exc:
@@ -400,9 +405,9 @@ def check_content(store: Store, info: VersionInfo, path: Path) -> None:
     """UntrustedVersion unless the files under `path` hash to what flywheel recorded at registration.
 
     Bytecode caches are deleted first: a registered model holds none, so any there were written
-    by this host's Python or put there by someone else, and none is used unchecked.
+    by this host's Python or put there by someone else, and none is used unchecked. Callers run
+    `check_registered` first (before downloading); a version without a recorded hash fails here too.
     """
-    check_registered(store, info)
     for folder, dirs, _files in os.walk(path, followlinks=False):
         for cache in [d for d in dirs if d == "__pycache__"]:
             target = os.path.join(folder, cache)
