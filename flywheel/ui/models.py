@@ -433,6 +433,7 @@ class ModelsPanel(widgets.VBox):
         """Draw every section again. Each draws on its own: one that fails (a plot that cannot be
         drawn, MLflow refusing one query) shows its error in its own place and the others still
         draw, so one bad label never blanks the promote list or the adjudication queue."""
+        self._fetched: dict[str, Any] = {}  # what two sections read, read once per refresh
         sections = [
             (self._draw_overview, self.overview),
             (self._draw_versions, self.versions),
@@ -453,6 +454,16 @@ class ModelsPanel(widgets.VBox):
                     f"{esc(friendly(exc))}</div>"
                 )
 
+    def _versions(self) -> list[registry.VersionInfo]:
+        if "versions" not in self._fetched:
+            self._fetched["versions"] = registry.list_versions(self.model.value, self.runtime.store)
+        return self._fetched["versions"]  # type: ignore[no-any-return]
+
+    def _queues(self) -> list[Any]:
+        if "queues" not in self._fetched:
+            self._fetched["queues"] = review.list_queues(self.runtime.store, self.model.value)
+        return self._fetched["queues"]  # type: ignore[no-any-return]
+
     def _draw_overview(self) -> None:
         rows = [
             [
@@ -468,7 +479,7 @@ class ModelsPanel(widgets.VBox):
 
     def _draw_versions(self) -> None:
         self._stats: dict[str, VersionStats] | None = None
-        versions = registry.list_versions(self.model.value, self.runtime.store)
+        versions = self._versions()
         self._stats = rating_stats(self.model.value, self.runtime)
         self.versions.value = versions_table(versions, self._stats)
 
@@ -485,14 +496,14 @@ class ModelsPanel(widgets.VBox):
         )
 
     def _draw_promote(self) -> None:
-        versions = registry.list_versions(self.model.value, self.runtime.store)
+        versions = self._versions()
         current, values = self.promote_version.value, [v.version for v in versions]
         self.promote_version.options = [(f"v{v.version} · {v.stage}", v.version) for v in versions]
         self.promote_version.value = current if current in values else values[0] if values else None
         self.cancel()
 
     def _draw_agreement_queues(self) -> None:
-        queues = review.list_queues(self.runtime.store, self.model.value)
+        queues = self._queues()
         wanted = self.agree_queue.value
         self.agree_queue.options = [("all reviewers", "")] + [
             (q.name.split("/", 1)[1], q.name.split("/", 1)[1]) for q in queues
@@ -503,7 +514,7 @@ class ModelsPanel(widgets.VBox):
 
     def _draw_progress(self) -> None:
         """The review progress table and the adjudication queue's choices (they share the figures)."""
-        queues = review.list_queues(self.runtime.store, self.model.value)
+        queues = self._queues()
         progress = [review.queue_progress(self.runtime, q) for q in queues]
         self.review_progress.value = progress_html(progress)
         chosen = self.adj_queue.value
