@@ -10,8 +10,17 @@ unreachable items wait and are replayed when it is back. Delivery is idempotent
 (traces are upserted by id, feedback carries its own id), so a replay after a
 crash between "written" and "deleted" adds nothing twice.
 
-Several worker processes share the file: a delivering process claims a batch
-first; a claim older than CLAIM_SECONDS (its process died) is taken over.
+Several processes share the file. Producers only insert rows; a consumer claims a batch
+first, as one row of `claims` (its owner and the id range it took), so a claim never rewrites the
+payload rows, and neither does a retry: how often an item was tried and when it is due again live
+in the small `retry` table, which only items that were tried and not stored have a row in. A claim
+whose process died (its pid, on this host) or older than CLAIM_SECONDS is taken over. A process
+may be a producer only (`start(deliver=False)`: a serving worker whose host runs one deliverer
+process); the delivering one records each pass in the one row of `consumer` (`delivery_state()`),
+which any process reads with one primary-key lookup.
+
+The schema is created and upgraded in one `BEGIN IMMEDIATE` transaction that checks and bumps
+`PRAGMA user_version`, so processes opening a fresh or an older file at once never race each other.
 
 An item a deliverer does not store (feedback whose trace is not in MLflow yet) is
 retried with a growing delay; one with a deadline is moved to the `dead` table
@@ -58,61 +67,92 @@ DEAD_KEEP_WAITS = 12  # the runtime keeps a dead letter FEEDBACK_WAIT x this for
 DEAD_KEEP_SECONDS = 3600.0  # and at least this long (also the default of a bare Outbox)
 PRUNE_EVERY = 600.0
 WAL_KEEP_BYTES = 4 << 20  # a checkpointed WAL longer than this is truncated to it
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    trace_id TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    created REAL NOT NULL,
-    claimed_by TEXT,
-    claimed_at REAL
-);
-CREATE INDEX IF NOT EXISTS items_trace ON items(trace_id);
-CREATE TABLE IF NOT EXISTS delivered (
-    trace_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL DEFAULT '',
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dead (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    trace_id TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    created REAL NOT NULL,
-    died REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-"""
-_COLUMNS = {  # added after the first release: files written before get them on open
+HEARTBEAT_EVERY = 1.0  # a delivering outbox rewrites its `consumer` row at most this often, unless it changed
+HEARTBEAT_STALE = CLAIM_SECONDS  # a consumer silent this long is gone (its claims are taken over too)
+SCHEMA_VERSION = 1  # PRAGMA user_version of a file this module created or upgraded
+# Each statement alone: executescript() would commit the migration's transaction half way.
+# Small columns before `payload`, so reading them never walks a payload's overflow pages
+# (files created before version 1 have them after it, added by ALTER TABLE).
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS items (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        created REAL NOT NULL,
+        deadline REAL,
+        held_by TEXT,
+        size INTEGER NOT NULL DEFAULT 0,
+        payload TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS items_trace ON items(trace_id)",
+    """CREATE TABLE IF NOT EXISTS delivered (
+        trace_id TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        version TEXT NOT NULL DEFAULT '',
+        at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS dead (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        trace_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        created REAL NOT NULL,
+        died REAL NOT NULL,
+        reason TEXT NOT NULL
+    )""",
+)
+_COLUMNS = {  # added after the first release: files written before get them on upgrade
     ("delivered", "version"): "TEXT NOT NULL DEFAULT ''",
     ("items", "deadline"): "REAL",
-    ("items", "tries"): "INTEGER NOT NULL DEFAULT 0",
-    ("items", "next_try"): "REAL NOT NULL DEFAULT 0",
     ("items", "held_by"): "TEXT",  # the client a capped item counts against (`Cap`)
     ("items", "size"): "INTEGER NOT NULL DEFAULT 0",  # its payload's bytes, for the cap
-    ("dead", "size"): "INTEGER",  # payload bytes, for `dead_max_bytes` (older rows: filled on upgrade)
+    ("dead", "size"): "INTEGER",  # payload bytes, for `dead_max_bytes`
 }
 # After the columns exist. `held`: per client ('' = all) the capped items waiting and their bytes,
 # kept exact by triggers in the same transaction as every insert and delete of `items`.
-_HELD = """
-CREATE TABLE IF NOT EXISTS held (
-    client TEXT PRIMARY KEY,
-    items INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS items_held_in AFTER INSERT ON items WHEN NEW.held_by IS NOT NULL BEGIN
-    INSERT INTO held(client, items, bytes) VALUES (NEW.held_by, 1, NEW.size), ('', 1, NEW.size)
-    ON CONFLICT(client) DO UPDATE SET items = items + excluded.items, bytes = bytes + excluded.bytes;
-END;
-CREATE TRIGGER IF NOT EXISTS items_held_out AFTER DELETE ON items WHEN OLD.held_by IS NOT NULL BEGIN
-    UPDATE held SET items = items - 1, bytes = bytes - OLD.size WHERE client IN (OLD.held_by, '');
-    DELETE FROM held WHERE client = OLD.held_by AND items <= 0;
-END;
-CREATE INDEX IF NOT EXISTS items_held ON items(held_by, deadline) WHERE held_by IS NOT NULL;
-CREATE INDEX IF NOT EXISTS dead_died ON dead(died, size);
-"""
+# `claims`: one row per consumer, the id range it is delivering. `retry`: items tried and not
+# stored, with their count of tries and when they are due again (deleted with their item).
+# `consumer`: the one row the delivering outbox rewrites each pass (`delivery_state()`).
+_DERIVED = (
+    """CREATE TABLE IF NOT EXISTS held (
+        client TEXT PRIMARY KEY,
+        items INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS items_held_in AFTER INSERT ON items WHEN NEW.held_by IS NOT NULL BEGIN
+        INSERT INTO held(client, items, bytes) VALUES (NEW.held_by, 1, NEW.size), ('', 1, NEW.size)
+        ON CONFLICT(client) DO UPDATE SET items = items + excluded.items, bytes = bytes + excluded.bytes;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS items_held_out AFTER DELETE ON items WHEN OLD.held_by IS NOT NULL BEGIN
+        UPDATE held SET items = items - 1, bytes = bytes - OLD.size WHERE client IN (OLD.held_by, '');
+        DELETE FROM held WHERE client = OLD.held_by AND items <= 0;
+    END""",
+    "CREATE INDEX IF NOT EXISTS items_held ON items(held_by, deadline) WHERE held_by IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS dead_died ON dead(died, size)",
+    """CREATE TABLE IF NOT EXISTS claims (
+        owner TEXT PRIMARY KEY,
+        first_id INTEGER NOT NULL,
+        last_id INTEGER NOT NULL,
+        at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS retry (
+        id INTEGER PRIMARY KEY,
+        tries INTEGER NOT NULL,
+        next_try REAL NOT NULL
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS items_retry_out AFTER DELETE ON items BEGIN
+        DELETE FROM retry WHERE id = OLD.id;
+    END""",
+    """CREATE TABLE IF NOT EXISTS consumer (
+        slot INTEGER PRIMARY KEY CHECK (slot = 0),
+        pid INTEGER NOT NULL,
+        owner TEXT NOT NULL,
+        heartbeat REAL NOT NULL,
+        connected INTEGER NOT NULL,
+        last_error TEXT
+    )""",
+)
+_DEAD_SIZE = "length(CAST(payload AS BLOB))"  # what a dead letter's `size` is, whatever `items.size` said
 
 
 @dataclass(frozen=True)
@@ -170,6 +210,67 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _json_text(payload: dict[str, Any] | str) -> str:
+    if isinstance(payload, str):
+        if not payload.startswith("{"):
+            raise ValueError("an outbox payload given as text must be a serialised JSON object")
+        return payload
+    return json.dumps(payload, default=str)
+
+
+def _pid_of(owner: str) -> int:
+    head = owner.split("-", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class DeliveryState:
+    """The consumer's last delivery pass as recorded in the file (`Outbox.delivery_state`):
+    its process, when it last passed (`heartbeat`, Unix time), and whether MLflow answered."""
+
+    pid: int
+    owner: str
+    heartbeat: float
+    connected: bool
+    last_error: str | None
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since its last pass."""
+        return (time.time() if now is None else now) - self.heartbeat
+
+    def alive(self, now: float | None = None, within: float = HEARTBEAT_STALE) -> bool:
+        """Whether it passed within `within` seconds and its process still runs (on this host)."""
+        return self.age(now) <= within and _alive(self.pid)
+
+
+def _gaps(claimed: list[tuple[int, int]]) -> Iterable[tuple[int, int]]:
+    """The id ranges between the sorted `claimed` ones, in order, up to the largest id."""
+    low = 0
+    for first, last in claimed:
+        if first > low:
+            yield low, first - 1
+        low = max(low, last + 1)
+    yield low, 2**63 - 1
+
+
+def _use_wal(db: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Switch the file to WAL. The switch takes the file exclusively and answers `database is
+    locked` at once, without the busy timeout, while another process opens it: wait for it here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
 class Outbox:
     """Group-committed durable queue; each kind's registered deliverer is called off-thread.
 
@@ -196,18 +297,7 @@ class Outbox:
         self.owner = f"{os.getpid()}-{id(self):x}"
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        db = self._db()
-        db.executescript(_SCHEMA)
-        for (table, column), kind in _COLUMNS.items():
-            if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-                try:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                except sqlite3.OperationalError as exc:  # another process added it first
-                    if "duplicate column" not in str(exc):
-                        raise
-                if (table, column) == ("dead", "size"):
-                    db.execute("UPDATE dead SET size = length(CAST(payload AS BLOB)) WHERE size IS NULL")
-        db.executescript(_HELD)
+        self._migrate(self._db())
         self._pending: list[_Pending] = []
         self._cond = threading.Condition()
         self._urgent = False
@@ -220,12 +310,47 @@ class Outbox:
         self.last_error: str | None = None
         self._backoff = 0.0
         self._reachable_since: float | None = None
+        self._beat: tuple[float, bool, str | None] | None = None  # the consumer row last written
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Create or upgrade the schema to SCHEMA_VERSION, all or nothing: the version is read and
+        bumped under the write lock, so one process upgrades and the others see it done."""
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                Outbox._upgrade(db)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        for statement in _TABLES:
+            db.execute(statement)
+        for (table, column), kind in _COLUMNS.items():
+            if column not in _columns(db, table):
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        # rows dead-lettered before: `size` NULL, or 0 when copied from an item queued before `size`
+        db.execute(f"UPDATE dead SET size = {_DEAD_SIZE} WHERE size IS NULL OR size <= 0")
+        for statement in _DERIVED:
+            db.execute(statement)
+        if {"tries", "next_try"} <= _columns(db, "items"):  # version 0 kept them on the payload rows
+            db.execute(
+                "INSERT OR IGNORE INTO retry(id, tries, next_try) "
+                "SELECT id, tries, next_try FROM items WHERE tries > 0 OR next_try > 0"
+            )
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
             db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")  # the WAL shrinks back after a burst
             self._local.db = db
@@ -242,7 +367,7 @@ class Outbox:
         self,
         kind: str,
         trace_id: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | str,
         urgent: bool = False,
         deadline: float | None = None,
         cap: Cap | None = None,
@@ -254,9 +379,11 @@ class Outbox:
         committer at once (someone is waiting for the commit). `deadline` (Unix time):
         after it an item its deliverer does not store becomes a dead letter. `cap`: the item is
         held by `cap.client` and written only within the cap (see the module's docstring).
+        `payload`: a dict, or its JSON text already serialised (an object), stored as it is;
+        a deliverer gets the dict either way.
         """
         future: Future[int] = Future()
-        item = (kind, trace_id, json.dumps(payload, default=str), deadline, future, cap)
+        item = (kind, trace_id, _json_text(payload), deadline, future, cap)
         with self._cond:
             self._pending.append(item)
             if urgent:
@@ -270,7 +397,7 @@ class Outbox:
         self,
         kind: str,
         trace_id: str,
-        payload: dict[str, Any],
+        payload: dict[str, Any] | str,
         timeout: float = 30,
         deadline: float | None = None,
         cap: Cap | None = None,
@@ -401,6 +528,8 @@ class Outbox:
             db.execute("DELETE FROM dead WHERE died < ?", (time.time() - self.keep_dead,)).rowcount or 0
         )
         if self.dead_max_bytes is not None:
+            # a row without its true size (a process of an older version wrote it) gets it first
+            db.execute(f"UPDATE dead SET size = {_DEAD_SIZE} WHERE size IS NULL OR size <= 0")
             gone += int(
                 db.execute(
                     "DELETE FROM dead WHERE id IN (SELECT id FROM (SELECT id, SUM(size) OVER "
@@ -415,35 +544,65 @@ class Outbox:
 
     # --- delivery ----------------------------------------------------------------------
 
-    def _release_dead_owners(self) -> None:
-        """Claims of a process that no longer runs (the file is local, so its pid is ours to check)."""
-        db = self._db()
-        for (owner,) in db.execute("SELECT DISTINCT claimed_by FROM items WHERE claimed_by IS NOT NULL"):
-            pid = int(owner.split("-", 1)[0]) if owner.split("-", 1)[0].isdigit() else 0
-            if pid and pid != os.getpid() and not _alive(pid):
-                db.execute("UPDATE items SET claimed_by=NULL WHERE claimed_by=?", (owner,))
-
     def _claim(self) -> list[Item]:
-        self._release_dead_owners()
+        """Claim the next batch that is due and no live consumer holds: one row of `claims`, the
+        range [first, last] of ids taken from the first gap between the live claims that has any."""
         db = self._db()
         now = time.time()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute(
-                "UPDATE items SET claimed_by=?, claimed_at=? WHERE id IN (SELECT id FROM items "
-                "WHERE (claimed_by IS NULL OR claimed_at < ?) AND next_try <= ? ORDER BY id LIMIT ?)",
-                (self.owner, now, now - CLAIM_SECONDS, now, BATCH),
-            )
-            rows = db.execute(
-                "SELECT id, kind, trace_id, payload, deadline, tries FROM items WHERE claimed_by=? "
-                "ORDER BY id",
-                (self.owner,),
-            ).fetchall()
+            live = self._live_claims(db, now)
+            ids: list[int] = []
+            for low, high in _gaps(live):
+                ids = [
+                    row[0]
+                    for row in db.execute(
+                        "SELECT i.id FROM items i LEFT JOIN retry r ON r.id = i.id "
+                        "WHERE i.id BETWEEN ? AND ? AND (r.next_try IS NULL OR r.next_try <= ?) "
+                        "ORDER BY i.id LIMIT ?",
+                        (low, high, now, BATCH),
+                    )
+                ]
+                if ids:
+                    break
+            if ids:
+                db.execute(
+                    "INSERT OR REPLACE INTO claims(owner, first_id, last_id, at) VALUES (?, ?, ?, ?)",
+                    (self.owner, ids[0], ids[-1], now),
+                )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
+        if not ids:
+            return []
+        # read after the commit: no other consumer touches the rows of a live claim
+        rows = db.execute(
+            "SELECT i.id, i.kind, i.trace_id, i.payload, i.deadline, COALESCE(r.tries, 0) "
+            "FROM items i LEFT JOIN retry r ON r.id = i.id "
+            f"WHERE i.id IN ({','.join('?' * len(ids))}) ORDER BY i.id",
+            ids,
+        ).fetchall()
         return [Item(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+    def _live_claims(self, db: sqlite3.Connection, now: float) -> list[tuple[int, int]]:
+        """The id ranges other consumers hold, after dropping the claims that are not live: this
+        consumer's own (not delivering: it is under `_drain_lock`), those older than CLAIM_SECONDS,
+        and those of a process that no longer runs (the file is local, so its pid is ours to check)."""
+        live, gone = [], []
+        for owner, first, last, at in db.execute("SELECT owner, first_id, last_id, at FROM claims"):
+            pid = _pid_of(owner)
+            if (
+                owner == self.owner
+                or at < now - CLAIM_SECONDS
+                or (pid and pid != os.getpid() and not _alive(pid))
+            ):
+                gone.append((owner,))
+            else:
+                live.append((int(first), int(last)))
+        db.executemany("DELETE FROM claims WHERE owner=?", gone)
+        return sorted(live)
 
     def drain_once(self) -> int:
         """Deliver one claimed batch; returns how many items reached MLflow."""
@@ -534,20 +693,20 @@ class Outbox:
             gone = [by_id[i] for i in dead if i in by_id]
             db.executemany(
                 "INSERT OR REPLACE INTO dead(id, kind, trace_id, payload, created, died, reason, size) "
-                "SELECT id, kind, trace_id, payload, created, ?, ?, size FROM items WHERE id=?",
+                f"SELECT id, kind, trace_id, payload, created, ?, ?, {_DEAD_SIZE} FROM items WHERE id=?",
                 [(now, dead[i.id], i.id) for i in gone],
             )
             db.executemany("DELETE FROM items WHERE id=?", [(i.id,) for i in gone])
-            retry = [i for i in items if i.id not in done and i.id not in dead]
+            # tried and not stored: due again after a growing delay (untried ones are due at once)
             db.executemany(
-                "UPDATE items SET claimed_by=NULL, tries=tries+?, next_try=? WHERE id=?",
+                "INSERT OR REPLACE INTO retry(id, tries, next_try) VALUES (?, ?, ?)",
                 [
-                    (1, now + min(RETRY_FIRST * 2**i.tries, RETRY_MAX), i.id)
-                    if i.id in tried
-                    else (0, 0, i.id)
-                    for i in retry
+                    (i.id, i.tries + 1, now + min(RETRY_FIRST * 2**i.tries, RETRY_MAX))
+                    for i in items
+                    if i.id in tried and i.id not in done and i.id not in dead
                 ],
             )
+            db.execute("DELETE FROM claims WHERE owner=?", (self.owner,))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -584,16 +743,20 @@ class Outbox:
 
     # --- background threads ------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, deliver: bool = True) -> None:
+        """Start the committer thread and, unless `deliver` is False, the delivery thread. Without
+        it this process only commits: another process on the file (the host's deliverer) consumes."""
         if self._thread is not None:
             return
         self._stop.clear()
         self._thread = threading.Thread(target=self._commit_loop, name="flywheel-outbox-commit", daemon=True)
-        self._delivery = threading.Thread(target=self._deliver_loop, name="flywheel-outbox", daemon=True)
         self._thread.start()
-        self._delivery.start()
+        if deliver:
+            self._delivery = threading.Thread(target=self._deliver_loop, name="flywheel-outbox", daemon=True)
+            self._delivery.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the threads and commit what is queued; a delivering outbox delivers one more batch."""
         thread, delivery, self._thread, self._delivery = self._thread, self._delivery, None, None
         if thread is None:
             return
@@ -604,6 +767,8 @@ class Outbox:
         if delivery is not None:
             delivery.join(timeout)
         self._commit_pending()
+        if delivery is None:
+            return
         try:
             self.drain_once()
         except Exception:
@@ -624,6 +789,7 @@ class Outbox:
     def _deliver_loop(self) -> None:
         # Deliver in bigger batches than commits (each MLflow write has a fixed cost).
         next_prune = 0.0
+        self._heartbeat()
         while not self._stop.wait(self.interval):
             now = time.monotonic()
             if now >= next_prune:
@@ -633,10 +799,41 @@ class Outbox:
                 except sqlite3.Error as exc:
                     log.warning("outbox: pruning delivered rows and dead letters failed: %s", exc)
             if now < self._backoff:
+                self._heartbeat()
                 continue
             try:
                 while self.drain_once() and not self._stop.is_set():
-                    pass
+                    self._heartbeat()
                 self._backoff = 0.0
             except Exception:
                 self._backoff = time.monotonic() + 1.0  # MLflow down: retry every second
+            self._heartbeat()
+
+    # --- the consumer's state, for every process on the file ----------------------------
+
+    def _heartbeat(self) -> None:
+        """Record this consumer's pass in `consumer`: when its state changed, or HEARTBEAT_EVERY."""
+        now = time.time()
+        state = (self.connected, self.last_error)
+        if self._beat is not None and self._beat[1:] == state and now - self._beat[0] < HEARTBEAT_EVERY:
+            return
+        try:
+            self._db().execute(
+                "INSERT OR REPLACE INTO consumer(slot, pid, owner, heartbeat, connected, last_error) "
+                "VALUES (0, ?, ?, ?, ?, ?)",
+                (os.getpid(), self.owner, now, int(self.connected), self.last_error),
+            )
+        except sqlite3.Error as exc:  # the file is busy: the next pass writes it
+            log.debug("outbox: recording the delivery heartbeat failed: %s", exc)
+            return
+        self._beat = (now, *state)
+
+    def delivery_state(self) -> DeliveryState | None:
+        """The last pass of the outbox's delivering consumer (any process on this file); None when
+        none ever ran. `DeliveryState.alive()` says whether it still does."""
+        row = (
+            self._db()
+            .execute("SELECT pid, owner, heartbeat, connected, last_error FROM consumer WHERE slot=0")
+            .fetchone()
+        )
+        return DeliveryState(int(row[0]), row[1], float(row[2]), bool(row[3]), row[4]) if row else None

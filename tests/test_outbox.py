@@ -157,7 +157,7 @@ def test_a_claim_of_a_dead_process_is_taken_over(tmp_path: Path, kind: str) -> N
         owner.kill()
         owner.wait(timeout=30)  # reaped: its pid is dead, not a zombie
     with closing(sqlite3.connect(tmp_path / "o.db")) as db:
-        (claimed_by,) = db.execute("SELECT claimed_by FROM items").fetchone()
+        (claimed_by,) = db.execute("SELECT owner FROM claims").fetchone()
     assert claimed_by.split("-", 1)[0] == str(owner.pid)  # still claimed by the dead process
     started = time.monotonic()
     assert alive.flush(timeout=10) and sink.seen == ["orphan"]
