@@ -253,3 +253,172 @@ def test_dead_letters_beyond_their_bytes_are_pruned_oldest_first(tmp_path: Path)
     with closing(sqlite3.connect(tmp_path / "o.db")) as db:
         kept = [row[0] for row in db.execute("SELECT trace_id FROM dead ORDER BY id")]
     assert kept == ["tr-3", "tr-4"] and box.dead_letters() == 2
+
+
+def test_a_payload_given_as_json_text_is_stored_as_it_is_and_delivered_as_a_dict(tmp_path: Path) -> None:
+    sink = Sink()
+    box = box_for(tmp_path / "o.db", sink)
+    text = '{"n": "x", "model": "m", "version": "3"}'
+    box.put("trace", "tr-x", text)
+    assert box.pending_trace("tr-x") == {"n": "x", "model": "m", "version": "3"}
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        assert db.execute("SELECT payload, size FROM items").fetchone() == (text, len(text))
+    with pytest.raises(ValueError, match="JSON object"):
+        box.put("trace", "tr-y", '["not", "an", "object"]')
+    assert box.flush() and sink.seen == ["x"] and box.delivered_model("tr-x") == ("m", "3")
+
+
+def test_claims_and_retries_never_rewrite_a_payload_row(tmp_path: Path) -> None:
+    """A claim is a row of `claims` and a retry a row of `retry`: with every UPDATE of `items`
+    refused, items are still claimed, retried with a growing delay, dead-lettered and delivered."""
+    from flywheel.outbox import Outcome
+
+    tries: dict[str, list[int]] = {}
+
+    def picky(items: list[Item]) -> Outcome:
+        for i in items:
+            tries.setdefault(i.payload["n"], []).append(i.tries)
+        stored = [i.id for i in items if i.payload["n"] == "now" or i.tries >= 2]
+        return Outcome(stored, {i.id: "never" for i in items if i.payload["n"] == "never"})
+
+    box = box_for(tmp_path / "o.db", picky)
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        db.execute(
+            "CREATE TRIGGER no_rewrite BEFORE UPDATE ON items "
+            "BEGIN SELECT RAISE(ABORT, 'a payload row was rewritten'); END"
+        )
+    for n in ("now", "later", "never"):
+        box.put("feedback", f"tr-{n}", {"n": n})
+    box.drain_once()
+    with closing(sqlite3.connect(tmp_path / "o.db")) as db:
+        ((tried, due),) = db.execute("SELECT tries, next_try FROM retry").fetchall()
+    assert tried == 1 and due > time.time()  # "later" waits; nothing else is scheduled
+    assert box.flush(timeout=10)
+    assert tries == {"now": [0], "later": [0, 1, 2], "never": [0]}
+    assert box.dead_letters() == 1 and box.backlog() == 0
+
+
+# The schema before version 1 (PRAGMA user_version 0), as a file written then has it.
+_VERSION_0 = """
+CREATE TABLE items (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, trace_id TEXT NOT NULL,
+    payload TEXT NOT NULL, created REAL NOT NULL, claimed_by TEXT, claimed_at REAL);
+CREATE INDEX items_trace ON items(trace_id);
+CREATE TABLE delivered (trace_id TEXT PRIMARY KEY, model TEXT NOT NULL, version TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL);
+CREATE TABLE dead (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, trace_id TEXT NOT NULL, payload TEXT NOT NULL,
+    created REAL NOT NULL, died REAL NOT NULL, reason TEXT NOT NULL);
+"""
+_VERSION_0_LATER = """
+ALTER TABLE items ADD COLUMN deadline REAL;
+ALTER TABLE items ADD COLUMN tries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE items ADD COLUMN next_try REAL NOT NULL DEFAULT 0;
+ALTER TABLE items ADD COLUMN held_by TEXT;
+ALTER TABLE items ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead ADD COLUMN size INTEGER;
+CREATE TABLE held (client TEXT PRIMARY KEY, items INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TRIGGER items_held_in AFTER INSERT ON items WHEN NEW.held_by IS NOT NULL BEGIN
+    INSERT INTO held(client, items, bytes) VALUES (NEW.held_by, 1, NEW.size), ('', 1, NEW.size)
+    ON CONFLICT(client) DO UPDATE SET items = items + excluded.items, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER items_held_out AFTER DELETE ON items WHEN OLD.held_by IS NOT NULL BEGIN
+    UPDATE held SET items = items - 1, bytes = bytes - OLD.size WHERE client IN (OLD.held_by, '');
+    DELETE FROM held WHERE client = OLD.held_by AND items <= 0;
+END;
+CREATE INDEX items_held ON items(held_by, deadline) WHERE held_by IS NOT NULL;
+CREATE INDEX dead_died ON dead(died, size);
+"""
+
+
+def test_a_file_of_the_previous_schema_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Items waiting in a version-0 file keep their tries and their held counts; a claim of a
+    process that is gone (its claimed_by on the row) does not hold them."""
+    from flywheel.outbox import SCHEMA_VERSION
+
+    path = tmp_path / "o.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(_VERSION_0 + _VERSION_0_LATER)
+        db.execute(
+            "INSERT INTO items(kind, trace_id, payload, created, claimed_by, claimed_at, tries, held_by, "
+            "size) VALUES ('feedback', 'tr-1', ?, 1, '999999999-x', ?, 2, 'user:eve', 13)",
+            ('{"n": "held"}', time.time()),
+        )
+        db.execute(
+            "INSERT INTO items(kind, trace_id, payload, created) VALUES ('trace', 'tr-2', ?, 1)",
+            ('{"n": "t"}',),
+        )
+        db.commit()
+        assert db.execute("SELECT client, items, bytes FROM held ORDER BY client").fetchall() == [
+            ("", 1, 13),
+            ("user:eve", 1, 13),
+        ]
+    seen: list[tuple[str, int]] = []
+
+    def sink(items: list[Item]) -> list[int]:
+        seen.extend((i.payload["n"], i.tries) for i in items)
+        return [i.id for i in items]
+
+    box = box_for(path, sink)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert box.flush(timeout=10) and sorted(seen) == [("held", 2), ("t", 0)]
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM held WHERE items > 0").fetchone() == (0,)
+    assert Outbox(path).backlog() == 0  # a second open finds the version and changes nothing
+
+
+def test_dead_letters_of_items_queued_before_the_size_column_are_pruned_by_their_bytes(
+    tmp_path: Path,
+) -> None:
+    """Items of a first-release file have `size` 0 once upgraded: their dead letters count the
+    payload's bytes, so `dead_max_bytes` prunes them (it kept them all before)."""
+    from flywheel.outbox import Outcome
+
+    path = tmp_path / "o.db"
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(_VERSION_0)
+        db.executemany(
+            "INSERT INTO items(kind, trace_id, payload, created) VALUES ('feedback', ?, ?, ?)",
+            [(f"tr-{n}", '{"n": "%s"}' % (str(n) * 1000), n) for n in range(5)],
+        )
+        db.commit()
+    box = Outbox(path, dead_max_bytes=2500)
+    box.register("feedback", lambda items: Outcome([], {i.id: "never storable" for i in items}))
+    assert box.flush()
+    with closing(sqlite3.connect(path)) as db:
+        kept = [row[0] for row in db.execute("SELECT trace_id FROM dead ORDER BY id")]
+    assert kept == ["tr-3", "tr-4"] and box.dead_letters() == 2
+
+
+def test_a_producer_commits_only_and_the_consumer_records_its_passes(tmp_path: Path) -> None:
+    """`start(deliver=False)`: a serving worker commits, the host's deliverer (another outbox on
+    the file) delivers and records each pass; `delivery_state()` reads it from any process."""
+    sink = Sink()
+    producer = box_for(tmp_path / "o.db", sink, interval=0.01)
+    producer.start(deliver=False)
+    try:
+        assert producer.delivery_state() is None  # no consumer ever ran
+        producer.put_durable("trace", "tr-1", {"n": "a"})
+        time.sleep(0.1)  # several of a delivering outbox's passes
+        assert producer.backlog() == 1 and sink.seen == []
+        consumer = box_for(tmp_path / "o.db", sink, interval=0.01)
+        consumer.start()
+        try:
+            assert producer.put("trace", "tr-2", {"n": "b"}).result(5)
+            deadline = time.monotonic() + 10
+            while producer.backlog() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert sorted(sink.seen) == ["a", "b"]
+            state = producer.delivery_state()
+            assert state is not None and state.owner == consumer.owner and state.connected
+            assert state.alive() and not state.alive(now=state.heartbeat + 3600)
+            sink.down = True
+            producer.put_durable("trace", "tr-3", {"n": "c"})
+            deadline = time.monotonic() + 10
+            while (state := producer.delivery_state()) and state.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert state is not None and not state.connected and "unreachable" in (state.last_error or "")
+        finally:
+            consumer.stop()
+    finally:
+        producer.stop()
+    assert producer.backlog() == 1  # stopping a producer delivers nothing
