@@ -181,6 +181,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deliver(args: argparse.Namespace) -> int:
+    import logging
+
+    from flywheel.deliverer import run
+
+    logging.basicConfig(level=logging.INFO)
+    return run(parent=args.parent)
+
+
 def dashboards_settings(args: argparse.Namespace) -> Settings:
     """The settings `flywheel dashboards` runs Voila with: `--auth proxy` signs users in by the
     header a reverse proxy sets (`--reviewer-header`), honoured only from `--trusted-proxies`."""
@@ -272,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default API_WORKERS)")
     p.set_defaults(handler=_serve)
+    p = sub.add_parser(
+        "deliver",
+        help="deliver this host's outbox to MLflow until SIGTERM (`serve` runs and restarts one itself)",
+    )
+    p.add_argument("--parent", type=int, default=None, help="stop (after draining) when this process is gone")
+    p.set_defaults(handler=_deliver)
     p = sub.add_parser(
         "dashboards", help="serve the reviewer dashboards with Voila (and the API) until Ctrl-C"
     )

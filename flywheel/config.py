@@ -20,6 +20,7 @@ from flywheel.errors import STAGES, ConfigError
 
 EXPORT_RULES = ("adjudicated", "majority", "single", "latest")  # flywheel.agreement's rules
 ROUTING_RULES = ("thumbs_down", "low_judge", "stratified")  # flywheel.review's routing rules
+DELIVERY_MODES = ("thread", "process")  # who delivers the outbox (flywheel.deliverer)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -38,6 +39,7 @@ class Settings:
     api_port: int = 8000
     api_workers: int = 4
     worker_healthcheck_timeout: int = 60
+    flywheel_delivery: str = "thread"  # "process": a deliverer process consumes the outbox (flywheel serve)
     default_model_stage: str = "Production"
     model_cache_enabled: bool = True
     feedback_enabled: bool = True
@@ -242,6 +244,10 @@ def load_settings(
             values[field.name] = raw.strip().lower() or "auto"
             if values[field.name] not in ("auto", "lm15", "litellm"):
                 raise ConfigError(f"FLYWHEEL_LM_ENGINE={raw!r} is not one of auto, lm15, litellm")
+        elif field.name == "flywheel_delivery":
+            values[field.name] = raw.strip().lower() or "thread"
+            if values[field.name] not in DELIVERY_MODES:
+                raise ConfigError(f"FLYWHEEL_DELIVERY={raw!r} is not one of {', '.join(DELIVERY_MODES)}")
         elif field.name == "export_policy":
             values[field.name] = ",".join(parse_rules(name, raw, EXPORT_RULES))
         elif field.name == "review_routing":
@@ -283,6 +289,13 @@ def environment_subset(keep: Callable[[str], bool]) -> dict[str, str]:
     """The variables of this process's environment whose names `keep` accepts: for a child that
     must not inherit the rest (the MLflow UI `flywheel up` starts gets an allow-list)."""
     return {name: value for name, value in os.environ.items() if keep(name)}
+
+
+def export_environment(values: Mapping[str, str]) -> None:
+    """Set variables in this process's environment for the children it starts next (`flywheel
+    serve` tells its uvicorn workers FLYWHEEL_DELIVERY=process); `get_settings` reads them again
+    only after `get_settings.cache_clear()`."""
+    os.environ.update(values)
 
 
 def take_environment(names: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -21,7 +21,6 @@ import json
 import logging
 import threading
 import time
-from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +28,9 @@ from flywheel import feedback, limits, tracing
 from flywheel.canary import TrafficPlans
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
+from flywheel.deliverer import delivers_here, delivery_outbox, start_outbox
 from flywheel.errors import ReviewError, Unavailable
 from flywheel.loader import Loader
-from flywheel.outbox import DEAD_KEEP_SECONDS, DEAD_KEEP_WAITS, Outbox
 
 if TYPE_CHECKING:
     import dspy
@@ -73,17 +72,10 @@ class Runtime:
         self._background: set[asyncio.Task[Any]] = set()
         self._watcher: Any = None
         home = self.settings.flywheel_home
-        # nothing is dead-lettered until MLflow has answered for FEEDBACK_WAIT: other hosts replay first;
-        # dead letters are kept FEEDBACK_WAIT x 12 (an hour at least), within FEEDBACK_PENDING_MAX_BYTES
-        wait = self.settings.feedback_wait
-        self.outbox = Outbox(
-            home / "outbox.db",
-            grace=wait,
-            keep_dead=max(DEAD_KEEP_SECONDS, wait * DEAD_KEEP_WAITS),
-            dead_max_bytes=self.settings.feedback_pending_max_bytes,
-        )
-        self.outbox.register("trace", partial(tracing.deliver, self.store))
-        self.outbox.register("feedback", partial(feedback.deliver, self.store))
+        # the same outbox and deliverers as `flywheel serve`'s deliverer process; this runtime runs
+        # the delivery thread unless FLYWHEEL_DELIVERY=process (a serve worker: it only commits)
+        self.outbox = delivery_outbox(self.settings, self.store)
+        self.delivers = delivers_here(self.settings)
         self.counters = RequestCounters(home / "metrics")
         self.started_at = time.monotonic()
         self.log = logging.getLogger("flywheel.server")
@@ -99,7 +91,7 @@ class Runtime:
             if self._closed:
                 raise RuntimeError("this runtime is closed")
             if not self._started:
-                self.outbox.start()
+                start_outbox(self.outbox, self.delivers)
                 self.counters.start()
                 if self.settings.watch_enabled:
                     from flywheel.rollback import Watcher
@@ -124,6 +116,8 @@ class Runtime:
                 self._watcher.stop()
             if self._pool is not None:
                 self._pool.shutdown()
+        if not self.delivers:  # committed; the host's deliverer process delivers it
+            return self.outbox.backlog()
         if self.settings.mlflow_enabled:
             self.outbox.flush(timeout=EXIT_DELIVERY_SECONDS if timeout is None else timeout)
         waiting = self.outbox.backlog()

@@ -71,7 +71,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
     assert names == [
         ["cli", "__main__"],
         ["ui", "http", "demo"],
-        ["runtime"],
+        ["runtime", "deliverer"],
         ["loop"],
         [
             "serving",

@@ -8,6 +8,7 @@ answers, and keeps uvicorn's logging out of notebook cells. One per process.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import sys
 import threading
@@ -206,19 +207,43 @@ def raise_open_files_limit(settings: Settings) -> int:
 
 
 def serve_foreground(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
-    """`flywheel serve`: uvicorn with real worker processes."""
+    """`flywheel serve`: uvicorn with real worker processes, and the host's one deliverer process.
+
+    The workers only commit to the outbox (FLYWHEEL_DELIVERY=process in their environment); the
+    deliverer (`flywheel deliver`, supervised here: restarted when it dies) is its only consumer.
+    SIGTERM or Ctrl-C stops the workers first, then the deliverer, which drains what it can.
+    """
+    from flywheel.config import export_environment
+    from flywheel.deliverer import PROCESS, Supervisor
+
     settings = get_settings()
     logging.basicConfig(level=logging.INFO)
     warn_if_exposed(host or settings.api_host, settings)
     raise_open_files_limit(settings)
-    uvicorn.run(
-        "flywheel.http.api:app",
-        host=host or settings.api_host,
-        **connection_limits(settings),
-        port=settings.api_port if port is None else port,
-        workers=workers or settings.api_workers,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-        # a worker importing MLflow and DSPy on a busy machine takes longer than uvicorn's 5 s default
-        timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
-    )
+    export_environment({"FLYWHEEL_DELIVERY": PROCESS})  # for the workers (and a worker in this process)
+    get_settings.cache_clear()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # one worker runs here: uvicorn re-raises it
+    deliverer = Supervisor().start()
+    try:
+        uvicorn.run(
+            "flywheel.http.api:app",
+            host=host or settings.api_host,
+            **connection_limits(settings),
+            port=settings.api_port if port is None else port,
+            workers=workers or settings.api_workers,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            # a worker importing MLflow and DSPy on a busy machine takes longer than uvicorn's 5 s default
+            timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        deliverer.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(sig: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: the supervisor's `finally` stops the deliverer (the default would end
+    the process there and then, leaving it behind)."""
+    raise KeyboardInterrupt

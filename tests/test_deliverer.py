@@ -1,0 +1,246 @@
+"""One deliverer per host: `flywheel serve` runs the outbox's only consumer beside its workers.
+
+Real processes throughout: `flywheel serve` (uvicorn workers, the demo programs on the offline
+LM), its supervised `flywheel deliver` child, the embedded MLflow store read back by the test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from processes import free_port, serve_command, stop_group, wait_until_up
+
+from flywheel.store import Store
+
+pytestmark = pytest.mark.slow
+JOKES = "joke-generator"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    store: Store
+
+    def deliverers(self) -> list[psutil.Process]:
+        """The `flywheel deliver` processes among serve's descendants."""
+        found = []
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "deliver" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def deliverer(self, other_than: int | None = None, timeout: float = 120) -> int:
+        """The pid of serve's one deliverer (another than `other_than`), once it runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [p.pid for p in self.deliverers()]
+            assert len(pids) <= 1, f"more than one deliverer: {pids}"
+            if pids and pids[0] != other_than:
+                return pids[0]
+            time.sleep(0.05)
+        raise TimeoutError(f"no deliverer (other than {other_than}) under {self.proc.pid}")
+
+    def ready(self, pid: int, timeout: float = 120) -> float:
+        """Wait for the deliverer's "delivering" log line; the CPU seconds it says it spent to get there."""
+        pattern = re.compile(rf"deliverer \[{pid}\]: delivering .*, ([0-9.]+) s of CPU\)")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = pattern.search(self.log.read_text(errors="replace"))
+            if found:
+                return float(found.group(1))
+            time.sleep(0.05)
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise TimeoutError(f"deliverer {pid} never said it was delivering; log:\n{tail}")
+
+
+def _serve(store: Store, log: Path, workers: int = 2) -> Served:
+    port = free_port()
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            serve_command(port, workers=workers),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(f"{url}/health", timeout=180, proc=proc)
+    except BaseException:
+        stop_group(proc)
+        raise
+    return Served(proc, url, log, store)
+
+
+@pytest.fixture(scope="module")
+def served(demo_store_rw: Store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from flywheel.runtime import reset_runtime
+
+    reset_runtime()  # no delivery thread in this process: the deliverer must be the only consumer
+    served = _serve(demo_store_rw, tmp_path_factory.mktemp("serve") / "serve.log")
+    try:
+        yield served
+    finally:
+        stop_group(served.proc)
+
+
+def _in_mlflow(store: Store, wanted: set[str]) -> set[str]:
+    found: set[str] = set()
+    token = None
+    while True:
+        infos, token = store.tracking.search_traces(
+            locations=[store.experiment_id], max_results=500, page_token=token
+        )
+        found.update(i.trace_id for i in infos)
+        if not token:
+            return found & wanted
+
+
+def _wait_in_mlflow(store: Store, wanted: set[str], timeout: float = 180) -> float:
+    """Seconds until every trace of `wanted` is in MLflow (AssertionError after `timeout`)."""
+    started = time.monotonic()
+    while (missing := wanted - _in_mlflow(store, wanted)) and time.monotonic() - started < timeout:
+        time.sleep(0.5)
+    assert not missing, f"{len(missing)} of {len(wanted)} acknowledged traces never reached MLflow"
+    return time.monotonic() - started
+
+
+def _predict(client: httpx.Client, i: int) -> tuple[int, str | None, str]:
+    r = client.post("/predict", json={"model": JOKES, "inputs": {"topic": f"topic {i}"}})
+    trace_id = r.json().get("trace_id") if r.status_code == 200 else None
+    return r.status_code, trace_id, r.headers.get("x-flywheel-worker", "")
+
+
+def _pause_outside_a_write(pid: int, outbox: Path) -> None:
+    """SIGSTOP the deliverer at a moment it holds no write lock on outbox.db (else the workers'
+    commits would wait for it): stopped, the test must be able to begin a write at once."""
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        db = sqlite3.connect(outbox, timeout=0.5, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            db.close()
+    raise AssertionError("the deliverer always held outbox.db's write lock")
+
+
+def test_the_deliverer_is_the_outboxs_only_consumer(served: Served) -> None:
+    """With the deliverer paused, the workers answer and commit but deliver nothing; resumed, it
+    delivers everything (on the code before, every worker delivered and there was no deliverer)."""
+    pid = served.deliverer()
+    served.ready(pid)
+    outbox = served.store.settings.flywheel_home / "outbox.db"
+    _pause_outside_a_write(pid, outbox)
+    try:
+        with httpx.Client(base_url=served.url, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: _predict(client, i), range(24)))
+        assert [status for status, *_ in answers] == [200] * 24
+        ids = {trace_id for _, trace_id, _ in answers if trace_id}
+        workers = {worker for *_, worker in answers}
+        time.sleep(3)  # a dozen of the delivery loop's 0.25 s rounds, had a worker one
+        assert _in_mlflow(served.store, ids) == set(), "a worker delivered traces itself"
+        assert served.deliverers()[0].pid == pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    seconds = _wait_in_mlflow(served.store, ids)
+    print(f"\n{len(ids)} traces answered by workers {sorted(workers)}, held while deliverer {pid} was")
+    print(f"paused; all in MLflow {seconds:.1f} s after it was resumed")
+
+
+def test_kill_9_of_the_deliverer_under_load_loses_nothing_acknowledged(served: Served) -> None:
+    old = served.deliverer()
+    served.ready(old)
+    statuses: list[int] = []
+    acknowledged: set[str] = set()
+    answered_at: list[float] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def client_loop(n: int) -> None:
+        with httpx.Client(base_url=served.url, timeout=60) as client:
+            i = 0
+            while not stop.is_set():
+                status, trace_id, _ = _predict(client, n * 100_000 + i)
+                with lock:
+                    statuses.append(status)
+                    if trace_id:
+                        acknowledged.add(trace_id)
+                        answered_at.append(time.monotonic())
+                i += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client_loop, n) for n in range(8)]
+        time.sleep(3)
+        killed_at = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        new = served.deliverer(other_than=old)
+        back_at = time.monotonic()
+        cpu = served.ready(new)
+        ready_at = time.monotonic()
+        time.sleep(2)
+        stop.set()
+        for c in clients:
+            c.result()
+    while_down = sum(1 for t in answered_at if killed_at <= t <= ready_at)
+    assert statuses and set(statuses) == {200}, f"not every request was answered 200: {set(statuses)}"
+    assert while_down > 0, "no request was answered while the deliverer was down"
+    drained = _wait_in_mlflow(served.store, acknowledged)
+    print(
+        f"\nkill -9 of deliverer {old} under 8 clients: deliverer {new} running after "
+        f"{back_at - killed_at:.2f} s, delivering after {ready_at - killed_at:.2f} s "
+        f"({cpu:.2f} s of CPU at its start); {while_down} requests answered 200 meanwhile; "
+        f"all {len(acknowledged)} acknowledged traces in MLflow {drained:.1f} s after the load stopped"
+    )
+
+
+@pytest.mark.parametrize(
+    ("how", "workers"),
+    [("SIGTERM", 2), ("SIGINT", 2), ("SIGTERM", 1), ("SIGKILL", 2)],
+    ids=["sigterm", "sigint", "sigterm-one-worker", "sigkill"],
+)
+def test_stopping_serve_leaves_no_deliverer(
+    demo_store_rw: Store, tmp_path: Path, how: str, workers: int
+) -> None:
+    """SIGTERM or Ctrl-C of `flywheel serve` stops its deliverer (after the workers); killed
+    outright, serve cannot, and the deliverer notices its supervisor is gone and stops itself."""
+    served = _serve(demo_store_rw, tmp_path / "serve.log", workers=workers)
+    try:
+        pid = served.deliverer()
+        served.ready(pid)
+        deliverer = psutil.Process(pid)
+        served.proc.send_signal(getattr(signal, how))  # serve alone, not its process group
+        code = served.proc.wait(timeout=120)
+        if how != "SIGKILL":
+            assert code == 0, served.log.read_text()[-3000:]
+        gone, alive = psutil.wait_procs([deliverer], timeout=60)
+        assert not alive, f"deliverer {pid} outlived `flywheel serve` ({how})"
+        log = served.log.read_text()
+        assert f"deliverer [{pid}]: stopped" in log, log[-3000:]
+    finally:
+        stop_group(served.proc)
