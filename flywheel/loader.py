@@ -7,6 +7,15 @@ alias, `latest`) is remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on
 how long another process's promotion takes to be seen here. A change made in
 this process (registry.generation) is seen at once.
 
+Stale while revalidate: once a reference has served a program, serving (`peek`)
+never waits for the registry again. Past the TTL it keeps answering with the
+program it has while one background thread per reference (a single flight)
+resolves it again and, when it names a new version, loads that and swaps it in:
+a promotion is seen within TTL + the load's time. A refresh that fails keeps the
+stale program serving (logged); a reference that now names a version flywheel
+refuses, or nothing, stops serving from memory, so requests meet the 409 or 404
+as they would have without the cache.
+
 Last known good: every resolution and every loaded version's artifacts are kept
 under FLYWHEEL_HOME/last-known-good (`LastKnownGood`), shared by the host's
 worker processes. On any registry error other than a definitive "not found" the
@@ -19,7 +28,8 @@ the sha256 of its files (`registry.CONTENT_TAG`), and the local copy must hash t
 right before every load (`load_program`). Anything else is `UntrustedVersion` (409) and one
 `refused-load` audit entry per version per process. A stage or alias found pointing somewhere
 flywheel did not move it is written to the audit trail when it is resolved
-(`registry.audit_outside_move`).
+(`registry.audit_outside_move`): only when the resolution differs from what this host knew
+(memory, then its last-known-good disk), since that search reads up to 200 audit runs.
 """
 
 from __future__ import annotations
@@ -185,6 +195,7 @@ class Loader:
         self._resolved: dict[tuple[str, str], _Resolved] = {}
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._served: dict[tuple[str, str], LoadedProgram] = {}  # per reference: what it served last
+        self._refreshing: set[tuple[str, str]] = set()  # references a background thread resolves again
         # a version whose files did not match: not fetched again while its recorded hash is the same
         self._refused: dict[tuple[str, str], tuple[str | None, float, UntrustedVersion]] = {}
 
@@ -227,29 +238,54 @@ class Loader:
             return known
         with self._lock:
             self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
-        if hit is None or hit.info != info or hit.source != REGISTRY:
-            self.lkg.remember(name, key[1], info)
-        if hit is None or hit.info.version != info.version or hit.source != REGISTRY:
+        known = hit.info if hit is not None else self.lkg.resolution(*key)
+        if known is None or known.version != info.version:
             try:  # a new holder: did flywheel move the alias there? (once per change, not per request)
                 registry.audit_outside_move(self.store, name, key[1], info)
             except Exception as exc:  # the audit never fails a request
                 log.warning("could not check how %s (%s) moved: %s", name, key[1], exc)
+        if hit is None or hit.info != info or hit.source != REGISTRY:
+            self.lkg.remember(name, key[1], info)  # after the audit: a host that knew it has checked it
         return info
 
     def peek(self, name: str, ref: str | int | None) -> LoadedProgram | None:
-        """The loaded program when both its resolution and the program are cached, else None.
-
-        Pure memory: the serving hot path calls this on the event loop and only
-        falls back to a thread for `load` on a miss.
+        """The program this reference serves, without waiting: pure memory, so the serving hot
+        path calls it on the event loop. Past the TTL it is the stale program while one background
+        thread resolves the reference again (and loads what it names now). None when this loader
+        never loaded the reference, this process changed the model since, or the reference stopped
+        serving (refused, removed): the caller runs `load` in a thread, which waits or raises.
         """
         if not self.store.settings.model_cache_enabled:
             return None
+        key = (name, self._ref_key(ref))
         with self._lock:
-            hit = self._resolved.get((name, self._ref_key(ref)))
-        if not self._fresh(name, hit, time.monotonic()) or hit is None:
+            hit = self._resolved.get(key)
+            served = self._served.get(key)
+        if hit is None or served is None or hit.generation != registry.generation(self.store, name):
             return None
+        if time.monotonic() - hit.at >= self.store.settings.flywheel_resolve_ttl:
+            self._refresh_in_background(name, ref, key)
+        return served
+
+    def _refresh_in_background(self, name: str, ref: str | int | None, key: tuple[str, str]) -> None:
+        """Resolve and load `ref` again in one thread per reference, however many requests ask."""
         with self._lock:
-            return self._programs.get((hit.info.name, hit.info.version))
+            if key in self._refreshing:
+                return
+            self._refreshing.add(key)
+
+        def refresh() -> None:
+            try:
+                self.load(name, ref)
+            except (ModelNotFound, UntrustedVersion) as exc:  # `load` stopped serving it from memory
+                log.warning("%s (%s) no longer serves from memory: %s", name, key[1], exc)
+            except Exception as exc:  # the stale program keeps serving; the next TTL tries again
+                log.warning("could not refresh %s (%s), serving what it served: %s", name, key[1], exc)
+            finally:
+                with self._lock:
+                    self._refreshing.discard(key)
+
+        threading.Thread(target=refresh, name="flywheel-loader-refresh", daemon=True).start()
 
     def load(self, name: str, ref: str | int | None = None) -> LoadedProgram:
         """The program a reference names, loaded once per version and shared between threads.
@@ -260,17 +296,20 @@ class Loader:
         newly resolved version cannot be fetched (the registry is busy or down), the
         version this reference served last keeps serving.
         """
-        info = self.resolve(name, ref)
         served_key = (name, self._ref_key(ref))
-        key = (info.name, info.version)
         try:
-            loaded = self._load_version(info, key)
+            info = self.resolve(name, ref)
+            loaded = self._load_version(info, (info.name, info.version))
         except Unavailable:
             with self._lock:
                 previous = self._served.get(served_key)
             if previous is None:
                 raise
             return previous
+        except (ModelNotFound, UntrustedVersion):
+            with self._lock:  # `peek` no longer answers for it: requests meet this error, as it stands
+                self._served.pop(served_key, None)
+            raise
         with self._lock:
             self._served[served_key] = loaded
         return loaded
