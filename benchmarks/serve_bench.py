@@ -152,7 +152,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
         "rps": len(latencies) / elapsed,
         "p50_ms": 1000 * statistics.median(ordered) if ordered else math.nan,
         "p99_ms": 1000 * _p99(ordered),
-        "timeline": _timeline(done_at, latencies, failures),
+        "timeline": _timeline(done_at, latencies, failures, spec["duration"]),
         "workers": dict(workers),
         "answered_by": sorted(answered_by),
         "trace_ids": trace_ids,
@@ -160,16 +160,23 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timeline(
-    done_at: list[float], latencies: list[float], failures: list[tuple[float, str]]
+    done_at: list[float], latencies: list[float], failures: list[tuple[float, str]], duration: float
 ) -> list[dict[str, Any]]:
-    """Per second of the run: requests answered in it, the p99 of their latency, the errors."""
+    """Per second of the run: requests answered in it, the p99 of their latency, the errors; a
+    second that ends after the load stopped (`tail`) holds the answers to requests in flight."""
     seconds = int(max([*done_at, *(t for t, _ in failures), 0.0])) + 1
     answered: list[list[float]] = [[] for _ in range(seconds)]
     for t, latency in zip(done_at, latencies, strict=True):
         answered[int(t)].append(latency)
     errors = Counter(int(t) for t, _ in failures)
     return [
-        {"second": s + 1, "requests": len(bucket), "p99_ms": 1000 * _p99(sorted(bucket)), "errors": errors[s]}
+        {
+            "second": s + 1,
+            "requests": len(bucket),
+            "p99_ms": 1000 * _p99(sorted(bucket)),
+            "errors": errors[s],
+            "tail": s + 1 > duration,
+        }
         for s, bucket in enumerate(answered)
     ]
 
@@ -557,7 +564,7 @@ def print_run(name: str, r: dict[str, Any]) -> None:
         print("    share per worker: n/a (the server does not name its workers)")
     line = r["timeline"]
     cells = [
-        ("s", [str(t["second"]) for t in line]),
+        ("s", [f"{t['second']}{'*' if t['tail'] else ''}" for t in line]),
         ("req/s", [str(t["requests"]) for t in line]),
         ("p99 ms", ["-" if math.isnan(t["p99_ms"]) else f"{t['p99_ms']:.0f}" for t in line]),
     ]
@@ -566,6 +573,8 @@ def print_run(name: str, r: dict[str, Any]) -> None:
     width = max(len(v) for _, values in cells for v in values)
     for label, values in cells:
         print(f"    {label:>6} " + " ".join(v.rjust(width) for v in values))
+    if any(t["tail"] for t in line):
+        print("    (*: after the load stopped, the answers to the requests still in flight)")
     if r.get("drain_s") is not None:
         print(f"    outbox drained {r['drain_s']:.1f}s after the load")
     if "traces" in r:
