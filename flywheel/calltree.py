@@ -4,9 +4,9 @@ Why not `mlflow.dspy.autolog()`: it sets a global callback, writes through MLflo
 asynchronous exporter (which drops traces under bursts) and costs tens of milliseconds of
 CPU per call. `CallTree` is a per-request callback, installed with `dspy.context` and so
 never touching global settings: it keeps plain references while the program runs (a name,
-a clock reading, the inputs and outputs objects) and turns them into JSON only once, in
-`spans()`, when the trace record is built. The record then goes through the durable outbox
-and the batch writer like every flywheel trace.
+a clock reading, the inputs and outputs objects) and hands them over in `spans()`; they
+become JSON once, with the whole outbox payload. The record then goes through the durable
+outbox and the batch writer like every flywheel trace.
 
 The tree has autolog's shape, so a trace reads the same in the MLflow UI whichever wrote it:
 `<Module>.forward` for each module (CHAIN; LLM for a Predict, AGENT for ReAct, RETRIEVER for
@@ -161,9 +161,11 @@ class CallTree(BaseCallback, UsageTracker):
         }
 
     def spans(self) -> list[dict[str, Any]]:
-        """The calls as JSON-able span records, parents before children: `parent` is an index
-        into the list, None for the root (the program's own forward). A call still open (a
-        timed-out run) ends now, marked as not finished."""
+        """The calls as span records, parents before children: `parent` is an index into the
+        list, None for the root (the program's own forward). A call still open (a timed-out run)
+        ends now, marked as not finished. Inputs, outputs and attributes are the call's own
+        values, not copies: they are written as JSON once, with the whole outbox payload
+        (`span_rows.payload_text`), where an LM call's prompt is also kept once."""
         with self._lock:
             calls = list(self._calls.items())
         index = {call_id: i for i, (call_id, _) in enumerate(calls)}
@@ -188,14 +190,14 @@ class CallTree(BaseCallback, UsageTracker):
                     "parent": parent,
                     "start_ns": call.start_ns,
                     "end_ns": call.end_ns if call.end_ns is not None else now,
-                    "inputs": to_json(call.inputs),
-                    "outputs": to_json(_plain(call.outputs)),
-                    "attributes": {k: to_json(v) for k, v in attributes.items() if v is not None},
+                    "inputs": call.inputs,
+                    "outputs": _plain(call.outputs),
+                    "attributes": {k: v for k, v in attributes.items() if v is not None},
                     "error": error,
                 }
             )
         if out and (root_usage := token_usage(self.get_total_tokens().values())):
-            out[0]["attributes"][USAGE_ATTRIBUTE] = to_json(root_usage)
+            out[0]["attributes"][USAGE_ATTRIBUTE] = root_usage
         return out
 
     def _start(self, call_id: str, name: str, kind: str, inputs: dict[str, Any]) -> _Call:
@@ -234,29 +236,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dspy.Prediction):
         return value.toDict()
     return value
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, type) and issubclass(value, dspy.Signature):
-        return repr(value)
-    if isinstance(value, dspy.Example):
-        return value.toDict()
-    if hasattr(value, "model_dump"):
-        try:
-            return value.model_dump(mode="json")
-        except Exception:
-            return str(value)
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)
-
-
-def to_json(value: Any) -> str:
-    """JSON text for a span's inputs, outputs or attribute (anything else becomes its str)."""
-    try:
-        return json.dumps(value, default=_default, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
-        return json.dumps(str(value), ensure_ascii=False)
 
 
 def _type_name(kind: type) -> str:
@@ -316,9 +295,10 @@ def steps(spans: list[Any]) -> list[Step]:
 
 
 def _row(span: Any, index: int) -> dict[str, Any]:
-    if isinstance(span, dict):  # a CallTree record: JSON texts, parent by index
-        inputs = _loads(span.get("inputs"))
-        attributes = {k: _loads(v) for k, v in (span.get("attributes") or {}).items()}
+    if isinstance(span, dict):  # a CallTree record (values; JSON texts in an older one), parent by index
+        text = isinstance(span.get("inputs"), str)
+        inputs = _loads(span.get("inputs")) if text else span.get("inputs")
+        attributes = {k: _loads(v) if text else v for k, v in (span.get("attributes") or {}).items()}
         error = span.get("error")
         return {
             "id": index,
@@ -328,7 +308,7 @@ def _row(span: Any, index: int) -> dict[str, Any]:
             "start": span["start_ns"],
             "end": span["end_ns"],
             "messages": inputs.get("messages") if isinstance(inputs, dict) else None,
-            "response": _loads(span.get("outputs")),
+            "response": _loads(span.get("outputs")) if text else span.get("outputs"),
             "tokens": attributes.get(USAGE_ATTRIBUTE),
             "error": f"{error['type']}: {error['message']}" if error else None,
         }

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
+import inspect
 import json
 import logging
 import threading
@@ -24,7 +26,7 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from flywheel import feedback, limits, tracing
+from flywheel import feedback, limits, span_rows, tracing
 from flywheel.canary import TrafficPlans
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
@@ -46,6 +48,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("flywheel.runtime")
 
 EXIT_DELIVERY_SECONDS = 10.0
+
+
+def _cut_span(span: dict[str, Any], field_limit: int, trace_limit: int) -> dict[str, Any]:
+    """A call-tree span with its inputs or outputs cut where their JSON is past `field_limit`
+    (the call tree repeats the request's inputs, e.g. in prompts)."""
+    for part in ("inputs", "outputs"):
+        text = span_rows.to_json(span[part])
+        if len(text) > field_limit:
+            span = {**span, part: limits.stored(json.loads(text), field_limit, trace_limit)}
+    return span
+
+
+@functools.cache
+def _takes_text(outbox_class: type) -> bool:
+    """Whether the outbox's `put` stores a payload given as JSON text verbatim (a dict before that)."""
+    annotation = inspect.signature(outbox_class.put).parameters["payload"].annotation
+    return "str" in str(annotation).replace("dict[str", "")
 
 
 class Runtime:
@@ -186,22 +205,21 @@ class Runtime:
         if self.settings.mlflow_enabled:
             self.outbox.put("trace", record.trace_id, self._trace_payload(record))
 
-    def _trace_payload(self, record: tracing.TraceRecord) -> dict[str, Any]:
-        """The record as the outbox stores it: fields past MAX_FIELD_CHARS/MAX_TRACE_CHARS cut."""
+    def _trace_payload(self, record: tracing.TraceRecord) -> Any:
+        """The record as the outbox stores it, serialised once (span values written in place, each
+        prompt once: `tracing.share_prompts`), fields past MAX_FIELD_CHARS/MAX_TRACE_CHARS cut.
+        JSON text where the outbox takes text, else the same as a dict."""
         payload = record.to_dict()
         limit = self.settings.max_field_chars, self.settings.max_trace_chars
         payload["inputs"] = limits.stored(payload["inputs"], *limit)
         payload["outputs"] = limits.stored(payload["outputs"], *limit)
         payload["error"] = limits.stored(payload["error"], *limit)
-        spans = list(payload.get("spans") or [])  # the record keeps its own list
-        for i, span in enumerate(spans):  # the call tree repeats the inputs (e.g. in prompts)
-            for part in ("inputs", "outputs"):
-                text = span.get(part)
-                if isinstance(text, str) and len(text) > limit[0]:
-                    cut = json.dumps(limits.stored(json.loads(text), *limit), ensure_ascii=False)
-                    spans[i] = span = {**span, part: cut}
-        payload["spans"] = spans
-        return payload
+        payload["spans"] = tracing.share_prompts(list(payload.get("spans") or []))
+        text = span_rows.payload_text(payload)
+        if len(text) > limit[0]:  # some span part may be past the field limit (none is otherwise)
+            payload["spans"] = [_cut_span(span, *limit) for span in payload["spans"]]
+            text = span_rows.payload_text(payload)
+        return text if _takes_text(type(self.outbox)) else json.loads(text)
 
     async def commit_trace(self, record: tracing.TraceRecord) -> None:
         """Queue a trace and wait, without blocking the event loop, until it is committed to the

@@ -87,8 +87,12 @@ MLFLOW_INTERNALS: dict[str, str] = {
     "mlflow.tracing.constant.SpansLocation": "sql_trace_schema",
     "mlflow.tracing.constant.TraceMetadataKey": "sql_trace_schema",
     "mlflow.tracing.constant.TraceTagKey": "sql_trace_schema",
-    "mlflow.tracing.otel.translation.translate_span_when_storing": "sql_trace_schema",
-    "mlflow.tracing.utils.TraceJSONEncoder": "sql_trace_schema",
+    "mlflow.store.tracking.utils.trace_analytics.bounded_model_dimension": "sql_trace_schema",
+    "mlflow.store.tracking.utils.trace_analytics.finite_float_or_none": "sql_trace_schema",
+    "mlflow.tracing.utils.calculate_cost_by_model_and_token_usage": "sql_trace_schema",
+    "mlflow.tracing.utils.SpanAggregationNode": "sql_trace_schema",
+    "mlflow.tracing.utils.aggregate_cost_from_span_nodes": "sql_trace_schema",
+    "mlflow.tracing.utils.aggregate_usage_from_span_nodes": "sql_trace_schema",
     "mlflow.utils.mlflow_tags.MLFLOW_ARTIFACT_LOCATION": "sql_trace_schema",
 }
 """Every MLflow internal flywheel uses (dotted path) -> the function here that uses it. Those in

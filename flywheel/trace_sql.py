@@ -12,9 +12,15 @@ error makes the caller fall back to the public path; nothing is lost, only speed
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flywheel import span_rows
 from flywheel.store import sql_session, sql_trace_schema, supports_sql_traces
+
+if TYPE_CHECKING:
+    from flywheel.tracing import TraceRecord
+
+DB_PAYLOAD_GENERATION = 1  # what start_trace + log_spans leave (tests/test_span_format.py)
 
 
 def supports(store: Any) -> bool:
@@ -45,62 +51,72 @@ def _artifact_root(store: Any, experiment_id: str) -> str:
     return _roots[key]
 
 
-def write_batch(store: Any, items: list[tuple[Any, list[Any]]]) -> None:
-    """items: (TraceInfo, [Span]) pairs, none already stored -> one transaction."""
+def write_records(store: Any, experiment_id: str, records: list[TraceRecord]) -> None:
+    """Records none of which is stored yet -> one transaction of MLflow's rows, built straight from
+    the records (span_rows): what `start_trace` + `log_spans` store, without their span objects."""
     from sqlalchemy import insert
 
     m = sql_trace_schema()  # MLflow's tables and the helpers its SQL store fills them with
-
+    exp_id = int(experiment_id)
+    location = f"{_artifact_root(store, experiment_id)}/traces"
     infos: list[dict[str, Any]] = []
     tags: list[dict[str, Any]] = []
     metadata: list[dict[str, Any]] = []
     spans: list[dict[str, Any]] = []
-    for info, trace_spans in items:
-        exp_id = info.experiment_id
-        root = _artifact_root(store, exp_id)
-        tid = info.trace_id
-        meta = dict(info.trace_metadata)
-        columns = m.analytics_columns_from_metadata(meta)
+    for record in records:
+        tid = record.trace_id
+        data = span_rows.spans(record)
+        meta = record.metadata()
+        analytics = dict(meta)
+        if m.TraceMetadataKey.TOKEN_USAGE not in analytics and (usage := span_rows.topmost(data, "usage")):
+            analytics[m.TraceMetadataKey.TOKEN_USAGE] = json.dumps(usage)  # what log_spans aggregates
+        if cost := span_rows.topmost(data, "cost"):
+            analytics[m.TraceMetadataKey.COST] = json.dumps(cost)
         for key in m.PROMOTED_TRACE_METADATA_KEYS:
             meta.pop(key, None)
         meta[m.TraceMetadataKey.TRACE_INFO_FINALIZED] = "true"
+        record_tags = record.tags()
+        request, response = record.previews()
         infos.append(
             {
                 "request_id": tid,
-                "experiment_id": int(exp_id),
-                "timestamp_ms": info.request_time,
-                "execution_time_ms": info.execution_duration,
-                "status": info.state.value,
-                "client_request_id": info.client_request_id,
-                "request_preview": info.request_preview,
-                "response_preview": info.response_preview,
-                "db_payload_generation": 1,
-                "trace_name": m.validate_trace_name(info.tags.get(m.TraceTagKey.TRACE_NAME)),
+                "experiment_id": exp_id,
+                "timestamp_ms": record.start_ns // 1_000_000,
+                "execution_time_ms": max(0, (record.end_ns - record.start_ns) // 1_000_000),
+                "status": "ERROR" if record.error else "OK",
+                "client_request_id": None,
+                "request_preview": request,
+                "response_preview": response,
+                "db_payload_generation": DB_PAYLOAD_GENERATION,
+                "trace_name": m.validate_trace_name(record_tags.pop(m.TraceTagKey.TRACE_NAME, None)),
                 "session_id": None,
-                **columns,  # token usage, cost, session: columns of their own, as in MLflow
+                **m.analytics_columns_from_metadata(analytics),  # token usage and cost columns
             }
         )
-        trace_tags = {k: v for k, v in info.tags.items() if k != m.TraceTagKey.TRACE_NAME}
-        trace_tags[m.MLFLOW_ARTIFACT_LOCATION] = f"{root}/traces/{tid}/artifacts"
-        trace_tags[m.TraceTagKey.SPANS_LOCATION] = m.SpansLocation.TRACKING_STORE.value
-        tags += [{"request_id": tid, "key": k, "value": v} for k, v in trace_tags.items()]
+        record_tags[m.MLFLOW_ARTIFACT_LOCATION] = f"{location}/{tid}/artifacts"
+        record_tags[m.TraceTagKey.SPANS_LOCATION] = m.SpansLocation.TRACKING_STORE.value
+        tags += [{"request_id": tid, "key": k, "value": v} for k, v in record_tags.items()]
         metadata += [{"request_id": tid, "key": k, "value": v} for k, v in meta.items()]
-        for span in trace_spans:
-            content = json.dumps(
-                m.translate_span_when_storing(span), cls=m.TraceJSONEncoder, ensure_ascii=False
-            )
+        number = int(tid[3:], 16)
+        for span in data:
+            cost = span.cost or {}
             spans.append(
                 {
                     "trace_id": tid,
-                    "experiment_id": int(exp_id),
-                    "span_id": span.span_id,
-                    "parent_span_id": span.parent_id,
+                    "experiment_id": exp_id,
+                    "span_id": span_rows.hex_id(span.span_id),
+                    "parent_span_id": None if span.parent_id is None else span_rows.hex_id(span.parent_id),
                     "name": span.name,
                     "type": span.span_type,
-                    "status": span.status.status_code,
-                    "start_time_unix_nano": span.start_time_ns,
-                    "end_time_unix_nano": span.end_time_ns,
-                    "content": content,
+                    "status": "ERROR" if span.error is not None else "OK",
+                    "start_time_unix_nano": span.start_ns,
+                    "end_time_unix_nano": span.end_ns,
+                    "content": span_rows.content(number, span),
+                    "input_cost": m.finite_float_or_none(cost.get("input_cost")),
+                    "output_cost": m.finite_float_or_none(cost.get("output_cost")),
+                    "total_cost": m.finite_float_or_none(cost.get("total_cost")),
+                    "model_name": m.bounded_model_dimension(span.model),
+                    "model_provider": m.bounded_model_dimension(span.provider),
                 }
             )
     keys = {k for row in infos for k in row}  # one executemany needs the same columns in every row

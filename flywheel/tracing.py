@@ -39,6 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from flywheel import span_rows
 from flywheel.config import secret_values
 from flywheel.limits import redact
 
@@ -232,7 +233,16 @@ class TraceRecord:
     def __post_init__(self) -> None:
         """The error, its traceback and each call's error message redacted (`limits.redact`, the
         known secret values and the shapes of credentials), before the record is queued in the
-        outbox or written as spans: whoever built it, a quoted key never reaches a file."""
+        outbox or written as spans: whoever built it, a quoted key never reaches a file.
+
+        The call tree as values: a record an older flywheel queued holds JSON texts (parsed
+        here), an outbox payload holds each prompt once (`restore_prompts`)."""
+        if self.spans and isinstance(self.spans[0].get("inputs"), str):
+            object.__setattr__(self, "spans", [_span_values(s) for s in self.spans])
+        elif self.spans and any(
+            isinstance(s.get("inputs"), dict) and PROMPT_REF in s["inputs"] for s in self.spans
+        ):
+            object.__setattr__(self, "spans", restore_prompts(self.spans))
         if (
             self.error is None
             and self.error_traceback is None
@@ -329,22 +339,16 @@ class TraceRecord:
             tags[CACHE_TAG] = "hit" if cached >= self.lm_calls else "partial" if cached else "miss"
         return tags
 
-    def to_mlflow(self, experiment_id: str, *, tags_on_root: bool = False) -> tuple[Any, list[Any]]:
-        """(TraceInfo, spans) ready for the tracking store's start_trace + log_spans: the root
-        (the program's forward, holding the request's complete inputs and outputs) and the
-        DSPy call tree under it. `tags_on_root`: the root also carries each tag as
-        `mlflow.traceTag.<key>`, from which a tracking server tags a trace it creates from its
-        spans (what MLflow's own OTLP exporter sends; `_write_rest`)."""
-        from mlflow.entities import TraceInfo, TraceLocation, TraceState
-        from mlflow.entities.span import SpanType
-        from mlflow.tracing.constant import (
-            TRACE_SCHEMA_VERSION,
-            TRACE_SCHEMA_VERSION_KEY,
-            SpanAttributeKey,
-            TraceMetadataKey,
-        )
-        from opentelemetry.sdk.trace import Event
-        from opentelemetry.trace import Status, StatusCode
+    def previews(self) -> tuple[str, str]:
+        """(request preview, response preview) of the trace, as start_trace stores them."""
+        request = json.dumps(self.inputs, default=str)
+        response = json.dumps(self.outputs, default=str) if self.outputs is not None else ""
+        return request[:_PREVIEW], (response or self.error or "")[:_PREVIEW]
+
+    def metadata(self) -> dict[str, str]:
+        """The trace's metadata: MLflow's schema version, previews, logged model and token usage,
+        and flywheel's LM call counts."""
+        from mlflow.tracing.constant import TRACE_SCHEMA_VERSION, TRACE_SCHEMA_VERSION_KEY, TraceMetadataKey
 
         request = json.dumps(self.inputs, default=str)
         response = json.dumps(self.outputs, default=str) if self.outputs is not None else ""
@@ -360,136 +364,104 @@ class TraceRecord:
             metadata[CACHED_CALLS_KEY] = str(self.cached_calls or 0)
         if tokens := token_usage((self.usage or {}).values()):
             metadata[TraceMetadataKey.TOKEN_USAGE] = json.dumps(tokens)
+        return metadata
+
+    def to_mlflow(self, experiment_id: str, *, tags_on_root: bool = False) -> tuple[Any, list[Any]]:
+        """(TraceInfo, spans) as MLflow's objects, for its public path (start_trace + log_spans):
+        the reference the direct rows (span_rows) are compared with. `tags_on_root`: the root also
+        carries each tag as `mlflow.traceTag.<key>` (see span_rows.spans)."""
+        from mlflow.entities import TraceInfo, TraceLocation, TraceState
+
+        request, response = self.previews()
         info = TraceInfo(
             trace_id=self.trace_id,
             trace_location=TraceLocation.from_experiment_id(experiment_id),
             request_time=self.start_ns // 1_000_000,
             execution_duration=max(0, (self.end_ns - self.start_ns) // 1_000_000),
             state=TraceState.ERROR if self.error else TraceState.OK,
-            request_preview=request[:_PREVIEW],
-            response_preview=(response or self.error or "")[:_PREVIEW],
-            trace_metadata=metadata,
+            request_preview=request,
+            response_preview=response,
+            trace_metadata=self.metadata(),
             tags=self.tags(),
         )
-        tree = self.spans or []
-        root = tree[0] if tree else None
-        attributes = {
-            **(root["attributes"] if root else {}),
-            SpanAttributeKey.REQUEST_ID: json.dumps(self.trace_id),
-            SpanAttributeKey.SPAN_TYPE: json.dumps(root["type"] if root else SpanType.CHAIN),
-            SpanAttributeKey.INPUTS: request,
-            SpanAttributeKey.OUTPUTS: response or "null",
-            "flywheel.model": json.dumps(self.model),
-            "flywheel.model_version": json.dumps(self.version),
-        }
-        if self.model_id:  # also metadata; a tracking server's bulk path keeps only these
-            attributes["flywheel.model_id"] = json.dumps(self.model_id)
-        if self.lm_calls is not None:
-            attributes[LM_CALLS_KEY] = json.dumps(self.lm_calls)
-            attributes[CACHED_CALLS_KEY] = json.dumps(self.cached_calls or 0)
-        if tags_on_root:
-            attributes.update(
-                {f"{SpanAttributeKey.TRACE_TAG_PREFIX}{k}": json.dumps(v) for k, v in info.tags.items()}
-            )
-        events = []
-        if self.error:
-            exception = {
-                "exception.type": self.error_type or "Exception",
-                "exception.message": self.error,
-                "exception.stacktrace": self.error_traceback or "",
-            }
-            events.append(Event("exception", exception, timestamp=max(self.end_ns, self.start_ns)))
         trace_number = int(self.trace_id[3:], 16)
-        # the root's span id from the id's random half (its first half is the time, shared in a ms)
-        ids = [int(self.trace_id[19:], 16) or 1] + [_span_id(self.trace_id, i) for i in range(1, len(tree))]
-        start = min([self.start_ns] + [s["start_ns"] for s in tree[:1]])
-        end = max([self.end_ns, start] + [s["end_ns"] for s in tree[:1]])
-        status = Status(StatusCode.ERROR, self.error[:_PREVIEW]) if self.error else Status(StatusCode.OK)
-        spans = [
-            _span(
-                SPAN_NAME if root is None else root["name"],
-                trace_number,
-                ids[0],
-                None,
-                start,
-                end,
-                attributes,
-                status,
-                events,
-            )
-        ]
-        for i, record in enumerate(tree[1:], start=1):
-            child_attributes = {
-                **record["attributes"],
-                SpanAttributeKey.REQUEST_ID: json.dumps(self.trace_id),
-                SpanAttributeKey.SPAN_TYPE: json.dumps(record["type"]),
-                SpanAttributeKey.INPUTS: record["inputs"],
-                SpanAttributeKey.OUTPUTS: record["outputs"],
-            }
-            child_events = []
-            child_status = Status(StatusCode.OK)
-            if failure := record.get("error"):
-                child_status = Status(StatusCode.ERROR, failure["message"][:_PREVIEW])
-                child_events.append(
-                    Event(
-                        "exception",
-                        {"exception.type": failure["type"], "exception.message": failure["message"]},
-                        timestamp=record["end_ns"],
-                    )
-                )
-            parent = ids[record["parent"] or 0]
-            spans.append(
-                _span(
-                    record["name"],
-                    trace_number,
-                    ids[i],
-                    parent,
-                    record["start_ns"],
-                    record["end_ns"],
-                    child_attributes,
-                    child_status,
-                    child_events,
-                )
-            )
+        spans = [_span(trace_number, data) for data in span_rows.spans(self, tags_on_root=tags_on_root)]
         return info, spans
+
+
+def _span_values(span: dict[str, Any]) -> dict[str, Any]:
+    """A call-tree span record of an older flywheel (JSON texts) as values."""
+    return {
+        **span,
+        "inputs": _parsed(span.get("inputs")),
+        "outputs": _parsed(span.get("outputs")),
+        "attributes": {k: _parsed(v) for k, v in (span.get("attributes") or {}).items()},
+    }
+
+
+def _parsed(text: Any) -> Any:
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return text
+
+
+PROMPT_REF = span_rows.PROMPT_REF
+
+
+def share_prompts(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The call tree with each prompt once: an LM call's `messages` that are the very list its
+    adapter's `format` returned become a reference to that span (copies; the records are kept)."""
+    formatted = {}
+    out = spans
+    for i, span in enumerate(spans):
+        inputs = span["inputs"]
+        if span["name"].endswith(".format") and isinstance(span["outputs"], list):
+            formatted[id(span["outputs"])] = i
+        elif span["type"] in span_rows.LM_KINDS and isinstance(inputs, dict):
+            source = formatted.get(id(inputs.get("messages")))
+            if source is not None and spans[source]["outputs"] is inputs["messages"]:
+                if out is spans:
+                    out = list(spans)
+                shared = {k: v for k, v in inputs.items() if k != "messages"}
+                out[i] = {**span, "inputs": {PROMPT_REF: source, **shared}}
+    return out
+
+
+def restore_prompts(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`share_prompts` undone: each LM call's `messages` back, first among its inputs as recorded."""
+    out = list(spans)
+    for i, span in enumerate(out):
+        inputs = span["inputs"]
+        if isinstance(inputs, dict) and PROMPT_REF in inputs:
+            rest = {k: v for k, v in inputs.items() if k != PROMPT_REF}
+            out[i] = {**span, "inputs": {"messages": out[inputs[PROMPT_REF]]["outputs"], **rest}}
+    return out
 
 
 def _redacted_error(error: dict[str, Any], secrets: set[str]) -> dict[str, Any]:
     return {**error, "message": redact(str(error.get("message") or ""), secrets)}
 
 
-def _span_id(trace_id: str, index: int) -> int:
-    """A child span's id: derived from the trace id, so a replayed trace has the same spans."""
-    digest = hashlib.blake2b(f"{trace_id}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") or 1
-
-
-def _span(
-    name: str,
-    trace_number: int,
-    span_id: int,
-    parent_id: int | None,
-    start_ns: int,
-    end_ns: int,
-    attributes: dict[str, Any],
-    status: Any,
-    events: list[Any],
-) -> Any:
+def _span(trace_number: int, data: span_rows.SpanData) -> Any:
+    """A span_rows span as MLflow's Span over an OTel ReadableSpan (MLflow's public path)."""
     from mlflow.entities import Span
     from mlflow.tracing.utils import build_otel_context
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import Status, StatusCode
 
+    parent = None if data.parent_id is None else build_otel_context(trace_number, data.parent_id)
     return Span(
         ReadableSpan(
-            name=name,
-            context=build_otel_context(trace_number, span_id),
-            parent=None if parent_id is None else build_otel_context(trace_number, parent_id),
-            start_time=start_ns,
-            end_time=max(end_ns, start_ns),
-            attributes=attributes,
-            status=status,
-            events=events,
+            name=data.name,
+            context=build_otel_context(trace_number, data.span_id),
+            parent=parent,
+            start_time=data.start_ns,
+            end_time=data.end_ns,
+            attributes={k: v for k, v in data.attributes.items() if k != span_rows.LLM_COST},
+            status=Status(StatusCode.OK) if data.error is None else Status(StatusCode.ERROR, data.error),
+            events=[Event(e["name"], e["attributes"], timestamp=e["time_unix_nano"]) for e in data.events],
             resource=Resource.get_empty(),
         )
     )
@@ -511,6 +483,13 @@ def token_usage(entries: Iterable[Any]) -> dict[str, int] | None:
     return tokens if any(tokens.values()) else None
 
 
+def prepare_delivery() -> None:
+    """Load what delivering traces needs that is heavy (MLflow's trace tables and helpers,
+    LiteLLM's price map) once: a deliverer process calls it when it starts, so no request path
+    ever does. Idempotent, and cheap the second time."""
+    span_rows.prepare()
+
+
 def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> list[str]:
     """Write complete traces to the tracking store (sqlite, PostgreSQL or a tracking server).
 
@@ -526,7 +505,7 @@ def write_traces(store: Any, experiment_id: str, records: list[TraceRecord]) -> 
             done = trace_sql.existing_ids(store, [r.trace_id for r in records])
             todo = [r for r in records if r.trace_id not in done]
             if todo:
-                trace_sql.write_batch(store, [r.to_mlflow(experiment_id) for r in todo])
+                trace_sql.write_records(store, experiment_id, todo)
             return [r.trace_id for r in todo]
         except Exception as exc:  # internals moved: fall back, slower but public
             _log.warning("batched trace write failed (%s); using MLflow's public path", exc)

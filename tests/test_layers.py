@@ -89,6 +89,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
         ],
         [
             "tracing",
+            "span_rows",
             "calltree",
             "trace_sql",
             "outbox",
