@@ -322,12 +322,18 @@ class Runtime:
 
     def health(self) -> dict[str, Any]:
         """SPEC.md's /health plus the outbox backlog, its dead letters, and what is served from:
-        `mlflow`, or `last-known-good` (this host's disk and memory) while MLflow does not answer."""
-        connected = self.outbox.connected and self._mlflow_answers()
+        `mlflow`, or `last-known-good` (this host's disk and memory) while MLflow does not answer.
+
+        Nothing here waits for MLflow: whether it answers is the background probe's last answer
+        (`_mlflow_answers`); whether delivery reaches it is this process's outbox when it delivers,
+        else the host's deliverer process's last pass as recorded in outbox.db."""
+        answers, why = self._mlflow_answers()
+        delivered, delivery_error = self._delivery_state()
+        connected = answers and delivered
         detail = None
         if not connected:
             detail = (
-                f"{self.outbox.last_error or 'MLflow does not answer'}; serving last-known-good "
+                f"{delivery_error or why or 'MLflow does not answer'}; serving last-known-good "
                 f"resolutions and models from {self.programs.lkg.root}"
             )
         return {
@@ -347,16 +353,85 @@ class Runtime:
             "outbox_backlog": self.outbox.backlog(),
             "outbox_dead_letters": self.outbox.dead_letters(),
             "loaded_models": len(self.programs.cached_versions()),
+            "mlflow_reachable": 1.0 if self._mlflow_answers()[0] else 0.0,
         }
 
-    def _mlflow_answers(self) -> bool:
+    def _mlflow_answers(self) -> tuple[bool, str | None]:
+        """(True, None) when the tracking server answered the background probe's last check, else
+        (False, why); never a wait. An embedded store has nothing to reach. The probe starts on
+        first use (the API starts it with the app) and checks every MLFLOW_PROBE_EVERY seconds."""
+        if not self.store.tracking_uri.startswith(("http://", "https://")):
+            return True, None
+        with self._lock:
+            probe: _MlflowProbe | None = getattr(self, "_probe", None)
+            if probe is None:
+                probe = self._probe = _MlflowProbe(self)
+        last = probe.last
+        if last is None:
+            return False, "MLflow has not answered the first check yet"
+        at, error = last
+        if error is None:
+            return True, None
+        # this process's outbox delivered to MLflow after that check failed: it answers again
+        since = getattr(self.outbox, "_reachable_since", None) if self._delivers_here() else None
+        if self.outbox.connected and since is not None and since > at:
+            return True, None
+        return False, error
+
+    def _delivers_here(self) -> bool:
+        return bool(getattr(self, "delivers", True))  # False: a serve worker whose host runs a deliverer
+
+    def _delivery_state(self) -> tuple[bool, str | None]:
+        """Whether delivery reaches MLflow, and the error when not: this process's outbox when it
+        delivers; else the deliverer's last pass recorded in outbox.db (`Outbox.delivery_state`)."""
+        read = getattr(self.outbox, "delivery_state", None)
+        if self._delivers_here() or not callable(read):
+            return self.outbox.connected, self.outbox.last_error
+        try:
+            state = read()
+        except Exception as exc:  # the file is busy or broken: say so rather than guess
+            return False, f"the deliverer's state cannot be read from {self.outbox.path} ({exc})"
+        if state is None:  # no deliverer has passed yet (it starts beside the workers)
+            return True, None
+        if not state.alive():
+            return False, (
+                f"the deliverer process (pid {state.pid}) last passed {state.age():.0f} s ago; "
+                f"traces and feedback wait in {self.outbox.path}"
+            )
+        return bool(state.connected), state.last_error
+
+
+MLFLOW_PROBE_EVERY = 2.0  # seconds between two checks of the tracking server (after each one ends)
+MLFLOW_PROBE_TIMEOUT = 1.0  # how long one check waits for its answer
+
+
+class _MlflowProbe:
+    """Checks that a runtime's tracking server answers, in one daemon thread, so /health reads the
+    last answer and never waits for MLflow (a check of a server that hangs takes its whole timeout).
+    It holds the runtime weakly and ends with it, or once it is closed."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        import weakref
+
+        self.uri = runtime.store.tracking_uri
+        self.last: tuple[float, str | None] | None = None  # (time.monotonic() of the answer, error or None)
+        self._runtime = weakref.ref(runtime)
+        threading.Thread(target=self._run, name="flywheel-mlflow-probe", daemon=True).start()
+
+    def _run(self) -> None:
         from flywheel.store import check_reachable
 
-        try:
-            check_reachable(self.store.tracking_uri, timeout=1.0)
-        except Exception:
-            return False
-        return True
+        while True:
+            runtime = self._runtime()
+            if runtime is None or runtime.closed:
+                return
+            del runtime  # not held while the check waits
+            try:
+                check_reachable(self.uri, timeout=MLFLOW_PROBE_TIMEOUT)
+                self.last = (time.monotonic(), None)
+            except Exception as exc:
+                self.last = (time.monotonic(), str(exc))
+            time.sleep(MLFLOW_PROBE_EVERY)
 
 
 def open_runtime(settings: Settings | None = None, **kwargs: Any) -> Runtime:

@@ -186,7 +186,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def _runtime(request: Request) -> Runtime:
+async def _runtime(request: Request) -> Runtime:
+    """The app's runtime. Dependencies here are `async def` and never block: FastAPI runs a plain
+    `def` dependency in its thread pool, two hops per request for this one and the key check."""
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
@@ -221,7 +223,7 @@ def _key_refusal(settings: Settings, kind: KeyKind, x_api_key: str | None) -> HT
 
 
 def _key_check(kind: KeyKind) -> Any:
-    def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    async def check(runtime: RuntimeDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
         refusal = _key_refusal(runtime.settings, kind, x_api_key)
         if refusal is not None:
             raise refusal
@@ -501,10 +503,12 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if runtime is not None:
             app.state.runtime = runtime.start()  # idempotent; its owner closes it
+            runtime._mlflow_answers()  # starts the MLflow probe now: the first /health has its answer
             yield
             return
         own = Runtime().start()
         app.state.runtime = own
+        own._mlflow_answers()
         try:
             yield
         finally:
@@ -848,7 +852,8 @@ async def post_preference(body: PreferenceRequest, runtime: RuntimeDep) -> dict[
 
 @router.get("/health", responses=_errors(503))
 async def health(runtime: RuntimeDep) -> dict[str, Any]:
-    return runtime.health()
+    # in a thread: it counts the outbox's rows (sqlite); whether MLflow answers is read, never awaited
+    return await run_in_threadpool(runtime.health)
 
 
 @router.get(
@@ -880,7 +885,7 @@ async def metrics(
         format is None and "text/plain" in request.headers.get("accept", "")
     )
     if wants_text:
-        extra = runtime.metrics_extra()
+        extra = await run_in_threadpool(runtime.metrics_extra)  # counts the outbox's rows (sqlite)
         return PlainTextResponse(prometheus(report, extra), media_type="text/plain; version=0.0.4")
     return report
 
