@@ -22,7 +22,6 @@ process that started it is gone, and drains what MLflow takes within DRAIN_SECON
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -73,24 +72,13 @@ def delivers_here(settings: Settings) -> bool:
     return settings.flywheel_delivery != PROCESS
 
 
-def start_outbox(outbox: Outbox, deliver: bool) -> None:
-    """Start the outbox's committer, and its delivery thread when `deliver`."""
-    if deliver:
-        outbox.start()
-    elif "deliver" in inspect.signature(outbox.start).parameters:
-        outbox.start(deliver=False)
-    else:  # an Outbox without roles yet: it delivers too (claims keep that safe, not cheap)
-        log.warning("outbox: this Outbox cannot only commit; it delivers too")
-        outbox.start()
-
-
 # --- the deliverer process -------------------------------------------------------------------
 
 
 def run(parent: int | None = None, settings: Settings | None = None) -> int:
     """`flywheel deliver`: deliver this host's outbox until SIGTERM (or SIGINT when run by hand),
     or until `parent` (the supervising `flywheel serve`) is gone; then drain. Returns 0."""
-    started, cpu = time.monotonic(), time.process_time()
+    started = time.monotonic()
     stop = threading.Event()
     _on_stop_signals(stop, supervised=parent is not None)
     from flywheel.store import connect
@@ -103,11 +91,11 @@ def run(parent: int | None = None, settings: Settings | None = None) -> int:
         prepare()  # LiteLLM's cost data, once here: never on a request path
     outbox.start()
     log.info(
-        "deliverer [%d]: delivering %s (ready after %.2f s, %.2f s of CPU)",
+        "deliverer [%d]: delivering %s (ready %.2f s after run, %.2f s of CPU since it started)",
         os.getpid(),
         outbox.path,
         time.monotonic() - started,
-        time.process_time() - cpu,
+        time.process_time(),  # the whole process's: interpreter, imports, store, prepare_delivery
     )
     while not stop.wait(PARENT_CHECK):
         if parent is not None and os.getppid() != parent:

@@ -30,7 +30,7 @@ from flywheel import feedback, limits, span_rows, tracing
 from flywheel.canary import TrafficPlans
 from flywheel.config import Settings, get_settings
 from flywheel.counters import RequestCounters
-from flywheel.deliverer import delivers_here, delivery_outbox, start_outbox
+from flywheel.deliverer import delivers_here, delivery_outbox
 from flywheel.errors import ReviewError, Unavailable
 from flywheel.loader import Loader
 
@@ -110,7 +110,7 @@ class Runtime:
             if self._closed:
                 raise RuntimeError("this runtime is closed")
             if not self._started:
-                start_outbox(self.outbox, self.delivers)
+                self.outbox.start(deliver=self.delivers)
                 self.counters.start()
                 if self.settings.watch_enabled:
                     from flywheel.rollback import Watcher

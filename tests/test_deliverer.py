@@ -62,7 +62,7 @@ class Served:
 
     def ready(self, pid: int, timeout: float = 120) -> float:
         """Wait for the deliverer's "delivering" log line; the CPU seconds it says it spent to get there."""
-        pattern = re.compile(rf"deliverer \[{pid}\]: delivering .*, ([0-9.]+) s of CPU\)")
+        pattern = re.compile(rf"deliverer \[{pid}\]: delivering .*, ([0-9.]+) s of CPU since it started\)")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = pattern.search(self.log.read_text(errors="replace"))
@@ -126,6 +126,14 @@ def _wait_in_mlflow(store: Store, wanted: set[str], timeout: float = 180) -> flo
     return time.monotonic() - started
 
 
+def _consumer(served: Served) -> int | None:
+    """The pid of the process that made the outbox's last delivery pass, as the file records it."""
+    from flywheel.outbox import Outbox
+
+    state = Outbox(served.store.settings.flywheel_home / "outbox.db").delivery_state()
+    return state.pid if state is not None else None
+
+
 def _predict(client: httpx.Client, i: int) -> tuple[int, str | None, str]:
     r = client.post("/predict", json={"model": JOKES, "inputs": {"topic": f"topic {i}"}})
     trace_id = r.json().get("trace_id") if r.status_code == 200 else None
@@ -169,6 +177,7 @@ def test_the_deliverer_is_the_outboxs_only_consumer(served: Served) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     seconds = _wait_in_mlflow(served.store, ids)
+    assert _consumer(served) == pid  # the pass that delivered them was the deliverer's
     print(f"\n{len(ids)} traces answered by workers {sorted(workers)}, held while deliverer {pid} was")
     print(f"paused; all in MLflow {seconds:.1f} s after it was resumed")
 
@@ -211,6 +220,7 @@ def test_kill_9_of_the_deliverer_under_load_loses_nothing_acknowledged(served: S
     assert statuses and set(statuses) == {200}, f"not every request was answered 200: {set(statuses)}"
     assert while_down > 0, "no request was answered while the deliverer was down"
     drained = _wait_in_mlflow(served.store, acknowledged)
+    assert _consumer(served) == new
     print(
         f"\nkill -9 of deliverer {old} under 8 clients: deliverer {new} running after "
         f"{back_at - killed_at:.2f} s, delivering after {ready_at - killed_at:.2f} s "
