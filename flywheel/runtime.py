@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
-import inspect
 import json
 import logging
 import threading
@@ -58,13 +56,6 @@ def _cut_span(span: dict[str, Any], field_limit: int, trace_limit: int) -> dict[
         if len(text) > field_limit:
             span = {**span, part: limits.stored(json.loads(text), field_limit, trace_limit)}
     return span
-
-
-@functools.cache
-def _takes_text(outbox_class: type) -> bool:
-    """Whether the outbox's `put` stores a payload given as JSON text verbatim (a dict before that)."""
-    annotation = inspect.signature(outbox_class.put).parameters["payload"].annotation
-    return "str" in str(annotation).replace("dict[str", "")
 
 
 class Runtime:
@@ -205,10 +196,10 @@ class Runtime:
         if self.settings.mlflow_enabled:
             self.outbox.put("trace", record.trace_id, self._trace_payload(record))
 
-    def _trace_payload(self, record: tracing.TraceRecord) -> Any:
+    def _trace_payload(self, record: tracing.TraceRecord) -> str:
         """The record as the outbox stores it, serialised once (span values written in place, each
         prompt once: `tracing.share_prompts`), fields past MAX_FIELD_CHARS/MAX_TRACE_CHARS cut.
-        JSON text where the outbox takes text, else the same as a dict."""
+        JSON text, which the outbox stores verbatim."""
         payload = record.to_dict()
         limit = self.settings.max_field_chars, self.settings.max_trace_chars
         payload["inputs"] = limits.stored(payload["inputs"], *limit)
@@ -219,7 +210,7 @@ class Runtime:
         if len(text) > limit[0]:  # some span part may be past the field limit (none is otherwise)
             payload["spans"] = [_cut_span(span, *limit) for span in payload["spans"]]
             text = span_rows.payload_text(payload)
-        return text if _takes_text(type(self.outbox)) else json.loads(text)
+        return text
 
     async def commit_trace(self, record: tracing.TraceRecord) -> None:
         """Queue a trace and wait, without blocking the event loop, until it is committed to the

@@ -163,7 +163,7 @@ def test_batched_path_on_postgresql_writes_what_the_public_path_writes(
     long_topic = "x" * 9000  # longer than PostgreSQL's 8,000-character tag column
     fast = TraceRecord(**{**_record(1).__dict__, "inputs": {"topic": long_topic}})
     slow = TraceRecord(**{**fast.__dict__, "trace_id": new_trace_id()})
-    trace_sql.write_batch(tracking, [fast.to_mlflow(pg_store.experiment_id)])  # no silent fallback
+    trace_sql.write_records(tracking, pg_store.experiment_id, [fast])  # no silent fallback
     assert write_traces(tracking, pg_store.experiment_id, [fast]) == []  # already there: idempotent
     _write_public(tracking, pg_store.experiment_id, [slow])
     fast_rows = _pg_rows(postgres, pg_store, fast.trace_id)
