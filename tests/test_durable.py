@@ -35,7 +35,8 @@ WORKER = "x-flywheel-worker"
 
 
 def _workers(supervisor: int) -> list[int]:
-    """The uvicorn worker processes of a `flywheel serve` (its children, not the resource tracker)."""
+    """The uvicorn worker processes of a `flywheel serve` (its children, not the resource tracker
+    nor the host's deliverer, `flywheel deliver`)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -46,7 +47,7 @@ def _workers(supervisor: int) -> list[int]:
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == supervisor and b"resource_tracker" not in cmdline:
+        if parent == supervisor and b"resource_tracker" not in cmdline and b"flywheel deliver" not in cmdline:
             found.append(int(entry.name))
     return found
 
