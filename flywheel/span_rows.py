@@ -171,11 +171,12 @@ def span_id(trace_id: str, index: int) -> int:
     return int.from_bytes(digest, "big") or 1
 
 
-def spans(record: TraceRecord, *, tags_on_root: bool = False) -> list[SpanData]:
+def spans(record: TraceRecord, *, tags_on_root: bool = False, cost: bool = True) -> list[SpanData]:
     """The record's spans: the root (the program's forward, holding the request's complete inputs
     and outputs and flywheel's attributes) and the call tree under it. `tags_on_root`: the root
     also carries each tag as `mlflow.traceTag.<key>` (how a tracking server tags a trace it
-    creates from spans)."""
+    creates from spans). `cost=False`: no LM call's cost (a tracking server prices the spans it
+    stores itself, so what goes to one leaves it out)."""
     tree = record.spans or []
     root = tree[0] if tree else None
     request = json.dumps(record.inputs, default=str)
@@ -257,11 +258,11 @@ def spans(record: TraceRecord, *, tags_on_root: bool = False) -> list[SpanData]:
             )
         out.append(data)
     for data, span in zip(out, tree or [None], strict=False):
-        _translate(data, span)
+        _translate(data, span, cost)
     return out
 
 
-def _translate(data: SpanData, span: dict[str, Any] | None) -> None:
+def _translate(data: SpanData, span: dict[str, Any] | None, priced: bool = True) -> None:
     """What MLflow's `translate_span_when_storing` adds to a flywheel span: the model (from its
     attribute, else an inputs' or outputs' `model` field) and the cost of its token usage."""
     attributes = span["attributes"] if span else {}
@@ -278,7 +279,7 @@ def _translate(data: SpanData, span: dict[str, Any] | None) -> None:
     provider = attributes.get(MODEL_PROVIDER)
     data.model = model if isinstance(model, str) else None
     data.provider = provider if isinstance(provider, str) else None
-    if data.usage and data.model and LLM_COST not in data.attributes:
+    if priced and data.usage and data.model and LLM_COST not in data.attributes:
         if cost := lm_cost(data.model, data.usage, data.provider):
             data.cost = cost
             data.attributes[LLM_COST] = json.dumps(cost)
@@ -365,3 +366,124 @@ def topmost(data: list[SpanData], part: str) -> dict[str, Any] | None:
     if part == "usage":
         return m.aggregate_usage_from_span_nodes(nodes)
     return m.aggregate_cost_from_span_nodes(nodes)
+
+
+# --- OTLP, what a tracking server takes --------------------------------------------------------
+
+
+def otlp_request(records: list[TraceRecord]) -> bytes:
+    """An OTLP/HTTP export request (`ExportTraceServiceRequest`, serialised) of the records' spans,
+    tags on the root: the bytes `RestStore.log_spans` posts for the MLflow Spans of
+    `TraceRecord.to_mlflow(tags_on_root=True)`, built from the span data without them (no OTel
+    ReadableSpan, no MLflow Span). Each attribute goes as MLflow's `Span.to_otel_proto()` sends
+    it: its JSON text parsed, as a typed AnyValue (objects as key-value lists, lists as arrays,
+    null unset); no cost (the server prices the LM spans it stores)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for record in records:
+        trace = int(record.trace_id[3:], 16).to_bytes(16, "big")
+        for data in spans(record, tags_on_root=True, cost=False):
+            _otlp_span(scope.spans.add(), trace, data)
+    return request.SerializeToString()
+
+
+_OK, _ERROR = 1, 2  # opentelemetry.proto.trace.v1.Status.StatusCode
+
+
+def _otlp_span(message: Any, trace: bytes, data: SpanData) -> None:
+    """One span as `Span.to_otel_proto()` fills it (mlflow/entities/span.py)."""
+    message.trace_id = trace
+    message.span_id = data.span_id.to_bytes(8, "big")
+    message.name = data.name
+    message.start_time_unix_nano = data.start_ns
+    if data.end_ns:
+        message.end_time_unix_nano = data.end_ns
+    if data.parent_id is not None:
+        message.parent_span_id = data.parent_id.to_bytes(8, "big")
+    message.status.code = _OK if data.error is None else _ERROR
+    if data.error:
+        message.status.message = data.error
+    add = message.attributes.add
+    for key, text in data.attributes.items():
+        if key == LLM_COST:
+            continue
+        attribute = add()
+        attribute.key = key
+        _any_value(attribute.value, _attribute_value(text))
+    for event in data.events:
+        otlp_event = message.events.add()
+        otlp_event.name = event["name"]
+        otlp_event.time_unix_nano = event["time_unix_nano"]
+        for key, value in event["attributes"].items():
+            attribute = otlp_event.attributes.add()
+            attribute.key = key
+            _any_value(attribute.value, value)
+
+
+def _attribute_value(text: str) -> Any:
+    """An attribute as MLflow's Span reads it back (`_SpanAttributesRegistry.get`): its JSON
+    parsed, an empty text as None, a text that is not JSON as is. (A JSON string without a
+    backslash has no escapes: its characters are the value, no parsing needed.)"""
+    if not text:
+        return None
+    if len(text) > 1 and text[0] == text[-1] == '"' and "\\" not in text:
+        return text[1:-1]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _any_value(message: Any, value: Any) -> None:
+    """MLflow's `_set_otel_proto_anyvalue`, without its copy of every nested list and object:
+    the same message, built in place (JSON's own types first, by exact type)."""
+    kind = type(value)
+    if kind is str:
+        _set_string(message, "string_value", value)
+    elif kind is dict:
+        pairs = message.kvlist_value
+        pairs.SetInParent()  # set even when empty
+        add = pairs.values.add
+        for key, item in value.items():
+            pair = add()
+            _set_string(pair, "key", key if type(key) is str else str(key))
+            _any_value(pair.value, item)
+    elif kind is list or kind is tuple:
+        array = message.array_value
+        array.SetInParent()
+        add = array.values.add
+        for item in value:
+            _any_value(add(), item)
+    elif kind is int:
+        message.int_value = value
+    elif kind is bool:
+        message.bool_value = value
+    elif kind is float:
+        message.double_value = value
+    elif value is None:
+        return
+    elif isinstance(value, bool):  # subclasses, in MLflow's order
+        message.bool_value = value
+    elif isinstance(value, str):
+        _set_string(message, "string_value", value)
+    elif isinstance(value, int):
+        message.int_value = value
+    elif isinstance(value, float):
+        message.double_value = value
+    elif isinstance(value, bytes):
+        message.bytes_value = value
+    elif isinstance(value, list | tuple | dict):
+        _any_value(message, dict(value) if isinstance(value, dict) else list(value))
+    else:
+        _set_string(message, "string_value", str(value))
+
+
+def _set_string(message: Any, name: str, text: str) -> None:
+    """A string field; a text protobuf refuses (a lone surrogate) as MLflow's
+    `_sanitize_otel_string` makes it: each such character replaced."""
+    try:
+        setattr(message, name, text)
+    except (UnicodeError, ValueError):
+        setattr(message, name, text.encode("utf-8", errors="replace").decode("utf-8"))

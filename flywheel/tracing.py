@@ -368,8 +368,9 @@ class TraceRecord:
 
     def to_mlflow(self, experiment_id: str, *, tags_on_root: bool = False) -> tuple[Any, list[Any]]:
         """(TraceInfo, spans) as MLflow's objects, for its public path (start_trace + log_spans):
-        the reference the direct rows (span_rows) are compared with. `tags_on_root`: the root also
-        carries each tag as `mlflow.traceTag.<key>` (see span_rows.spans)."""
+        the reference the direct rows and OTLP requests (span_rows) are compared with.
+        `tags_on_root`: the root also carries each tag as `mlflow.traceTag.<key>` (see
+        span_rows.spans)."""
         from mlflow.entities import TraceInfo, TraceLocation, TraceState
 
         request, response = self.previews()
@@ -570,7 +571,10 @@ def _write_rest(
     """A tracking server's bulk path: `log_spans` requests of PUBLIC_CHUNK traces, `in_flight`
     at a time, and no `start_trace`. The server creates each trace from its spans: state, times,
     previews and token usage from the root span, and the tags from the root's
-    `mlflow.traceTag.<key>` attributes (what MLflow's own OTLP exporter sends). A replay
+    `mlflow.traceTag.<key>` attributes (what MLflow's own OTLP exporter sends). Each request's
+    protobuf is built straight from the span data (span_rows.otlp_request): the bytes MLflow's
+    `Span.to_otel_proto()` makes of `to_mlflow(tags_on_root=True)`, without an OTel or MLflow
+    span object per span (tests/test_span_format.py holds the two equal). A replay
     upserts the same span ids, so it stores nothing twice. When some requests fail,
     PartialWrite names the traces the others stored.
 
@@ -581,15 +585,14 @@ def _write_rest(
     `flywheel.cached_calls` attributes hold what the metadata would."""
     from concurrent.futures import ThreadPoolExecutor
 
-    chunks: list[tuple[list[str], list[Any]]] = []
+    chunks: list[tuple[list[str], bytes]] = []
     for start in range(0, len(records), PUBLIC_CHUNK):
         chunk = records[start : start + PUBLIC_CHUNK]
-        spans = [s for r in chunk for s in r.to_mlflow(experiment_id, tags_on_root=True)[1]]
-        chunks.append(([r.trace_id for r in chunk], spans))
+        chunks.append(([r.trace_id for r in chunk], span_rows.otlp_request(chunk)))
     stored: list[str] = []
     errors: list[BaseException] = []
     with ThreadPoolExecutor(max(1, min(in_flight, len(chunks))), thread_name_prefix="flywheel-spans") as pool:
-        futures = [(ids, pool.submit(_post_spans, store, experiment_id, spans)) for ids, spans in chunks]
+        futures = [(ids, pool.submit(_post_spans, store, experiment_id, body)) for ids, body in chunks]
         for ids, future in futures:
             try:
                 future.result()
@@ -603,21 +606,18 @@ def _write_rest(
     return stored
 
 
-def _post_spans(store: Any, experiment_id: str, spans: list[Any]) -> None:
+def _post_spans(store: Any, experiment_id: str, body: bytes) -> None:
     """One OTLP/HTTP export to the tracking server's `/v1/traces` (what `RestStore.log_spans`
-    sends), with DELIVERY_TIMEOUT and no retry in place of MLflow's client settings."""
+    sends; `body` from span_rows.otlp_request), with DELIVERY_TIMEOUT and no retry in place of
+    MLflow's client settings."""
     from mlflow.tracing.utils.otlp import MLFLOW_EXPERIMENT_ID_HEADER, OTLP_TRACES_PATH
     from mlflow.utils.rest_utils import http_request, verify_rest_response
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    request = ExportTraceServiceRequest()
-    scope = request.resource_spans.add().scope_spans.add()
-    scope.spans.extend(span.to_otel_proto() for span in spans)
     response = http_request(
         host_creds=store.get_host_creds(),
         endpoint=OTLP_TRACES_PATH,
         method="POST",
-        data=request.SerializeToString(),
+        data=body,
         extra_headers={"Content-Type": "application/x-protobuf", MLFLOW_EXPERIMENT_ID_HEADER: experiment_id},
         timeout=DELIVERY_TIMEOUT,
         max_retries=0,

@@ -1,6 +1,9 @@
 """Golden: the rows flywheel builds straight from a record (span_rows, trace_sql) are the rows
 MLflow's own path stores for it (start_trace + log_spans, which runs translate_span_when_storing),
-column by column and `content` field by field, for each shape of call tree. An MLflow release
+column by column and `content` field by field, for each shape of call tree. The same for a
+tracking server (`mlflow server` on PostgreSQL): the OTLP request flywheel builds straight from a
+record (span_rows.otlp_request) is, byte for byte, the one MLflow's `Span.to_otel_proto()` makes
+of the record's MLflow Spans, and the server stores the same rows for both. An MLflow release
 that changes its format fails here."""
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import programs_zoo as zoo
 import pytest
 import sqlalchemy
 from dspy.lm15 import Usage
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from flywheel import span_rows, trace_sql
 from flywheel.calltree import CallTree
@@ -106,8 +111,10 @@ def _normalise(text: Any, trace_id: str, n: int) -> Any:
     return text
 
 
-def _stored(store: Store, trace_id: str, n: int) -> dict[str, Any]:
-    engine = sqlalchemy.create_engine(store.tracking_uri)
+def _stored(uri: str, trace_id: str, n: int) -> dict[str, Any]:
+    """What the database at `uri` holds for a trace: trace_info, tags, metadata, span rows (each
+    `content` parsed), with the trace's ids normalised."""
+    engine = sqlalchemy.create_engine(uri)
     out: dict[str, Any] = {}
     with engine.connect() as db:
         for table, column in [("trace_info", "request_id"), ("trace_tags", "request_id")]:
@@ -146,8 +153,12 @@ def test_flywheels_rows_are_the_rows_mlflows_own_path_stores(
     _write_public(tracking, fresh_store.experiment_id, [theirs])  # MLflow's start_trace + log_spans
     n = len(ours.spans or [])
     assert n >= 4
-    mine, reference = _stored(fresh_store, ours.trace_id, n), _stored(fresh_store, theirs.trace_id, n)
+    uri = fresh_store.tracking_uri
+    mine, reference = _stored(uri, ours.trace_id, n), _stored(uri, theirs.trace_id, n)
+    _assert_same_rows(mine, reference)
 
+
+def _assert_same_rows(mine: dict[str, Any], reference: dict[str, Any]) -> None:
     for column, value in reference["trace_info"].items():  # every trace_info column
         assert mine["trace_info"][column] == value, column
     assert mine["tags"] == reference["tags"]
@@ -170,6 +181,116 @@ def test_flywheels_rows_are_the_rows_mlflows_own_path_stores(
     lm_rows = [r for r in reference["spans"].values() if r["type"] == "CHAT_MODEL"]
     assert lm_rows and all(r["total_cost"] for r in lm_rows)  # the cost path was exercised
     assert reference["trace_info"]["total_cost"] and reference["trace_info"]["total_tokens"]
+
+
+def _reference_request(records: list[TraceRecord]) -> bytes:
+    """The request MLflow's own objects make (what `_post_spans` sent before span_rows built it):
+    the MLflow Spans of `to_mlflow(tags_on_root=True)`, each through `Span.to_otel_proto()`."""
+    request = ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    for record in records:
+        scope.spans.extend(s.to_otel_proto() for s in record.to_mlflow("0", tags_on_root=True)[1])
+    return request.SerializeToString()
+
+
+def _assert_same_request(body: bytes, reference: bytes) -> None:
+    """Span by span first (a readable difference), then the bytes."""
+    mine, theirs = ExportTraceServiceRequest.FromString(body), ExportTraceServiceRequest.FromString(reference)
+    assert len(mine.resource_spans) == len(theirs.resource_spans) == 1
+    spans, expected = (
+        mine.resource_spans[0].scope_spans[0].spans,
+        theirs.resource_spans[0].scope_spans[0].spans,
+    )
+    assert len(spans) == len(expected)
+    for span, want in zip(spans, expected, strict=True):
+        got, wanted = MessageToDict(span), MessageToDict(want)
+        assert got.keys() == wanted.keys(), want.name
+        for key, value in wanted.items():
+            if key == "attributes":
+                assert [a["key"] for a in got[key]] == [a["key"] for a in value], want.name
+                for attribute, reference_attribute in zip(got[key], value, strict=True):
+                    assert attribute == reference_attribute, (want.name, attribute["key"])
+            else:
+                assert got[key] == value, (want.name, key)
+    assert body == reference
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["ok", "error"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flywheels_otlp_request_is_the_one_mlflows_spans_make(shape: str, failed: bool) -> None:
+    record = _record(shape, failed)
+    assert len(record.spans or []) >= 4
+    _assert_same_request(span_rows.otlp_request([record]), _reference_request([record]))
+
+
+def test_otlp_request_of_several_traces_and_awkward_values() -> None:
+    """Several traces in one request, a record without a call tree, and the values JSON and
+    protobuf disagree on: empty and nested objects and lists, booleans, null, floats, big and
+    negative ints, a lone surrogate (which MLflow replaces), a non-JSON-able object."""
+    shaped = _record("capital")
+    odd: dict[str, Any] = {
+        "empty": {},
+        "none": [],
+        "nested": {"a": [1, {"b": None}], "c": {"d": []}},
+        "flags": [True, False],
+        "null": None,
+        "floats": [1.5, -0.0, 1e300],
+        "ints": [2**62, -(2**40), 0],
+        "broken": "x\ud800y",
+        "set": {3},
+        "text": 'a "quoted" {"json": "inside"}',
+    }
+    tree = [
+        {**shaped.spans[0], "attributes": {**shaped.spans[0]["attributes"], "odd": odd}},
+        {**shaped.spans[1], "inputs": odd, "outputs": ["x\ud800", {}, []]},
+        *shaped.spans[2:],
+    ]
+    awkward = TraceRecord(**{**shaped.to_dict(), "trace_id": new_trace_id(), "spans": tree})
+    bare = TraceRecord(new_trace_id(), "bare", "1", None, {"q": 1}, {"a": [1, 2]}, 1, 2, route="stable")
+    failed = TraceRecord(**{**bare.to_dict(), "trace_id": new_trace_id(), "outputs": None, "error": "boom"})
+    records = [shaped, awkward, bare, failed]
+    _assert_same_request(span_rows.otlp_request(records), _reference_request(records))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failed", [False, True], ids=["ok", "error"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_tracking_server_stores_for_flywheels_request_what_it_stores_for_mlflows(
+    mlflow_on_postgres: Any, shape: str, failed: bool
+) -> None:
+    """The same record through flywheel's REST path (`write_traces`, its own protobuf) and through
+    MLflow's (`RestStore.log_spans` of the record's MLflow Spans): the server on PostgreSQL stores
+    the same trace_info, tags, metadata and span rows, and answers get_trace and search_traces
+    the same."""
+    from mlflow import MlflowClient
+
+    from flywheel import tracing
+
+    mlflow_on_postgres.reset()
+    client = MlflowClient(tracking_uri=mlflow_on_postgres.url)
+    experiment_id = client.create_experiment(f"golden-{shape}-{failed}")
+    tracking = client._tracking_client.store
+    assert tracing._is_rest(tracking)
+    ours = _record(shape, failed)
+    theirs = TraceRecord(**{**ours.to_dict(), "trace_id": new_trace_id()})
+    assert write_traces(tracking, experiment_id, [ours]) == [ours.trace_id]  # flywheel's request
+    tracking.log_spans(experiment_id, theirs.to_mlflow(experiment_id, tags_on_root=True)[1])  # MLflow's
+    n = len(ours.spans or [])
+    uri = mlflow_on_postgres.cluster.uri(mlflow_on_postgres.database)
+    mine, reference = _stored(uri, ours.trace_id, n), _stored(uri, theirs.trace_id, n)
+    _assert_same_rows(mine, reference)
+    assert len(reference["spans"]) == n and reference["tags"]["flywheel.model"] == shape
+
+    def read(trace: Any) -> Any:
+        return json.loads(_normalise(json.dumps(trace.to_dict()), trace.info.trace_id, n))
+
+    assert read(client.get_trace(ours.trace_id)) == read(client.get_trace(theirs.trace_id))
+    found = {i.trace_id: i for i in client.search_traces(locations=[experiment_id], include_spans=False)}
+    assert found.keys() == {ours.trace_id, theirs.trace_id}
+    infos = [
+        json.loads(_normalise(json.dumps(found[t].to_dict()), t, n)) for t in (ours.trace_id, theirs.trace_id)
+    ]
+    assert infos[0] == infos[1]
 
 
 def test_prepare_delivery_is_idempotent() -> None:
