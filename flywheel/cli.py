@@ -283,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_serve)
     p = sub.add_parser(
         "deliver",
-        help="deliver this host's outbox to MLflow until SIGTERM (`serve` runs and restarts one itself)",
+        help="deliver this host's outbox to MLflow until SIGTERM; while another holds "
+        "FLYWHEEL_HOME/deliverer.lock, stand by (warm) to take over when it dies "
+        "(`serve` runs and restarts two itself)",
     )
     p.add_argument("--parent", type=int, default=None, help="stop (after draining) when this process is gone")
     p.set_defaults(handler=_deliver)

@@ -4,11 +4,21 @@ Every trace and rating is committed to FLYWHEEL_HOME/outbox.db before it is ackn
 delivering it to MLflow is separate work. When every uvicorn worker delivered its own share,
 N delivery threads competed for outbox.db's write lock and for the GIL on the request path,
 and each worker paid LiteLLM's cost map (about 4 s of CPU) on its first delivery. So
-`flywheel serve` runs ONE deliverer process per host beside its workers (`Supervisor`): the
+`flywheel serve` runs ONE delivering process per host beside its workers (`Supervisor`): the
 workers only commit (FLYWHEEL_DELIVERY=process, set for them by `serve`), the deliverer is
-the outbox's only consumer, and the supervisor restarts it within a second when it dies and
-stops it (letting it drain) when `serve` stops. Nothing is lost while it is down: items wait
-in the file, and a killed deliverer's claims are released by the next one (outbox.py).
+the outbox's only consumer, and the supervisor stops it (letting it drain) when `serve` stops.
+Nothing is lost while none delivers: items wait in the file, and a killed deliverer's claims
+are released by the next one (outbox.py).
+
+A new deliverer needs about 5 s of CPU before it can deliver (imports, the store,
+`tracing.prepare_delivery`), 8 to 15 s of wall time on a host busy with the load it serves.
+So the supervisor keeps a warm standby: a second `flywheel deliver` that has done all of that
+and waits for FLYWHEEL_HOME/deliverer.lock (`DeliveryLock`, an exclusive `flock`). Only its
+holder delivers. The kernel releases the lock the instant its holder dies, `kill -9`
+included, so the standby delivers within milliseconds, and the supervisor starts a new
+standby. The wait is a `flock` blocked in a thread: no CPU, while the main thread still checks
+once a second that its supervisor runs. Two `flywheel deliver` run by hand on one home
+share the lock the same way.
 
 A notebook, a kernel's background server, the CLI and tests keep one delivery thread in their
 own process (FLYWHEEL_DELIVERY=thread, the default). Both run the same code: the outbox that
@@ -16,8 +26,9 @@ own process (FLYWHEEL_DELIVERY=thread, the default). Both run the same code: the
 
 The deliverer process (`flywheel deliver`, `run`) builds only the settings, the store and the
 outbox: never programs or the LM. It prepares the delivery path once at start
-(`tracing.prepare_delivery`, LiteLLM's cost data), then delivers until SIGTERM or until the
-process that started it is gone, and drains what MLflow takes within DRAIN_SECONDS.
+(`tracing.prepare_delivery`, LiteLLM's cost data), takes the lock (or stands by for it), then
+delivers until SIGTERM or until the process that started it is gone, and drains what MLflow
+takes within DRAIN_SECONDS.
 """
 
 from __future__ import annotations
@@ -29,7 +40,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel import feedback, tracing
@@ -42,6 +55,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("flywheel.deliverer")
 
 THREAD, PROCESS = "thread", "process"  # FLYWHEEL_DELIVERY's values
+LOCK_FILE = "deliverer.lock"  # in FLYWHEEL_HOME: only its holder delivers
+STANDBYS = 1  # warm deliverers the supervisor keeps waiting for the lock beside the delivering one
 DRAIN_SECONDS = 10.0  # a stopped deliverer delivers what MLflow takes within this, the rest waits
 STOP_GRACE = DRAIN_SECONDS + 10.0  # the supervisor kills a deliverer that has not exited by then
 PARENT_CHECK = 1.0  # how often a supervised deliverer checks that its supervisor still runs
@@ -75,32 +90,68 @@ def delivers_here(settings: Settings) -> bool:
 # --- the deliverer process -------------------------------------------------------------------
 
 
+class DeliveryLock:
+    """FLYWHEEL_HOME/deliverer.lock, held with an exclusive `flock` by the one deliverer that
+    delivers. The kernel drops it when the holder's file is closed, which dying does (`kill -9`
+    included). `wait` blocks a daemon thread in `flock` (no CPU) and sets `held`, then `wake`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)  # not inherited
+        self.held = threading.Event()
+
+    def try_take(self) -> bool:
+        """Take the lock if it is free; whether this process holds it."""
+        import fcntl
+
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held.set()
+        return True
+
+    def wait(self, wake: threading.Event) -> None:
+        """Take the lock as soon as its holder lets go, in a daemon thread; then set `wake`."""
+
+        def take() -> None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+            self.held.set()
+            wake.set()
+
+        threading.Thread(target=take, name="flywheel-deliverer-lock", daemon=True).start()
+
+
 def run(parent: int | None = None, settings: Settings | None = None) -> int:
     """`flywheel deliver`: deliver this host's outbox until SIGTERM (or SIGINT when run by hand),
-    or until `parent` (the supervising `flywheel serve`) is gone; then drain. Returns 0."""
+    or until `parent` (the supervising `flywheel serve`) is gone; then drain. Another deliverer
+    holds the lock: stand by, warm, until it is gone. Returns 0."""
     started = time.monotonic()
-    stop = threading.Event()
-    _on_stop_signals(stop, supervised=parent is not None)
+    stop, wake = threading.Event(), threading.Event()
+    _on_stop_signals(stop, wake, supervised=parent is not None)
     from flywheel.store import connect
 
     settings = settings or get_settings()
     store = connect(settings, allow_offline=True)
     outbox = delivery_outbox(settings, store)
-    prepare = getattr(tracing, "prepare_delivery", None)
-    if prepare is not None:
-        prepare()  # LiteLLM's cost data, once here: never on a request path
-    outbox.start()
-    log.info(
-        "deliverer [%d]: delivering %s (ready %.2f s after run, %.2f s of CPU since it started)",
-        os.getpid(),
-        outbox.path,
-        time.monotonic() - started,
-        time.process_time(),  # the whole process's: interpreter, imports, store, prepare_delivery
-    )
-    while not stop.wait(PARENT_CHECK):
-        if parent is not None and os.getppid() != parent:
-            log.warning("deliverer [%d]: its supervisor [%d] is gone; stopping", os.getpid(), parent)
-            break
+    tracing.prepare_delivery()  # LiteLLM's cost data, once here: never on a request path
+    lock = DeliveryLock(settings.flywheel_home / LOCK_FILE)
+    if not stop.is_set() and not lock.try_take():
+        log.info(
+            "deliverer [%d]: standing by for %s (ready %.2f s after run, %.2f s of CPU since it started)",
+            os.getpid(),
+            lock.path,
+            time.monotonic() - started,
+            time.process_time(),
+        )
+        lock.wait(wake)
+    delivering = _wait_then_deliver(outbox, lock, stop, wake, parent, started)
+    if not delivering:
+        log.info("deliverer [%d]: stopped, a standby that never delivered", os.getpid())
+        return 0
     outbox.stop()  # the threads end; one last batch
     drained = not settings.mlflow_enabled or outbox.flush(timeout=DRAIN_SECONDS)
     waiting = outbox.backlog()
@@ -116,14 +167,46 @@ def run(parent: int | None = None, settings: Settings | None = None) -> int:
     return 0
 
 
-def _on_stop_signals(stop: threading.Event, supervised: bool) -> None:
+def _wait_then_deliver(
+    outbox: Outbox,
+    lock: DeliveryLock,
+    stop: threading.Event,
+    wake: threading.Event,
+    parent: int | None,
+    started: float,
+) -> bool:
+    """Until `stop` or `parent` is gone: deliver once this process holds the lock (at once, or
+    the moment the standby's `flock` returns). Whether it delivered."""
+    delivering = False
+    while not stop.is_set():
+        if parent is not None and os.getppid() != parent:
+            log.warning("deliverer [%d]: its supervisor [%d] is gone; stopping", os.getpid(), parent)
+            break
+        if lock.held.is_set() and not delivering:
+            outbox.start()
+            delivering = True
+            log.info(
+                "deliverer [%d]: delivering %s (ready %.2f s after run, %.2f s of CPU since it started)",
+                os.getpid(),
+                outbox.path,
+                time.monotonic() - started,
+                time.process_time(),  # the whole process's: interpreter, imports, store, prepare_delivery
+            )
+        wake.wait(PARENT_CHECK)
+        wake.clear()  # after the wait, before the checks: a wake-up set in between is not lost
+    return delivering
+
+
+def _on_stop_signals(stop: threading.Event, wake: threading.Event, supervised: bool) -> None:
     """SIGTERM stops the deliverer. Under a supervisor, Ctrl-C in the terminal (SIGINT to the whole
     process group) is ignored: the supervisor stops its workers, then this process, in that order."""
-    signal.signal(signal.SIGTERM, lambda sig, frame: stop.set())
-    if supervised:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGINT, lambda sig, frame: stop.set())
+
+    def on_stop(sig: int, frame: object) -> None:
+        stop.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if supervised else on_stop)
 
 
 # --- the supervisor in `flywheel serve` --------------------------------------------------------
@@ -134,32 +217,46 @@ def command(parent: int) -> list[str]:
     return [sys.executable, "-m", "flywheel", "deliver", "--parent", str(parent)]
 
 
-class Supervisor:
-    """Runs one deliverer process, restarts it when it dies, stops it on `stop()`.
+@dataclass
+class _Slot:
+    """One deliverer the supervisor keeps running: its process, when it started, the delay
+    before the next one while they keep dying, and when that one is due."""
 
-    A watcher thread polls the child every POLL seconds and starts a new one as soon as it is
-    gone (after a growing delay only while new ones keep dying within SETTLED_SECONDS). The
-    child inherits this process's stdout and stderr: its logs go where `serve`'s go.
+    proc: subprocess.Popen[bytes] | None = None
+    born: float = 0.0
+    delay: float = 0.0
+    due: float = 0.0
+
+
+class Supervisor:
+    """Keeps 1 + STANDBYS deliverer processes running, restarts each when it dies, stops them on
+    `stop()`. Which of them delivers is up to the lock (`DeliveryLock`), not to the supervisor.
+
+    A watcher thread polls the children every POLL seconds and starts a new one as soon as one
+    is gone (after a growing delay only while new ones keep dying within SETTLED_SECONDS). The
+    children inherit this process's stdout and stderr: their logs go where `serve`'s go.
     """
 
     POLL = 0.1
 
-    def __init__(self, env: dict[str, str] | None = None) -> None:
+    def __init__(self, env: dict[str, str] | None = None, size: int = 1 + STANDBYS) -> None:
         self._env = env
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._slots = [_Slot() for _ in range(size)]
         self._thread: threading.Thread | None = None
         self.restarts = 0
 
     @property
-    def pid(self) -> int | None:
+    def pids(self) -> list[int]:
+        """The deliverers running now (the delivering one and the standbys)."""
         with self._lock:
-            return self._proc.pid if self._proc is not None else None
+            return [s.proc.pid for s in self._slots if s.proc is not None and s.proc.poll() is None]
 
     def start(self) -> Supervisor:
         with self._lock:
-            self._proc = self._spawn()
+            for slot in self._slots:
+                slot.proc, slot.born = self._spawn(), time.monotonic()
         self._thread = threading.Thread(target=self._watch, name="flywheel-deliverer-watch", daemon=True)
         self._thread.start()
         return self
@@ -170,44 +267,56 @@ class Supervisor:
         return proc
 
     def _watch(self) -> None:
-        delay, born = 0.0, time.monotonic()
         while not self._stopping.wait(self.POLL):
             with self._lock:
-                proc = self._proc
-            if proc is None or proc.poll() is None:
-                continue
-            lived = time.monotonic() - born
-            delay = 0.0 if lived >= SETTLED_SECONDS else min(max(delay * 2, 0.5), RESTART_MAX_DELAY)
+                if self._stopping.is_set():
+                    return
+                for slot in self._slots:
+                    self._tend(slot, time.monotonic())
+
+    def _tend(self, slot: _Slot, now: float) -> None:
+        """Notice that the slot's deliverer exited (reaping it: a killed holder's claims are
+        released once its pid is gone), and start another when it is due."""
+        proc = slot.proc
+        if proc is not None:
+            if proc.poll() is None:
+                return
+            lived = now - slot.born
+            slot.delay = 0.0 if lived >= SETTLED_SECONDS else min(max(slot.delay * 2, 0.5), RESTART_MAX_DELAY)
+            slot.proc, slot.due = None, now + slot.delay
             log.warning(
                 "deliverer [%d] exited with %s after %.1f s; starting another%s",
                 proc.pid,
                 proc.returncode,
                 lived,
-                f" in {delay:.1f} s" if delay else "",
+                f" in {slot.delay:.1f} s" if slot.delay else "",
             )
-            if delay and self._stopping.wait(delay):
-                return
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                self._proc, born = self._spawn(), time.monotonic()
-                self.restarts += 1
+        if now >= slot.due:
+            slot.proc, slot.born = self._spawn(), now
+            self.restarts += 1
 
-    def stop(self, timeout: float = STOP_GRACE) -> int | None:
-        """Stop watching, SIGTERM the deliverer and wait until it has drained (SIGKILL after
-        `timeout`); its exit code."""
+    def stop(self, timeout: float = STOP_GRACE) -> list[int | None]:
+        """Stop watching, SIGTERM every deliverer and wait until they have exited, the delivering
+        one once it has drained (SIGKILL after `timeout`); their exit codes. A standby exits at
+        once: stopping, it never takes the lock."""
         with self._lock:
             self._stopping.set()
-            proc, self._proc = self._proc, None
+            procs = [s.proc for s in self._slots if s.proc is not None]
+            for slot in self._slots:
+                slot.proc = None
         if self._thread is not None:
             self._thread.join(timeout)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        return [self._reap(proc, deadline) for proc in procs]
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen[bytes], deadline: float) -> int | None:
         try:
-            return proc.wait(timeout)
+            return proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("deliverer [%d] did not stop within %.0f s; killed", proc.pid, timeout)
+            log.warning("deliverer [%d] did not stop in time; killed", proc.pid)
             proc.kill()
             return proc.wait()

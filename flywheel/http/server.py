@@ -207,11 +207,12 @@ def raise_open_files_limit(settings: Settings) -> int:
 
 
 def serve_foreground(host: str | None = None, port: int | None = None, workers: int | None = None) -> None:
-    """`flywheel serve`: uvicorn with real worker processes, and the host's one deliverer process.
+    """`flywheel serve`: uvicorn with real worker processes, and the host's deliverer processes.
 
-    The workers only commit to the outbox (FLYWHEEL_DELIVERY=process in their environment); the
-    deliverer (`flywheel deliver`, supervised here: restarted when it dies) is its only consumer.
-    SIGTERM or Ctrl-C stops the workers first, then the deliverer, which drains what it can.
+    The workers only commit to the outbox (FLYWHEEL_DELIVERY=process in their environment); one
+    deliverer (`flywheel deliver`, supervised here: restarted when it dies) is its only consumer,
+    and a warm standby takes over the instant it dies (`deliverer.DeliveryLock`). SIGTERM or
+    Ctrl-C stops the workers first, then both deliverers: the delivering one drains what it can.
     """
     from flywheel.config import export_environment
     from flywheel.deliverer import PROCESS, Supervisor
