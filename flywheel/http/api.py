@@ -479,7 +479,7 @@ class _WorkerHeader:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # never a bare traceback; the details go to the server log
-    _runtime(request).log.exception("unexpected error on %s", request.url.path)
+    request.app.state.runtime.log.exception("unexpected error on %s", request.url.path)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
