@@ -7,14 +7,17 @@ alias, `latest`) is remembered for FLYWHEEL_RESOLVE_TTL seconds: the bound on
 how long another process's promotion takes to be seen here. A change made in
 this process (registry.generation) is seen at once.
 
-Stale while revalidate: once a reference has served a program, serving (`peek`)
-never waits for the registry again. Past the TTL it keeps answering with the
-program it has while one background thread per reference (a single flight)
-resolves it again and, when it names a new version, loads that and swaps it in:
-a promotion is seen within TTL + the load's time. A refresh that fails keeps the
-stale program serving (logged); a reference that now names a version flywheel
-refuses, or nothing, stops serving from memory, so requests meet the 409 or 404
-as they would have without the cache.
+Refresh ahead, one flight: once a reference has served a program, serving (`peek`)
+answers from memory. From half the TTL on, a request also starts one background
+thread per reference (a single flight) that resolves it again and, when it names a
+new version, loads that and swaps it in; under traffic a resolution is so renewed
+before it expires and no request waits for the registry. Past the whole TTL (the
+process was idle, or the refresh is slow) `peek` answers nothing and the request
+resolves in `load`, one resolve per reference however many wait (`_resolving`):
+nothing older than the TTL is served, so a promotion is served by the first request
+after the TTL. A refresh that fails keeps the stale program serving (logged); a
+reference that now names a version flywheel refuses, or nothing, stops serving from
+memory, so requests meet the 409 or 404 as they would have without the cache.
 
 Last known good: every resolution and every loaded version's artifacts are kept
 under FLYWHEEL_HOME/last-known-good (`LastKnownGood`), shared by the host's
@@ -196,6 +199,7 @@ class Loader:
         self._loading: dict[tuple[str, str], threading.Lock] = {}
         self._served: dict[tuple[str, str], LoadedProgram] = {}  # per reference: what it served last
         self._refreshing: set[tuple[str, str]] = set()  # references a background thread resolves again
+        self._resolving: dict[tuple[str, str], threading.Lock] = {}  # one registry resolve per reference
         # a version whose files did not match: not fetched again while its recorded hash is the same
         self._refused: dict[tuple[str, str], tuple[str | None, float, UntrustedVersion]] = {}
 
@@ -209,8 +213,9 @@ class Loader:
             and hit.generation == registry.generation(self.store, name)
         )
 
-    def resolve(self, name: str, ref: str | int | None = None) -> VersionInfo:
-        """registry.resolve, remembered for FLYWHEEL_RESOLVE_TTL seconds and kept on disk.
+    def resolve(self, name: str, ref: str | int | None = None, *, renew: bool = False) -> VersionInfo:
+        """registry.resolve, remembered for FLYWHEEL_RESOLVE_TTL seconds and kept on disk;
+        `renew`: ask the registry even when the remembered resolution is fresh (a refresh ahead).
 
         On a registry error (anything but "not found"): the last resolution, from memory
         or from this host's disk; Unavailable when there is none.
@@ -220,8 +225,21 @@ class Loader:
         gen = registry.generation(self.store, name)
         with self._lock:
             hit = self._resolved.get(key)
-        if self._fresh(name, hit, now) and hit is not None:
+            resolving = self._resolving.setdefault(key, threading.Lock())
+        if not renew and self._fresh(name, hit, now) and hit is not None:
             return hit.info
+        with resolving:  # one flight: whoever waited here takes a resolution made since it asked
+            with self._lock:
+                latest = self._resolved.get(key)
+            current = registry.generation(self.store, name)
+            if latest is not None and latest.at >= now and latest.generation == current:
+                return latest.info
+            return self._resolve(name, ref, key, hit, gen)
+
+    def _resolve(
+        self, name: str, ref: str | int | None, key: tuple[str, str], hit: _Resolved | None, gen: Any
+    ) -> VersionInfo:
+        now = time.monotonic()
         try:
             info = registry.resolve(name, ref, self.store)
         except ModelNotFound:
@@ -250,10 +268,11 @@ class Loader:
 
     def peek(self, name: str, ref: str | int | None) -> LoadedProgram | None:
         """The program this reference serves, without waiting: pure memory, so the serving hot
-        path calls it on the event loop. Past the TTL it is the stale program while one background
-        thread resolves the reference again (and loads what it names now). None when this loader
-        never loaded the reference, this process changed the model since, or the reference stopped
-        serving (refused, removed): the caller runs `load` in a thread, which waits or raises.
+        path calls it on the event loop. From half the TTL on, one background thread also resolves
+        the reference again (and loads what it names now). None when the resolution is older than
+        the TTL, this loader never loaded the reference, this process changed the model since, or
+        the reference stopped serving (refused, removed): the caller runs `load` in a thread, which
+        waits (one resolve per reference) or raises.
         """
         if not self.store.settings.model_cache_enabled:
             return None
@@ -263,8 +282,11 @@ class Loader:
             served = self._served.get(key)
         if hit is None or served is None or hit.generation != registry.generation(self.store, name):
             return None
-        if time.monotonic() - hit.at >= self.store.settings.flywheel_resolve_ttl:
-            self._refresh_in_background(name, ref, key)
+        age, ttl = time.monotonic() - hit.at, self.store.settings.flywheel_resolve_ttl
+        if age >= ttl:
+            return None  # expired: the caller resolves (one flight) before it serves
+        if age >= ttl / 2:
+            self._refresh_in_background(name, ref, key)  # renewed before it expires
         return served
 
     def _refresh_in_background(self, name: str, ref: str | int | None, key: tuple[str, str]) -> None:
@@ -276,7 +298,7 @@ class Loader:
 
         def refresh() -> None:
             try:
-                self.load(name, ref)
+                self.load(name, ref, renew=True)
             except (ModelNotFound, UntrustedVersion) as exc:  # `load` stopped serving it from memory
                 log.warning("%s (%s) no longer serves from memory: %s", name, key[1], exc)
             except Exception as exc:  # the stale program keeps serving; the next TTL tries again
@@ -287,18 +309,18 @@ class Loader:
 
         threading.Thread(target=refresh, name="flywheel-loader-refresh", daemon=True).start()
 
-    def load(self, name: str, ref: str | int | None = None) -> LoadedProgram:
+    def load(self, name: str, ref: str | int | None = None, *, renew: bool = False) -> LoadedProgram:
         """The program a reference names, loaded once per version and shared between threads.
 
         Loads from this host's last-known-good copy of the version (fetched once) through
         pyfunc's loader, which (unlike `mlflow.dspy.load_model`) leaves the global
         dspy.settings and tracing callbacks alone and works off the main thread. When a
         newly resolved version cannot be fetched (the registry is busy or down), the
-        version this reference served last keeps serving.
+        version this reference served last keeps serving. `renew`: see `resolve`.
         """
         served_key = (name, self._ref_key(ref))
         try:
-            info = self.resolve(name, ref)
+            info = self.resolve(name, ref, renew=renew)
             loaded = self._load_version(info, (info.name, info.version))
         except Unavailable:
             with self._lock:

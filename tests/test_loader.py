@@ -121,16 +121,20 @@ def _refreshes_done() -> None:
             assert not thread.is_alive(), "a background refresh did not end"
 
 
-def test_requests_past_the_ttl_are_served_at_once_while_one_thread_resolves_again(
-    tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("expired", [False, True], ids=["past-half-the-ttl", "past-the-ttl"])
+def test_concurrent_requests_make_one_resolve(
+    tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch, expired: bool
 ) -> None:
-    """32 concurrent requests (peek, else load, as serving does) past the TTL: every one is answered
-    from memory and the registry is asked once. Before: peek missed and each request resolved."""
-    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="0")  # every resolution is stale at once
+    """32 concurrent requests (peek, else load, as serving does) on a resolution past half its TTL
+    are every one answered from memory while one background thread resolves again; past the whole
+    TTL (TTL 0) they wait for one resolve, the same for all. Before: 32 resolves."""
+    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="0" if expired else "5")
     _register(store, "one")
     registry.promote("jokes", "1", "Production", store)
     loader = Loader(store)
     first = loader.load("jokes", "Production")
+    if not expired:
+        time.sleep(2.6)  # past half the TTL, far from its end
 
     real, calls, changed, release = registry.resolve, [], threading.Condition(), threading.Event()
 
@@ -153,8 +157,13 @@ def test_requests_past_the_ttl_are_served_at_once_while_one_thread_resolves_agai
     threads = [threading.Thread(target=request) for _ in range(32)]
     for t in threads:
         t.start()
-    with changed:  # all answered while the one resolve is held, or a second resolve began
-        changed.wait_for(lambda: (len(answered) == 32 and calls) or len(calls) >= 2, timeout=60)
+    with changed:
+        if expired:  # every request waits for the one resolve held; a second one would come now
+            changed.wait_for(lambda: len(calls) >= 2 or len(answered) > 0, timeout=3)
+            assert answered == []
+        else:  # all answered while the one resolve is held, or a second resolve began
+            changed.wait_for(lambda: (len(answered) == 32 and calls) or len(calls) >= 2, timeout=60)
+            assert len(answered) == 32
         resolves = len(calls)
     release.set()
     for t in threads:
@@ -168,25 +177,39 @@ def test_requests_past_the_ttl_are_served_at_once_while_one_thread_resolves_agai
 def test_a_promotion_by_another_process_is_picked_up_without_a_request_waiting(
     tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
-    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="0.2")
+    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="2")
     for joke in ("one", "two"):
         _register(store, joke)
     registry.promote("jokes", "1", "Production", store)
     loader = Loader(store)
     assert loader.load("jokes", None).version == "1"
-    subprocess.run(
-        [sys.executable, "-m", "flywheel", "promote", "jokes", "2", "Production"],
-        check=True,
-        capture_output=True,
-    )
     seen: list[str] = []
-    deadline = time.monotonic() + 120  # a safety net, not a speed bound: the TTL plus one load
-    while time.monotonic() < deadline and seen[-1:] != ["2"]:
-        got = loader.peek("jokes", None)
-        assert got is not None, f"peek missed after serving {seen[-1:]}"  # never a wait for the registry
-        seen.append(got.version)
-        time.sleep(0.01)
+    missed: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:  # a request every 10 ms, before, during and after the promotion
+        while not stop.is_set() and seen[-1:] != ["2"]:
+            got = loader.peek("jokes", None)
+            if got is None:  # would have waited for the registry
+                missed.append(len(seen))
+                got = loader.load("jokes", None)
+            seen.append(got.version)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "flywheel", "promote", "jokes", "2", "Production"],
+            check=True,
+            capture_output=True,
+        )
+        thread.join(120)  # a safety net, not a speed bound: the TTL plus one load
+    finally:
+        stop.set()
+        thread.join()
     assert seen[0] == "1" and seen[-1] == "2"
+    assert missed == []  # under traffic, every request was answered from memory
     assert _answer(loader.peek("jokes", None) or loader.load("jokes", None)) == "two"
 
 
@@ -206,20 +229,15 @@ def test_a_refresh_that_cannot_load_the_new_version_keeps_serving_the_old_one(
     (blocker / "in-the-way").write_text("x")
     store.client.set_registered_model_alias("jokes", "Production", "2")
 
-    assert loader.peek("jokes", "Production") is first  # stale, and a refresh starts
-    _refreshes_done()
-    assert loader.resolve("jokes", "Production").version == "2"  # the refresh saw the move
-    assert loader.peek("jokes", "Production") is first  # and version 1 keeps serving
-    _refreshes_done()
+    def serve() -> LoadedProgram:  # what serving does: memory, else load (TTL 0: load each time)
+        return loader.peek("jokes", "Production") or loader.load("jokes", "Production")
 
-    shutil.rmtree(blocker)  # the disk is fixed: a later refresh loads version 2 and swaps it in
-    deadline = time.monotonic() + 120  # a safety net, not a speed bound
-    while time.monotonic() < deadline:
-        got = loader.peek("jokes", "Production")
-        assert got is not None
-        if got.version == "2":
-            break
-        _refreshes_done()
+    assert serve() is first  # version 2 cannot be fetched: version 1 keeps serving
+    assert loader.resolve("jokes", "Production").version == "2"  # though the move was seen
+    assert serve() is first
+
+    shutil.rmtree(blocker)  # the disk is fixed: the next request loads version 2
+    got = serve()
     assert got.version == "2" and _answer(got) == "two"
 
 
@@ -232,12 +250,11 @@ def test_a_refresh_that_finds_an_untrusted_version_stops_serving_from_memory(
     _register(store, "two")
     registry.promote("jokes", "1", "Production", store)
     loader = Loader(store)
-    first = loader.load("jokes", "Production")
+    assert loader.load("jokes", "Production").version == "1"
     store.client.delete_model_version_tag("jokes", "2", registry.CONTENT_TAG)  # raw MLflow, no flywheel
     store.client.set_registered_model_alias("jokes", "Production", "2")
 
-    assert loader.peek("jokes", "Production") is first  # stale until the refresh has looked
-    _refreshes_done()
-    assert loader.peek("jokes", "Production") is None
+    assert loader.peek("jokes", "Production") is None  # TTL 0: nothing is served unresolved
     with pytest.raises(UntrustedVersion, match="not registered by flywheel"):
         loader.load("jokes", "Production")
+    assert loader.peek("jokes", "Production") is None  # and the refused one is not in memory
