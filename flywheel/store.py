@@ -296,7 +296,8 @@ def connect(settings: Settings | None = None, *, allow_offline: bool = False) ->
             else:
                 check_reachable(uri)
             with quiet("mlflow.store.db.utils", "alembic.runtime.migration"):  # "Creating initial tables..."
-                experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
+                with _one_opener(settings):
+                    experiment_id = ensure_experiment(settings, settings.flywheel_experiment)
         except ConfigError as exc:
             known = _recorded_experiment(settings) if allow_offline else None
             if known is None:
@@ -309,6 +310,27 @@ def connect(settings: Settings | None = None, *, allow_offline: bool = False) ->
         _record_experiment(settings, experiment_id)
         _connected[key] = store
         return store
+
+
+@contextmanager
+def _one_opener(settings: Settings) -> Iterator[None]:
+    """For the embedded store, one process of the host at a time creates or upgrades mlflow.db and
+    flywheel's experiment: MLflow runs its migrations on every first open, and 8 processes opening a
+    fresh FLYWHEEL_HOME at once (a server's workers, its deliverers, a kernel) failed in alembic
+    ("expected to match one row ... in 'alembic_version'"). A lock file beside it (flock: released
+    when its holder dies); a server's store migrates on the server."""
+    if not settings.is_embedded:
+        yield
+        return
+    import fcntl
+
+    settings.flywheel_home.mkdir(parents=True, exist_ok=True)
+    with open(settings.flywheel_home / "mlflow.db.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _experiments_file(settings: Settings) -> Any:

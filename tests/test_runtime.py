@@ -134,3 +134,50 @@ def test_a_closed_runtime_cannot_be_restarted(tmp_path: Path, fresh_store: Store
     assert runtime.close() == 0
     with pytest.raises(RuntimeError, match="closed"):
         runtime.start()
+
+
+OPEN_AT_ONCE = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    import flywheel
+    gate = Path(sys.argv[1])
+    (gate / str(os.getpid())).touch()
+    while len(list(gate.iterdir())) < 8:  # imports done: every process opens the home at once
+        time.sleep(0.001)
+    with flywheel.open() as fw:
+        health = fw.health()
+        fw.outbox.put_durable("probe", "tr-" + "0" * 32, {"n": 1})
+    print(health["status"], health["serving_from"])
+    """
+)
+
+
+@pytest.mark.slow
+def test_eight_processes_opening_one_fresh_home_at_once_all_start(tmp_path: Path) -> None:
+    """A fresh FLYWHEEL_HOME opened by 8 processes at once (uvicorn workers, a deliverer, a kernel
+    and the CLI starting together): every one builds its runtime (the embedded MLflow store, the
+    outbox, the counters) and commits to the outbox. Before: a concurrent first open of outbox.db
+    could fail ('database is locked' switching to WAL, 'duplicate column name')."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "MLFLOW_"))}
+    env.update(FLYWHEEL_HOME=str(home), LITELLM_LOCAL_MODEL_COST_MAP="True", FLYWHEEL_LM="offline")
+    gate = tmp_path / "ready"
+    gate.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, str(gate)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(8)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    failed = [err[-2000:] for code, _, err in results if code != 0]
+    assert failed == [], failed[0] if failed else ""
+    assert [out.split() for _, out, _ in results] == [["healthy", "mlflow"]] * 8
+    with sqlite3.connect(home / "outbox.db") as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM items WHERE kind = 'probe'").fetchone()
+    assert count == 8  # nobody delivers kind 'probe': each process's commit is there
