@@ -239,12 +239,14 @@ class Loader:
     def _resolve(
         self, name: str, ref: str | int | None, key: tuple[str, str], hit: _Resolved | None, gen: Any
     ) -> VersionInfo:
-        now = time.monotonic()
+        # a resolution is dated when it is known (the registry answered, or did not): whoever waited
+        # for it meanwhile takes it (`resolve`), even while the registry takes its timeout to fail
         try:
             info = registry.resolve(name, ref, self.store)
         except ModelNotFound:
             raise
         except Exception as exc:
+            now = time.monotonic()
             known = hit.info if hit is not None else self.lkg.resolution(*key)
             if known is None:
                 raise Unavailable(
@@ -254,6 +256,7 @@ class Loader:
             with self._lock:  # keep serving what was resolved last, and ask again after another TTL
                 self._resolved[key] = _Resolved(now, gen, known, FALLBACK)
             return known
+        now = time.monotonic()
         with self._lock:
             self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
         known = hit.info if hit is not None else self.lkg.resolution(*key)

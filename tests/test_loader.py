@@ -121,13 +121,20 @@ def _refreshes_done() -> None:
             assert not thread.is_alive(), "a background refresh did not end"
 
 
-@pytest.mark.parametrize("expired", [False, True], ids=["past-half-the-ttl", "past-the-ttl"])
+@pytest.mark.parametrize(
+    ("expired", "down"), [(False, False), (True, False), (True, True)], ids=["half-ttl", "ttl", "ttl-down"]
+)
 def test_concurrent_requests_make_one_resolve(
-    tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch, expired: bool
+    tmp_path: Path,
+    make_store: Callable[..., Store],
+    monkeypatch: pytest.MonkeyPatch,
+    expired: bool,
+    down: bool,
 ) -> None:
     """32 concurrent requests (peek, else load, as serving does) on a resolution past half its TTL
     are every one answered from memory while one background thread resolves again; past the whole
-    TTL (TTL 0) they wait for one resolve, the same for all. Before: 32 resolves."""
+    TTL (TTL 0) they wait for one resolve, the same for all, also when that one fails (the registry
+    down: all are served what was resolved last, none asks again). Before: 32 resolves."""
     store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="0" if expired else "5")
     _register(store, "one")
     registry.promote("jokes", "1", "Production", store)
@@ -143,6 +150,8 @@ def test_concurrent_requests_make_one_resolve(
             calls.append(args)
             changed.notify_all()
         release.wait(60)
+        if down:
+            raise ConnectionError("the registry does not answer")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(registry, "resolve", counted)
@@ -169,7 +178,7 @@ def test_concurrent_requests_make_one_resolve(
     for t in threads:
         t.join()
     _refreshes_done()
-    assert resolves == 1
+    assert resolves == 1 and len(calls) == 1  # and none of those who waited asked again
     assert len(answered) == 32 and all(got is first for got in answered)
 
 
