@@ -11,13 +11,15 @@ Refresh ahead, one flight: once a reference has served a program, serving (`peek
 answers from memory. From half the TTL on, a request also starts one background
 thread per reference (a single flight) that resolves it again and, when it names a
 new version, loads that and swaps it in; under traffic a resolution is so renewed
-before it expires and no request waits for the registry. Past the whole TTL (the
-process was idle, or the refresh is slow) `peek` answers nothing and the request
-resolves in `load`, one resolve per reference however many wait (`_resolving`):
-nothing older than the TTL is served, so a promotion is served by the first request
-after the TTL. A refresh that fails keeps the stale program serving (logged); a
-reference that now names a version flywheel refuses, or nothing, stops serving from
-memory, so requests meet the 409 or 404 as they would have without the cache.
+before it expires and no request waits for the registry. Past the whole TTL after
+an idle spell, `peek` answers nothing and the request resolves in `load`, one resolve
+per reference however many wait (`_resolving`): nothing older than the TTL is served,
+so a promotion is served by the first request after the TTL. When the registry is
+slow or down (a refresh still runs past the TTL, or the last one fell back to what
+was known) the program keeps serving and only the background thread waits for it
+(the fall-back is logged once). A reference that now names a version flywheel
+refuses, or nothing, stops serving from memory, so requests meet the 409 or 404 as
+they would have without the cache.
 
 Last known good: every resolution and every loaded version's artifacts are kept
 under FLYWHEEL_HOME/last-known-good (`LastKnownGood`), shared by the host's
@@ -253,6 +255,15 @@ class Loader:
                     f"the model registry cannot be reached ({type(exc).__name__}: {exc}) and this host "
                     f"has no last-known-good resolution of {name!r} ({key[1]})"
                 ) from None
+            if hit is None or hit.source != FALLBACK:
+                log.warning(
+                    "the model registry did not answer (%s: %s); %s (%s) serves version %s, as last resolved",
+                    type(exc).__name__,
+                    exc,
+                    name,
+                    key[1],
+                    known.version,
+                )
             with self._lock:  # keep serving what was resolved last, and ask again after another TTL
                 self._resolved[key] = _Resolved(now, gen, known, FALLBACK)
             return known
@@ -273,9 +284,11 @@ class Loader:
         """The program this reference serves, without waiting: pure memory, so the serving hot
         path calls it on the event loop. From half the TTL on, one background thread also resolves
         the reference again (and loads what it names now). None when the resolution is older than
-        the TTL, this loader never loaded the reference, this process changed the model since, or
-        the reference stopped serving (refused, removed): the caller runs `load` in a thread, which
-        waits (one resolve per reference) or raises.
+        the TTL (unless the registry is slow or down: a refresh still runs, or the last one fell
+        back to what was known, which then keeps serving), the TTL is 0, this loader never loaded
+        the reference, this process changed the model since, or the reference stopped serving
+        (refused, removed): the caller runs `load` in a thread, which waits (one resolve per
+        reference) or raises.
         """
         if not self.store.settings.model_cache_enabled:
             return None
@@ -286,8 +299,15 @@ class Loader:
         if hit is None or served is None or hit.generation != registry.generation(self.store, name):
             return None
         age, ttl = time.monotonic() - hit.at, self.store.settings.flywheel_resolve_ttl
+        if ttl <= 0:
+            return None  # TTL 0: every request resolves
         if age >= ttl:
-            return None  # expired: the caller resolves (one flight) before it serves
+            with self._lock:
+                trying = key in self._refreshing
+            if not trying and hit.source == REGISTRY:
+                return None  # expired after an idle spell: the caller resolves (one flight) first
+            # the registry is slow or down (a refresh still runs, or the last one fell back):
+            # what was resolved last keeps serving, as last-known-good does, and nobody waits
         if age >= ttl / 2:
             self._refresh_in_background(name, ref, key)  # renewed before it expires
         return served

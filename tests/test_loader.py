@@ -267,3 +267,34 @@ def test_a_refresh_that_finds_an_untrusted_version_stops_serving_from_memory(
     with pytest.raises(UntrustedVersion, match="not registered by flywheel"):
         loader.load("jokes", "Production")
     assert loader.peek("jokes", "Production") is None  # and the refused one is not in memory
+
+
+def test_a_registry_that_hangs_never_makes_a_request_wait(
+    tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry stops answering (a hung tracking server: each call waits out MLflow's timeout).
+    Past the TTL, requests keep being served what was resolved last while the one background
+    refresh waits, and after it fails, too. Before: every request past the TTL waited for it."""
+    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="1")
+    _register(store, "one")
+    registry.promote("jokes", "1", "Production", store)
+    loader = Loader(store)
+    first = loader.load("jokes", "Production")
+    release, calls = threading.Event(), []
+
+    def hung(*args: Any, **kwargs: Any) -> registry.VersionInfo:
+        calls.append(args)
+        release.wait(60)
+        raise ConnectionError("read timed out")
+
+    monkeypatch.setattr(registry, "resolve", hung)
+    time.sleep(0.6)
+    assert loader.peek("jokes", "Production") is first  # past half the TTL: the refresh starts
+    time.sleep(1.0)  # past the whole TTL, the refresh still hanging
+    assert loader.peek("jokes", "Production") is first
+    release.set()
+    _refreshes_done()
+    time.sleep(1.1)  # the fall-back resolution expired too
+    assert loader.peek("jokes", "Production") is first  # and still nobody waits
+    _refreshes_done()
+    assert len(calls) == 2  # the two background refreshes, never a request
