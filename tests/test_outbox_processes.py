@@ -21,13 +21,16 @@ FILES = 40  # fresh files each opener opens, all openers at once (a race shows i
 
 
 def _open_at_once(folder: Path, ready: Any, errors: Any) -> None:
+    """Open FILES fresh outboxes, each at the same moment as the other openers (threads or
+    processes); each failure goes to `errors` (a list, or a multiprocessing queue)."""
+    report = errors.append if isinstance(errors, list) else errors.put
     for n in range(FILES):
         ready.wait(30)
         try:
             box = Outbox(folder / f"o{n}.db")
             box.put_durable("trace", f"tr-{box.owner}", {"n": box.owner})
         except Exception as exc:
-            errors.put(f"o{n}.db: {type(exc).__name__}: {exc}")
+            report(f"o{n}.db: {type(exc).__name__}: {exc}")
 
 
 def _check_opened(folder: Path, openers: int) -> None:
@@ -55,19 +58,9 @@ def test_eight_processes_opening_one_fresh_file_at_once_all_succeed(tmp_path: Pa
     _check_opened(tmp_path, 8)
 
 
-def _open_in_thread(folder: Path, ready: threading.Barrier, errors: list[str]) -> None:
-    for n in range(FILES):
-        ready.wait(30)
-        try:
-            box = Outbox(folder / f"o{n}.db")
-            box.put_durable("trace", f"tr-{box.owner}", {"n": box.owner})
-        except Exception as exc:
-            errors.append(f"o{n}.db: {type(exc).__name__}: {exc}")
-
-
 def test_eight_threads_opening_one_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
     ready, errors = threading.Barrier(8), []
-    threads = [threading.Thread(target=_open_in_thread, args=(tmp_path, ready, errors)) for _ in range(8)]
+    threads = [threading.Thread(target=_open_at_once, args=(tmp_path, ready, errors)) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
