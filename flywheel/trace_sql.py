@@ -12,6 +12,7 @@ error makes the caller fall back to the public path; nothing is lost, only speed
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flywheel import span_rows
@@ -51,18 +52,25 @@ def _artifact_root(store: Any, experiment_id: str) -> str:
     return _roots[key]
 
 
-def write_records(store: Any, experiment_id: str, records: list[TraceRecord]) -> None:
-    """Records none of which is stored yet -> one transaction of MLflow's rows, built straight from
-    the records (span_rows): what `start_trace` + `log_spans` store, without their span objects."""
-    from sqlalchemy import insert
+@dataclass
+class TraceRows:
+    """MLflow's rows of a batch of traces, one dict per row, keyed by column name."""
 
+    trace_info: list[dict[str, Any]] = field(default_factory=list)
+    trace_tags: list[dict[str, Any]] = field(default_factory=list)
+    trace_request_metadata: list[dict[str, Any]] = field(default_factory=list)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+
+
+def rows(artifact_root: str, experiment_id: str, records: list[TraceRecord]) -> TraceRows:
+    """The rows `start_trace` + `log_spans` store for `records`, built straight from them
+    (span_rows), without their span objects. `artifact_root`: the experiment's artifact location.
+    Every trace_info row has the same columns (the analytics ones set to None where absent)."""
     m = sql_trace_schema()  # MLflow's tables and the helpers its SQL store fills them with
     exp_id = int(experiment_id)
-    location = f"{_artifact_root(store, experiment_id)}/traces"
-    infos: list[dict[str, Any]] = []
-    tags: list[dict[str, Any]] = []
-    metadata: list[dict[str, Any]] = []
-    spans: list[dict[str, Any]] = []
+    location = f"{artifact_root.rstrip('/')}/traces"
+    out = TraceRows()
+    infos, tags, metadata, spans = out.trace_info, out.trace_tags, out.trace_request_metadata, out.spans
     for record in records:
         tid = record.trace_id
         data = span_rows.spans(record)
@@ -120,10 +128,20 @@ def write_records(store: Any, experiment_id: str, records: list[TraceRecord]) ->
                 }
             )
     keys = {k for row in infos for k in row}  # one executemany needs the same columns in every row
-    infos = [{k: row.get(k) for k in keys} for row in infos]
+    out.trace_info = [{k: row.get(k) for k in keys} for row in infos]
+    return out
+
+
+def write_records(store: Any, experiment_id: str, records: list[TraceRecord]) -> None:
+    """Records none of which is stored yet -> one transaction of MLflow's rows (`rows`): what
+    `start_trace` + `log_spans` store."""
+    from sqlalchemy import insert
+
+    m = sql_trace_schema()
+    built = rows(_artifact_root(store, experiment_id), experiment_id, records)
     with sql_session(store) as session:
-        session.execute(insert(m.SqlTraceInfo.__table__), infos)
-        session.execute(insert(m.SqlTraceTag.__table__), tags)
-        session.execute(insert(m.SqlTraceMetadata.__table__), metadata)
-        if spans:
-            session.execute(insert(m.SqlSpan.__table__), spans)
+        session.execute(insert(m.SqlTraceInfo.__table__), built.trace_info)
+        session.execute(insert(m.SqlTraceTag.__table__), built.trace_tags)
+        session.execute(insert(m.SqlTraceMetadata.__table__), built.trace_request_metadata)
+        if built.spans:
+            session.execute(insert(m.SqlSpan.__table__), built.spans)
