@@ -170,6 +170,22 @@ def _watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retention(args: argparse.Namespace) -> int:
+    from flywheel import retention
+    from flywheel.store import connect
+
+    store = connect()
+    if not retention.enabled(store.settings):
+        print("retention is off: set FLYWHEEL_ARCHIVE_AFTER_DAYS and/or FLYWHEEL_DELETE_UNRATED_AFTER_DAYS")
+        return 0
+    report = retention.run(store, dry_run=args.dry_run, progress=lambda line: print(line, file=sys.stderr))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(("dry run, nothing changed\n" if args.dry_run else "") + "\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def _serve(args: argparse.Namespace) -> int:
     from flywheel.http.server import serve_foreground
     from flywheel.store import connect
@@ -417,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--by", default=None)
     p.set_defaults(handler=_watch)
+    p = sub.add_parser(
+        "retention",
+        help="one retention pass: delete old unrated traces, archive old span payloads (see docs/deploy.md)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="count what a pass would do; change nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_retention)
     return parser
 
 

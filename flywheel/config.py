@@ -98,6 +98,10 @@ class Settings:
     review_routing: str = "thumbs_down,low_judge"  # stratified: opt in
     review_judge_below: float = 0.5
     review_seed: int = 0
+    flywheel_archive_after_days: int | None = None  # flywheel.retention: MLflow's trace archival
+    flywheel_delete_unrated_after_days: int | None = None  # flywheel.retention: unrated traces deleted
+    flywheel_archive_location: str | None = None  # where archived span payloads go (an artifact URI)
+    flywheel_retention_batch: int = 500
 
     @property
     def export_rules(self) -> tuple[str, ...]:
@@ -194,6 +198,9 @@ _NUMBERS: dict[str, tuple[type, float, float]] = {
     "watch_baseline_window": (float, 1, 365 * 86400),
     "review_judge_below": (float, -1e12, 1e12),
     "review_seed": (int, 0, 2**63 - 1),
+    "flywheel_archive_after_days": (int, 1, 36500),
+    "flywheel_delete_unrated_after_days": (int, 1, 36500),
+    "flywheel_retention_batch": (int, 1, 500),
 }
 
 

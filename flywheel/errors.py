@@ -25,6 +25,7 @@ __all__ = [
     "ModelNotFound",
     "PredictTimeout",
     "ProgramError",
+    "RetentionError",
     "ReviewError",
     "RollbackError",
     "TooManyPending",
@@ -193,3 +194,11 @@ class UntrustedVersion(FlywheelError, RuntimeError):
     def __init__(self, name: str, version: str, why: str) -> None:
         self.name, self.version, self.why = name, version, why
         super().__init__(f"version {version} of {name!r} {why} — refusing to load it")
+
+
+class RetentionError(FlywheelError, RuntimeError):
+    """A retention pass (flywheel.retention) that could not do what its settings ask: the lineage of
+    a registered version cannot be read (so nothing is deleted), traces could not be archived, or
+    the tracking server does not archive. Never reported as a count of zero."""
+
+    status = 500

@@ -50,6 +50,7 @@ from flywheel.config import (
     get_settings,
     restore_environment,
 )
+from flywheel.errors import RetentionError
 from flywheel.limits import redact, redact_uri, uri_secrets
 
 _lock = threading.Lock()
@@ -94,6 +95,12 @@ MLFLOW_INTERNALS: dict[str, str] = {
     "mlflow.tracing.utils.aggregate_cost_from_span_nodes": "sql_trace_schema",
     "mlflow.tracing.utils.aggregate_usage_from_span_nodes": "sql_trace_schema",
     "mlflow.utils.mlflow_tags.MLFLOW_ARTIFACT_LOCATION": "sql_trace_schema",
+    "mlflow.store.tracking.abstract_store.AbstractStore.archive_traces": "archive_traces",
+    "mlflow.store.tracking.abstract_store.AbstractStore.supports_trace_archival": "archive_traces",
+    "mlflow.tracing.constant.TraceExperimentTagKey": "trace_archival_names",
+    "mlflow.utils.server_info.fetch_server_info": "server_archives_traces",
+    "mlflow.store.tracking.rest_store.RestStore.get_host_creds": "server_archives_traces",
+    "mlflow.utils.server_info.SERVER_INFO_TRACE_ARCHIVAL_ENABLED": "server_archives_traces",
 }
 """Every MLflow internal flywheel uses (dotted path) -> the function here that uses it. Those in
 INSTANCE_ATTRIBUTES are set in `__init__`: the tests check them on real objects instead."""
@@ -103,6 +110,7 @@ INSTANCE_ATTRIBUTES = frozenset(
         "mlflow.tracking.client.MlflowClient._tracking_client",
         "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore.ManagedSessionMaker",
         "mlflow.dspy.wrapper.DspyModelWrapper.model",
+        "mlflow.store.tracking.rest_store.RestStore.get_host_creds",
     }
 )
 
@@ -160,6 +168,59 @@ def sql_trace_schema() -> SimpleNamespace:
     """MLflow's trace tables and the helpers its SQL store uses to fill them (for trace_sql)."""
     paths = [p for p, user in MLFLOW_INTERNALS.items() if user == "sql_trace_schema"]
     return SimpleNamespace(**{p.rsplit(".", 1)[1]: mlflow_internal(p) for p in paths})
+
+
+def trace_archival_names() -> SimpleNamespace:
+    """MLflow's names for trace archival: the experiment tag that sets an experiment's archival
+    retention, the trace tag saying where a trace's spans live, and its values."""
+    tags = mlflow_internal("mlflow.tracing.constant.TraceTagKey")
+    where = mlflow_internal("mlflow.tracing.constant.SpansLocation")
+    return SimpleNamespace(
+        retention_tag=mlflow_internal("mlflow.tracing.constant.TraceExperimentTagKey").ARCHIVAL_RETENTION,
+        spans_location_tag=tags.SPANS_LOCATION,
+        in_store=where.TRACKING_STORE.value,
+        archived=where.ARCHIVE_REPO.value,
+    )
+
+
+def archive_traces(tracking_store: Any, *, location: str, retention: str, max_traces: int) -> int:
+    """One bounded pass of MLflow's own trace archival on a SQL tracking store (sqlite,
+    PostgreSQL): span payloads of finished traces older than each experiment's retention (its
+    `mlflow.trace.archivalRetention` tag, else `retention`) move to `location`; how many did.
+    MLflow's server scheduler calls the same method (mlflow.tracing.trace_archival_service)."""
+    supported = _attribute(
+        tracking_store,
+        "supports_trace_archival",
+        "mlflow.store.tracking.abstract_store.AbstractStore.supports_trace_archival",
+    )
+    if not supported:
+        raise RetentionError(f"{type(tracking_store).__name__} does not archive traces")
+    archive = _attribute(
+        tracking_store, "archive_traces", "mlflow.store.tracking.abstract_store.AbstractStore.archive_traces"
+    )
+    return int(
+        archive(
+            resolved_trace_archival_location=location,
+            broader_retention=retention,
+            max_traces_per_pass=max_traces,
+        )
+    )
+
+
+def server_archives_traces(tracking_store: Any) -> bool:
+    """Whether the tracking server behind a REST store runs MLflow's trace archival (its
+    MLFLOW_TRACE_ARCHIVAL_CONFIG enables it): its /api/3.0/mlflow/server-info says so."""
+    fetch = mlflow_internal("mlflow.utils.server_info.fetch_server_info")
+    key = mlflow_internal("mlflow.utils.server_info.SERVER_INFO_TRACE_ARCHIVAL_ENABLED")
+    creds = _attribute(
+        tracking_store, "get_host_creds", "mlflow.store.tracking.rest_store.RestStore.get_host_creds"
+    )
+    answer = fetch(creds())
+    if answer.status_code != 200 or answer.data is None:
+        raise RetentionError(
+            f"the tracking server's server-info answered {answer.status_code}: {str(answer.text)[:200]}"
+        )
+    return bool(answer.data.get(key))
 
 
 def _fluent_uris() -> tuple[str | None, str | None]:
