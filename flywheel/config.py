@@ -21,6 +21,7 @@ from flywheel.errors import STAGES, ConfigError
 EXPORT_RULES = ("adjudicated", "majority", "single", "latest")  # flywheel.agreement's rules
 ROUTING_RULES = ("thumbs_down", "low_judge", "stratified")  # flywheel.review's routing rules
 DELIVERY_MODES = ("thread", "process")  # who delivers the outbox (flywheel.deliverer)
+EXPORT_DATABASES = ("sqlite:", "postgresql://", "postgresql+psycopg://", "postgres://")  # export_sql reads
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -45,6 +46,7 @@ class Settings:
     feedback_enabled: bool = True
     mlflow_enabled: bool = True
     mlflow_tracking_uri: str = ""
+    flywheel_export_database_uri: str | None = None  # export reads rated traces from it (export_sql)
     flywheel_home: Path = Path(".flywheel")
     flywheel_lm: str | None = None
     flywheel_lm_api_base: str | None = None
@@ -129,7 +131,10 @@ class Settings:
             value = getattr(self, field.name)
             if isinstance(value, str) and value and _secret_name(field.name):
                 value = MASK
-            elif field.name in ("mlflow_tracking_uri", "flywheel_lm_api_base") and value:
+            elif (
+                field.name in ("mlflow_tracking_uri", "flywheel_lm_api_base", "flywheel_export_database_uri")
+                and value
+            ):
                 value = redact_uri(value)
             shown.append(f"{field.name}={value!r}")
         return f"Settings({', '.join(shown)})"
@@ -275,6 +280,14 @@ def load_settings(
             f"MLFLOW_TRACKING_URI={redact_uri(uri)!r} is not supported; use sqlite:///path, "
             "http(s)://host:port or a database URI"
         )
+    export_db = settings.flywheel_export_database_uri
+    if export_db and not export_db.startswith(EXPORT_DATABASES):
+        from flywheel.limits import redact_uri
+
+        raise ConfigError(
+            f"FLYWHEEL_EXPORT_DATABASE_URI={redact_uri(export_db)!r} is not supported; use the tracking "
+            "store's database or a read replica of it: postgresql://user@host:port/database or sqlite:///path"
+        )
     return replace(settings, flywheel_home=home, mlflow_tracking_uri=uri)
 
 
@@ -360,7 +373,8 @@ _SECRET_NAME = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "C
 def secret_values(settings: Settings | None = None, environ: Mapping[str, str] | None = None) -> set[str]:
     """Values never to write down (`limits.redact` masks them in any text): every setting and
     environment variable named like a secret (FLYWHEEL_ADMIN_KEY, OPENAI_API_KEY, HF_TOKEN,
-    PGPASSWORD, ...) and the password in MLFLOW_TRACKING_URI and FLYWHEEL_LM_API_BASE.
+    PGPASSWORD, ...) and the password in MLFLOW_TRACKING_URI, FLYWHEEL_LM_API_BASE and
+    FLYWHEEL_EXPORT_DATABASE_URI.
     `settings`: the process's when None (none when they cannot be read)."""
     from flywheel.limits import uri_secrets
 
@@ -375,6 +389,7 @@ def secret_values(settings: Settings | None = None, environ: Mapping[str, str] |
         if isinstance(value, str) and value and _secret_name(field.name):
             found.add(value)
     found.update(uri_secrets(settings.mlflow_tracking_uri), uri_secrets(settings.flywheel_lm_api_base))
+    found.update(uri_secrets(settings.flywheel_export_database_uri))
     return found
 
 

@@ -22,6 +22,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,9 @@ def row_from_trace(
     }
 
 
+READERS = ("auto", "mlflow", "sql")
+
+
 def export_rows(
     runtime: Runtime,
     model: str,
@@ -152,31 +156,54 @@ def export_rows(
     end_date: date | None = None,
     limit: int | None = None,
     with_corrected: bool = False,
+    reader: str = "auto",
 ) -> list[dict[str, Any]]:
     """Rows for `model` (ModelNotFound when it is not registered); [] when nothing matches.
 
     `with_corrected` adds a last column saying whether a reviewer's correction replaced
-    the served output (the loop learns from a thumbs down only when one did).
+    the served output (the loop learns from a thumbs down only when one did). `reader`: where
+    the rated traces come from, `mlflow` (MLflow's `search_traces`, pages), `sql` (one query on
+    the store's tables, or FLYWHEEL_EXPORT_DATABASE_URI's: flywheel.export_sql) or `auto` (`sql`
+    when it can, else `mlflow`). Both give the same rows.
     """
+    from flywheel import export_sql
+
     if rating not in RATING_FILTERS:
         raise ExportError(f"rating must be one of {', '.join(RATING_FILTERS)}")
     if limit is not None and limit < 1:
         raise ExportError("limit must be a positive number")
+    if reader not in READERS:
+        raise ExportError(f"reader must be one of {', '.join(READERS)}")
+    if reader == "auto":
+        reader = "sql" if export_sql.configured(runtime) else "mlflow"
+    elif reader == "sql" and not export_sql.configured(runtime):
+        raise ExportError(
+            "reader 'sql' needs a sqlite or PostgreSQL tracking store in this process, "
+            "or FLYWHEEL_EXPORT_DATABASE_URI"
+        )
     info_versions = registry.list_versions(model, runtime.store)  # 404 for an unknown model
+    lo, hi = _bounds(start_date, end_date)
     runtime.outbox.deliver_available()  # include what was just rated, without stalling
     policy = runtime.settings.export_rules
-    chosen: list[Any] = []
-    for info in rated_trace_infos(runtime, model, start_date, end_date):
-        row = row_from_trace(info, policy=policy)
-        if row is None or (rating != "any" and row["rating"] != rating):
-            continue
-        chosen.append(info)
-        if limit is not None and len(chosen) >= limit:
-            break
-    complete = complete_calls(runtime.store.tracking, chosen)  # only truncated rows read spans
+    if reader == "sql":
+        traces = export_sql.rated_traces(runtime, model, lo, hi)
+    else:
+        traces = rated_trace_infos(runtime, model, start_date, end_date)
+    chosen: list[tuple[Any, dict[str, Any]]] = []
+    with closing(traces):  # a stream left early closes its cursor
+        for info in traces:
+            row = row_from_trace(info, policy=policy)
+            if row is None or (rating != "any" and row["rating"] != rating):
+                continue
+            chosen.append((info, row))
+            if limit is not None and len(chosen) >= limit:
+                break
+    # only truncated rows read spans; their rows are made again from the complete values
+    complete = complete_calls(runtime.store.tracking, [info for info, _ in chosen])
     rows: list[dict[str, Any]] = []
-    for info in chosen:
-        row = row_from_trace(info, complete.get(info.trace_id), policy)
+    for info, first in chosen:
+        call = complete.get(info.trace_id)
+        row = first if call is None else row_from_trace(info, call, policy)
         if row is None:
             continue
         if not with_corrected:

@@ -80,6 +80,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "agreement",
             "review",
             "export",
+            "export_sql",
             "compile",
             "gate",
             "scoring",
