@@ -46,6 +46,7 @@ class Settings:
     feedback_enabled: bool = True
     mlflow_enabled: bool = True
     mlflow_tracking_uri: str = ""
+    flywheel_trace_database_uri: str | None = None  # the deliverer COPYs traces into it (trace_copy)
     flywheel_export_database_uri: str | None = None  # export reads rated traces from it (export_sql)
     flywheel_home: Path = Path(".flywheel")
     flywheel_lm: str | None = None
@@ -131,10 +132,7 @@ class Settings:
             value = getattr(self, field.name)
             if isinstance(value, str) and value and _secret_name(field.name):
                 value = MASK
-            elif (
-                field.name in ("mlflow_tracking_uri", "flywheel_lm_api_base", "flywheel_export_database_uri")
-                and value
-            ):
+            elif field.name in _URI_SECRETS and value:
                 value = redact_uri(value)
             shown.append(f"{field.name}={value!r}")
         return f"Settings({', '.join(shown)})"
@@ -280,6 +278,14 @@ def load_settings(
             f"MLFLOW_TRACKING_URI={redact_uri(uri)!r} is not supported; use sqlite:///path, "
             "http(s)://host:port or a database URI"
         )
+    trace_db = settings.flywheel_trace_database_uri
+    if trace_db and not trace_db.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        from flywheel.limits import redact_uri
+
+        raise ConfigError(
+            f"FLYWHEEL_TRACE_DATABASE_URI={redact_uri(trace_db)!r} is not supported; use the tracking "
+            "server's PostgreSQL database, postgresql://user@host:port/database"
+        )
     export_db = settings.flywheel_export_database_uri
     if export_db and not export_db.startswith(EXPORT_DATABASES):
         from flywheel.limits import redact_uri
@@ -367,14 +373,22 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+# settings that are URIs which may hold a password (user:password@): shown and written redacted
+_URI_SECRETS = (
+    "mlflow_tracking_uri",
+    "flywheel_lm_api_base",
+    "flywheel_trace_database_uri",
+    "flywheel_export_database_uri",
+)
+
 _SECRET_NAME = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS")
 
 
 def secret_values(settings: Settings | None = None, environ: Mapping[str, str] | None = None) -> set[str]:
     """Values never to write down (`limits.redact` masks them in any text): every setting and
     environment variable named like a secret (FLYWHEEL_ADMIN_KEY, OPENAI_API_KEY, HF_TOKEN,
-    PGPASSWORD, ...) and the password in MLFLOW_TRACKING_URI, FLYWHEEL_LM_API_BASE and
-    FLYWHEEL_EXPORT_DATABASE_URI.
+    PGPASSWORD, ...) and the password in MLFLOW_TRACKING_URI, FLYWHEEL_LM_API_BASE,
+    FLYWHEEL_TRACE_DATABASE_URI and FLYWHEEL_EXPORT_DATABASE_URI.
     `settings`: the process's when None (none when they cannot be read)."""
     from flywheel.limits import uri_secrets
 
@@ -388,8 +402,8 @@ def secret_values(settings: Settings | None = None, environ: Mapping[str, str] |
         value = getattr(settings, field.name)
         if isinstance(value, str) and value and _secret_name(field.name):
             found.add(value)
-    found.update(uri_secrets(settings.mlflow_tracking_uri), uri_secrets(settings.flywheel_lm_api_base))
-    found.update(uri_secrets(settings.flywheel_export_database_uri))
+    for name in _URI_SECRETS:
+        found.update(uri_secrets(getattr(settings, name)))
     return found
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flywheel import feedback, tracing
-from flywheel.config import Settings, get_settings
+from flywheel.config import Settings, get_settings, secret_values
 from flywheel.outbox import DEAD_KEEP_SECONDS, DEAD_KEEP_WAITS, Outbox
 
 if TYPE_CHECKING:
@@ -138,6 +138,7 @@ def run(parent: int | None = None, settings: Settings | None = None) -> int:
     store = connect(settings, allow_offline=True)
     outbox = delivery_outbox(settings, store)
     tracing.prepare_delivery()  # LiteLLM's cost data, once here: never on a request path
+    _check_trace_database(settings)
     lock = DeliveryLock(settings.flywheel_home / LOCK_FILE)
     if not stop.is_set() and not lock.try_take():
         log.info(
@@ -165,6 +166,25 @@ def run(parent: int | None = None, settings: Settings | None = None) -> int:
             outbox.path,
         )
     return 0
+
+
+def _check_trace_database(settings: Settings) -> None:
+    """With FLYWHEEL_TRACE_DATABASE_URI, open the bulk writer now (trace_copy: its schema checked),
+    so a database it refuses is one clear error line at start. The deliverer runs on all the same:
+    each delivery fails with that error (in /health's detail), and every item waits in the outbox."""
+    if not settings.flywheel_trace_database_uri or not settings.mlflow_enabled:
+        return
+    from flywheel import trace_copy
+    from flywheel.limits import redact
+
+    try:
+        trace_copy.writer(settings.flywheel_trace_database_uri)
+    except Exception as exc:
+        log.error(
+            "deliverer [%d]: the bulk trace writer cannot write (%s); traces wait in the outbox",
+            os.getpid(),
+            redact(str(exc), secret_values(settings)),
+        )
 
 
 def _wait_then_deliver(

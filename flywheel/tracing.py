@@ -626,8 +626,16 @@ def _post_spans(store: Any, experiment_id: str, body: bytes) -> None:
 
 
 def deliver(store: Store, items: list[Item]) -> list[int]:
-    """The outbox's deliverer for kind "trace": write the batch, return the outbox ids now stored."""
+    """The outbox's deliverer for kind "trace": write the batch, return the outbox ids now stored.
+    With FLYWHEEL_TRACE_DATABASE_URI set, the batch is COPYed into that PostgreSQL database
+    (trace_copy); any error there (an untested schema included) raises, and the items wait."""
     records = [TraceRecord(**item.payload) for item in items]
+    database = store.settings.flywheel_trace_database_uri
+    if database:
+        from flywheel import trace_copy
+
+        trace_copy.write(database, store.experiment_id, records, store.settings.flywheel_experiment)
+        return [item.id for item in items]
     try:
         write_traces(store.tracking, store.experiment_id, records)
     except PartialWrite as partial:  # the rest are retried later, like any item not stored

@@ -93,6 +93,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "span_rows",
             "calltree",
             "trace_sql",
+            "trace_copy",
             "outbox",
             "registry",
             "loader",
