@@ -87,6 +87,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "paired",
             "canary",
             "rollback",
+            "retention",
         ],
         [
             "tracing",
