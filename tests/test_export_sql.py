@@ -66,6 +66,24 @@ def _rate(rt: Runtime, trace_id: str, rating: str, **kwargs: Any) -> None:
     time.sleep(0.003)  # each assessment in its own millisecond: no tie for `newest` to break
 
 
+def _mlflow_assessment(rt: Runtime, trace_id: str, kind: str, value: str, overrides: bool = False) -> None:
+    """An assessment written with MLflow's own API, as its UI or a script writes one (no role)."""
+    import mlflow.entities as entities
+
+    tracking = rt.store.tracking
+    previous = None
+    if overrides:
+        infos = tracking.get_trace_info(trace_id).assessments
+        previous = next(a.assessment_id for a in infos if a.name == "user_rating" and a.valid is not False)
+    source = entities.AssessmentSource(source_type="HUMAN", source_id="zed")
+    made = getattr(entities, kind)(name="user_rating", value=value, source=source)
+    if previous is not None:
+        made.overrides = previous
+    made.trace_id = trace_id
+    tracking.create_assessment(made)
+    time.sleep(0.003)
+
+
 @pytest.fixture(scope="module")
 def rt(demo_store_rw: Store) -> Iterator[Runtime]:
     reset_runtime()
@@ -155,6 +173,13 @@ def traces(rt: Runtime) -> dict[str, str]:
     _rate(rt, trace("last-ms", DAYS[2], ms=86_399_999), DOWN, user_id="eve")
     _rate(rt, trace("same-ms-a", DAYS[1], ms=43_200_000), UP, user_id="ivy")
     _rate(rt, trace("same-ms-b", DAYS[1], ms=43_200_000), DOWN, user_id="ivy")
+    # someone overrides an end user's rating in MLflow's own UI (a Feedback that `overrides` it):
+    # the end user's becomes invalid and counts no more
+    taken = trace("overridden-in-mlflow", DAYS[0])
+    _rate(rt, taken, UP, user_id="eve")
+    _mlflow_assessment(rt, taken, "Feedback", DOWN, overrides=True)
+    # an expectation named like the rating is no rating: the trace is not a rated one
+    _mlflow_assessment(rt, trace("expectation-only", DAYS[0]), "Expectation", UP)
     # another model's rated traces, and an unrated trace
     for d, day in enumerate(DAYS):
         _rate(rt, trace(f"joke-{d}", day, model=JOKES), UP if d else DOWN, user_id="eve")
@@ -169,6 +194,7 @@ BOUNDS = (
     (DAYS[2], DAYS[1]),
     (DAYS[1], None),
     (None, DAYS[2]),
+    (None, DAYS[1] - timedelta(days=1)),  # ends just before "first-ms"
     (TODAY + timedelta(days=1), None),
 )
 POLICIES = ("adjudicated,majority,single,latest", "adjudicated,majority,single", "latest", "single,majority")
@@ -210,6 +236,8 @@ def test_one_query_export_equals_mlflow_paging(sql_reader: Runtime, traces: dict
     ) == len("My parcel is late and nobody answers. " * 150)
     assert len(by_id[traces["long-output"]]["category"]) == len("shipping, " * 400)
     assert traces["unrated"] not in by_id and traces["joke-0"] not in by_id
+    assert traces["expectation-only"] not in by_id
+    assert by_id[traces["overridden-in-mlflow"]]["decision_rule"] == "single"  # eve's is invalid
     order = [r["trace_id"] for r in everything]
     pair = sorted((traces["same-ms-a"], traces["same-ms-b"]))  # one millisecond: MLflow's tie-break
     assert order.index(pair[1]) == order.index(pair[0]) + 1
