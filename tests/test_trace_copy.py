@@ -17,7 +17,16 @@ from typing import Any
 
 import httpx
 import pytest
-from pg import PostgresCluster, TrackingServer, deploy_command, free_port, spawn, stop, wait_healthy
+from pg import (
+    PostgresCluster,
+    TrackingServer,
+    deploy_command,
+    deploy_file,
+    free_port,
+    spawn,
+    stop,
+    wait_healthy,
+)
 from test_span_format import SHAPES
 from test_span_format import _record as shaped_record
 
@@ -248,15 +257,34 @@ def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+WRITER_ROLE = "flywheel_traces"
+
+
+def _grant_trace_writer(cluster: PostgresCluster, database: str) -> None:
+    """Run docs/deploy.md's grants for the bulk writer's role on `database` (the role is the
+    cluster's: created once per session)."""
+    import psycopg
+
+    assert database == "mlflow", "docs/deploy.md's grants name the database mlflow"
+    grants = deploy_file("trace-writer-grants", trace_writer_password="unused-with-trust-auth")
+    with cluster.connect(database) as db:  # type: ignore[attr-defined]
+        for statement in filter(None, (line.strip() for line in grants.split(";"))):
+            try:
+                db.execute(statement)
+            except psycopg.errors.DuplicateObject:  # CREATE ROLE, the second time in a session
+                pass
+
+
 @pytest.mark.slow
 def test_serve_delivers_through_the_bulk_writer_into_the_tracking_servers_database(
     mlflow_on_postgres: TrackingServer,
     tmp_path: Path,
     make_store: Callable[..., Store],
 ) -> None:
-    """`flywheel serve --workers 2` with FLYWHEEL_TRACE_DATABASE_URI: every trace served is in
-    MLflow exactly once, with its metadata (`mlflow.modelId`, which the REST path cannot write),
-    and MLflow's server reads each back whole (`search_traces`, `get_trace`)."""
+    """`flywheel serve --workers 2` with FLYWHEEL_TRACE_DATABASE_URI, as the role docs/deploy.md
+    grants (insert into the four trace tables only): every trace served is in MLflow exactly
+    once, with its metadata (`mlflow.modelId`, which the REST path cannot write), and MLflow's
+    server reads each back whole (`search_traces`, `get_trace`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from mlflow import MlflowClient
@@ -280,7 +308,11 @@ def test_serve_delivers_through_the_bulk_writer_into_the_tracking_servers_databa
             api_port=str(port),
             api_workers="2",
         )
-        env["FLYWHEEL_TRACE_DATABASE_URI"] = server.cluster.uri(server.database)
+        cluster = server.cluster
+        _grant_trace_writer(cluster, server.database)  # docs/deploy.md's role: the four tables only
+        env["FLYWHEEL_TRACE_DATABASE_URI"] = (
+            f"postgresql://{WRITER_ROLE}@{cluster.host}:{cluster.port}/mlflow"
+        )
         proc = spawn(argv, env, tmp_path / "host.log")
         url = f"http://127.0.0.1:{port}"
         wait_healthy(f"{url}/health", timeout=180, proc=proc)
