@@ -364,3 +364,19 @@ def test_serve_delivers_through_the_bulk_writer_into_the_tracking_servers_databa
         if proc is not None:
             stop(proc)
         server.release()
+
+
+def test_the_database_uri_is_a_secret_and_must_be_postgresql() -> None:
+    from flywheel.config import load_settings, secret_values
+    from flywheel.errors import ConfigError
+
+    password = "trace-writer-S3cret-value"
+    uri = f"postgresql://flywheel_traces:{password}@db.example:5432/mlflow"
+    settings = load_settings({"FLYWHEEL_TRACE_DATABASE_URI": uri}, env_file=None)
+    assert settings.flywheel_trace_database_uri == uri
+    assert password not in repr(settings) and "flywheel_traces:***@db.example" in repr(settings)
+    assert password in secret_values(settings, environ={})
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"FLYWHEEL_TRACE_DATABASE_URI": f"mysql://u:{password}@h/db"}, env_file=None)
+    assert "FLYWHEEL_TRACE_DATABASE_URI" in str(refused.value) and password not in str(refused.value)
+    assert load_settings({}, env_file=None).flywheel_trace_database_uri is None  # unset: the REST path
