@@ -1,4 +1,4 @@
-"""Export of many rated traces from the PostgreSQL-backed tracking server, and a loop turn.
+"""Export of many rated traces from a PostgreSQL-backed tracking server, and a loop turn.
 
     .venv/bin/python -m benchmarks.export_bench [--traces 100000] [--loop-rows 10000]
 
@@ -6,19 +6,25 @@ Starts a throw-away PostgreSQL cluster and `mlflow server` on it (tests/pg.py: d
 commands, as the tests and benchmarks/scale_bench.py do) and registers the demo joke program
 twice through the server, as two models. Then it seeds, straight into the database:
 `--traces` served predictions of the first model and `--loop-rows` of the second, each with a
-four-span call tree (the rows `flywheel.trace_sql.write_batch` writes, the same a host delivers)
+four-span call tree (the rows `flywheel.trace_sql.write_records` writes, the same a host delivers)
 and a reviewer's rating: `user_rating` (four in five thumbs up), and on one in ten a comment.
 The ratings are bulk-inserted rows of MLflow's own assessments table, made from the `Feedback`
 entities flywheel's feedback writes (`SqlAssessments.from_mlflow_entity`); seeding through
 `create_assessment` would take an hour here. Seeding is not timed.
 
-Timed, each through the tracking server's REST API as every flywheel host reaches it:
-- `export_rows` of the first model (every row), against MLflow's own `search_traces` paging
-  through the same rated traces (the baseline: what a script would write);
-- one `flywheel.loop` turn of the second model (export, compile with LabeledFewShot on the
-  built-in offline LM, register the candidate through the artifact proxy, gate on the held-out
-  rows), with the time of each phase.
-Prints a markdown table; nothing is asserted.
+Timed, in one run, the rated traces of the first model (every row):
+- the baseline, MLflow's own paging: `search_traces` through the tracking server's REST API with
+  page tokens (what a script would write), and MLflow's SQL store in this process on the same
+  database, 5,000 a page;
+- `export_rows(reader="mlflow")`: flywheel's export paging MLflow through the server (a host
+  without FLYWHEEL_EXPORT_DATABASE_URI);
+- `export_rows(reader="sql")`: the one-query export (flywheel.export_sql) reading the database
+  through FLYWHEEL_EXPORT_DATABASE_URI, as it would read a replica (target: 100,000 rows in 10 s).
+  The two exports must give the same rows (checked; a difference is an error).
+Then one `flywheel.loop` turn of the second model (export by one query, compile with
+LabeledFewShot on the built-in offline LM, register the candidate through the artifact proxy,
+gate on the held-out rows), with the time of each phase (`--loop-rows 0` skips it).
+Prints a markdown table with each figure's ratio to the REST baseline; nothing else is asserted.
 """
 
 from __future__ import annotations
@@ -73,9 +79,9 @@ def seed(sql_store: Any, experiment_id: str, model: str, version: str, model_id:
                 start_ns=sample.start_ns + shift,
                 end_ns=sample.end_ns + shift,
             )
-            items.append(record.to_mlflow(experiment_id))
+            items.append(record)
             rated.append((record.trace_id, record.start_ns // 1_000_000, i))
-        trace_sql.write_batch(sql_store, items)
+        trace_sql.write_records(sql_store, experiment_id, items)
         rows = []
         for trace_id, at_ms, i in rated:
             values = {RATING: "thumbs_down" if i % 5 == 4 else "thumbs_up"}
@@ -93,19 +99,18 @@ def seed(sql_store: Any, experiment_id: str, model: str, version: str, model_id:
     print(file=sys.stderr)
 
 
-def mlflow_paging(runtime: Any, model: str) -> int:
+def mlflow_paging(store: Any, experiment_id: str, model: str, page: int) -> int:
     """The baseline: MLflow's `search_traces`, page by page (page tokens), the same filter."""
-    from flywheel.export import RATING, REST_PAGE
+    from flywheel.export import RATING
     from flywheel.tracing import model_filter
 
-    store = runtime.store.tracking
     flt = f"{model_filter(model)} AND feedback.`{RATING}` IS NOT NULL"
     token, count = None, 0
     while True:
         infos, token = store.search_traces(
-            locations=[runtime.store.experiment_id],
+            locations=[experiment_id],
             filter_string=flt,
-            max_results=REST_PAGE,
+            max_results=page,
             order_by=["timestamp_ms DESC"],
             page_token=token,
         )
@@ -126,14 +131,21 @@ def main() -> None:
     try:
         server = pg.start_tracking_server(cluster, workers=args.server_workers)
         home = Path(tempfile.mkdtemp(prefix="export-bench-"))
+        database = cluster.uri(server.database)
         os.environ.update(
-            MLFLOW_TRACKING_URI=server.url, FLYWHEEL_HOME=str(home), LITELLM_LOCAL_MODEL_COST_MAP="True"
+            MLFLOW_TRACKING_URI=server.url,
+            FLYWHEEL_HOME=str(home),
+            FLYWHEEL_EXPORT_DATABASE_URI=database,  # the replica would be another host's URI
+            LITELLM_LOCAL_MODEL_COST_MAP="True",
+            # a 500-trace page of the REST baseline can take longer than flywheel's 10 s client
+            # timeout on a loaded machine; the baseline is timed, not cut short
+            MLFLOW_HTTP_REQUEST_TIMEOUT=os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "300"),
         )
         from mlflow import MlflowClient
 
         from flywheel import registry
         from flywheel.demo.seed import joke_program
-        from flywheel.export import export_rows
+        from flywheel.export import PAGE, REST_PAGE, export_rows
         from flywheel.loop import loop
         from flywheel.runtime import open_runtime
 
@@ -143,17 +155,38 @@ def main() -> None:
                 info = registry.register_program(joke_program(4), model, store=rt.store)
                 registry.promote(model, info.version, "Production", rt.store)
                 versions[model] = info
-            sql_store = MlflowClient(tracking_uri=cluster.uri(server.database))._tracking_client.store
+            sql_store = MlflowClient(tracking_uri=database)._tracking_client.store
             for model, n in ((EXPORT_MODEL, args.traces), (LOOP_MODEL, args.loop_rows)):
-                v = versions[model]
-                seed(sql_store, rt.store.experiment_id, model, v.version, v.model_id or "", n)
+                if n:
+                    v = versions[model]
+                    seed(sql_store, rt.store.experiment_id, model, v.version, v.model_id or "", n)
+            exp = rt.store.experiment_id
+            timed: list[tuple[str, int, float]] = []
 
-            began = time.perf_counter()
-            paged = mlflow_paging(rt, EXPORT_MODEL)
-            baseline = time.perf_counter() - began
-            began = time.perf_counter()
-            rows = export_rows(rt, EXPORT_MODEL)
-            exported = time.perf_counter() - began
+            def clock(label: str, work: Any) -> Any:
+                began = time.perf_counter()
+                out = work()
+                timed.append((label, out if isinstance(out, int) else len(out), time.perf_counter() - began))
+                return out
+
+            clock(
+                "baseline: MLflow's `search_traces` through the server, page tokens",
+                lambda: mlflow_paging(rt.store.tracking, exp, EXPORT_MODEL, REST_PAGE),
+            )
+            clock(
+                f"MLflow's SQL store in process, {PAGE} a page",
+                lambda: mlflow_paging(sql_store, exp, EXPORT_MODEL, PAGE),
+            )
+            paged_rows = clock(
+                "`export_rows`, MLflow's paging through the server (`reader='mlflow'`)",
+                lambda: export_rows(rt, EXPORT_MODEL, reader="mlflow"),
+            )
+            rows = clock(
+                "`export_rows` by one query (`reader='sql'`; target 10 s for 100,000)",
+                lambda: export_rows(rt, EXPORT_MODEL, reader="sql"),
+            )
+            if rows != paged_rows:
+                raise SystemExit("the one-query export and MLflow's paging gave different rows")
 
             phases: list[tuple[str, float]] = []
             last = [time.perf_counter()]
@@ -163,9 +196,11 @@ def main() -> None:
                 phases.append((line, now - last[0]))
                 last[0] = now
 
-            began = time.perf_counter()
-            turn = loop(rt, LOOP_MODEL, progress=progress)
-            turned = time.perf_counter() - began
+            turn, turned = None, 0.0
+            if args.loop_rows:
+                began = time.perf_counter()
+                turn = loop(rt, LOOP_MODEL, progress=progress)
+                turned = time.perf_counter() - began
     finally:
         if server is not None:
             pg.stop(server.proc)  # its workers would retry the database forever
@@ -174,14 +209,11 @@ def main() -> None:
     print(f"\nPostgreSQL-backed `mlflow server --workers {args.server_workers}`, {os.cpu_count()} cores\n")
     print("| work | rows | seconds | rows/s | vs baseline |")
     print("|---|---|---|---|---|")
-    print(
-        f"| baseline: MLflow's `search_traces`, page tokens | {paged} | {baseline:.1f} | "
-        f"{paged / baseline:.0f} | 1.00x |"
-    )
-    print(
-        f"| `export_rows` (target 10 s for 100,000) | {len(rows)} | {exported:.1f} | "
-        f"{len(rows) / exported:.0f} | {baseline / exported:.2f}x |"
-    )
+    baseline = timed[0][2]
+    for label, count, seconds in timed:
+        print(f"| {label} | {count} | {seconds:.2f} | {count / seconds:.0f} | {baseline / seconds:.1f}x |")
+    if turn is None:
+        return
     verdict = turn.gate.verdict if turn.gate is not None else f"inconclusive: {turn.failure}"
     print(
         f"| loop turn (export, compile, register, gate): {verdict} | {turn.rows_exported} | "
