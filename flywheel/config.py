@@ -39,6 +39,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = 4
+    api_reuse_port: bool = True  # each serve worker its own SO_REUSEPORT socket (flywheel.http.balance)
     worker_healthcheck_timeout: int = 60
     flywheel_delivery: str = "thread"  # "process": a deliverer process consumes the outbox (flywheel serve)
     default_model_stage: str = "Production"

@@ -20,6 +20,7 @@ import httpx
 import uvicorn
 
 from flywheel.config import Settings, get_settings
+from flywheel.http import balance
 
 if TYPE_CHECKING:
     from flywheel.runtime import Runtime
@@ -224,19 +225,25 @@ def serve_foreground(host: str | None = None, port: int | None = None, workers: 
     export_environment({"FLYWHEEL_DELIVERY": PROCESS})  # for the workers (and a worker in this process)
     get_settings.cache_clear()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # one worker runs here: uvicorn re-raises it
+    options = {
+        "host": host or settings.api_host,
+        "port": settings.api_port if port is None else port,
+        "workers": workers or settings.api_workers,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+        # a worker importing MLflow and DSPy on a busy machine takes longer than uvicorn's 5 s default
+        "timeout_worker_healthcheck": settings.worker_healthcheck_timeout,
+        **connection_limits(settings),
+    }
+    balanced = balance.applies(settings, options["host"], options["port"], options["workers"])
+    if balanced:
+        balance.check_free(options["host"], options["port"])  # before the deliverers start
     deliverer = Supervisor().start()
     try:
-        uvicorn.run(
-            "flywheel.http.api:app",
-            host=host or settings.api_host,
-            **connection_limits(settings),
-            port=settings.api_port if port is None else port,
-            workers=workers or settings.api_workers,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-            # a worker importing MLflow and DSPy on a busy machine takes longer than uvicorn's 5 s default
-            timeout_worker_healthcheck=settings.worker_healthcheck_timeout,
-        )
+        if balanced:
+            balance.run("flywheel.http.api:app", **options)
+        else:
+            uvicorn.run("flywheel.http.api:app", **options)
     except KeyboardInterrupt:
         pass
     finally:
