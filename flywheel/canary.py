@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flywheel import registry
+from flywheel import host_reads, registry
 from flywheel.errors import InputError
 from flywheel.feedback import RATING, assessment_value
 from flywheel.tracing import model_filter
@@ -103,6 +103,7 @@ class TrafficPlans:
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, int, TrafficPlan]] = {}
         self._refreshing: set[str] = set()
+        self.host = host_reads.for_store(store)
 
     def peek(self, model: str) -> TrafficPlan | None:
         """The plan without waiting: fresh or stale (refreshed in the background); None when this
@@ -115,18 +116,28 @@ class TrafficPlans:
             self._refresh_in_background(model)
         return seen[2]
 
-    def get(self, model: str) -> TrafficPlan:
-        """The plan, read now (the last one read when the registry does not answer; none if never)."""
+    def get(self, model: str, *, shared: bool = False) -> TrafficPlan:
+        """The plan, read now (the last one read when the registry does not answer; none if never);
+        `shared` (a renewal): the answer another process of this host read less than half a TTL
+        ago will do (host_reads), dated when it was read."""
         generation = registry.generation(self.store, model)
         with self._lock:
             seen = self._seen.get(model)
+        at = time.monotonic()
         try:
-            plan = TrafficPlan.from_tags(registry.model_tags(model, self.store))
+            if shared and seen is not None and seen[1] == generation:
+                tags, wall = self.host.read(
+                    f"tags\0{model}", self.ttl / 2, lambda: registry.model_tags(model, self.store)
+                )
+                at = host_reads.monotonic_at(wall)
+            else:
+                tags = registry.model_tags(model, self.store)
+            plan = TrafficPlan.from_tags(tags)
         except Exception as exc:  # unknown model (serving says so) or MLflow down: no routing
             log.debug("no traffic plan for %s: %s", model, exc)
             plan = seen[2] if seen is not None else TrafficPlan()
         with self._lock:
-            self._seen[model] = (time.monotonic(), generation, plan)
+            self._seen[model] = (at, generation, plan)
         return plan
 
     def _refresh_in_background(self, model: str) -> None:
@@ -137,7 +148,7 @@ class TrafficPlans:
 
         def refresh() -> None:
             try:
-                self.get(model)
+                self.get(model, shared=True)
             finally:
                 with self._lock:
                     self._refreshing.discard(model)

@@ -45,7 +45,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flywheel import feedback, tracing
+from flywheel import feedback, heap, tracing
 from flywheel.config import Settings, get_settings, secret_values
 from flywheel.outbox import DEAD_KEEP_SECONDS, DEAD_KEEP_WAITS, Outbox
 
@@ -138,6 +138,7 @@ def run(parent: int | None = None, settings: Settings | None = None) -> int:
     store = connect(settings, allow_offline=True)
     outbox = delivery_outbox(settings, store)
     tracing.prepare_delivery()  # LiteLLM's cost data, once here: never on a request path
+    heap.settle()  # what it has loaded lives as long as it does: full collections skip it
     _check_trace_database(settings)
     lock = DeliveryLock(settings.flywheel_home / LOCK_FILE)
     if not stop.is_set() and not lock.try_take():

@@ -56,7 +56,7 @@ from typing import Any
 import dspy
 import mlflow
 
-from flywheel import audit, registry
+from flywheel import audit, heap, host_reads, registry
 from flywheel.errors import ModelNotFound, Unavailable, UntrustedVersion
 from flywheel.registry import VersionInfo
 from flywheel.store import Store, is_missing, quiet
@@ -195,6 +195,7 @@ class Loader:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.lkg = LastKnownGood(store.settings.flywheel_home / "last-known-good", store)
+        self.host = host_reads.for_store(store)
         self._lock = threading.Lock()
         self._programs: dict[tuple[str, str], LoadedProgram] = {}
         self._resolved: dict[tuple[str, str], _Resolved] = {}
@@ -236,15 +237,38 @@ class Loader:
             current = registry.generation(self.store, name)
             if latest is not None and latest.at >= now and latest.generation == current:
                 return latest.info
-            return self._resolve(name, ref, key, hit, gen)
+            # a renewal of what this process has not changed may take the host's answer (host_reads)
+            shared = renew and hit is not None and hit.generation == current
+            return self._resolve(name, ref, key, hit, gen, shared=shared)
+
+    def _ask(
+        self, name: str, ref: str | int | None, key: tuple[str, str], shared: bool
+    ) -> tuple[VersionInfo, float]:
+        """The registry's resolution and when it was given (monotonic): asked now, or (`shared`)
+        the answer another process of this host got less than half a TTL ago."""
+        if not shared:
+            return registry.resolve(name, ref, self.store), time.monotonic()
+        data, wall = self.host.read(
+            f"resolve\0{name}\0{key[1]}",
+            self.store.settings.flywheel_resolve_ttl / 2,
+            lambda: _info_dict(registry.resolve(name, ref, self.store)),
+        )
+        return _info_from(data), host_reads.monotonic_at(wall)
 
     def _resolve(
-        self, name: str, ref: str | int | None, key: tuple[str, str], hit: _Resolved | None, gen: Any
+        self,
+        name: str,
+        ref: str | int | None,
+        key: tuple[str, str],
+        hit: _Resolved | None,
+        gen: Any,
+        *,
+        shared: bool = False,
     ) -> VersionInfo:
         # a resolution is dated when it is known (the registry answered, or did not): whoever waited
         # for it meanwhile takes it (`resolve`), even while the registry takes its timeout to fail
         try:
-            info = registry.resolve(name, ref, self.store)
+            info, known_at = self._ask(name, ref, key, shared)
         except ModelNotFound:
             raise
         except Exception as exc:
@@ -267,9 +291,8 @@ class Loader:
             with self._lock:  # keep serving what was resolved last, and ask again after another TTL
                 self._resolved[key] = _Resolved(now, gen, known, FALLBACK)
             return known
-        now = time.monotonic()
         with self._lock:
-            self._resolved[key] = _Resolved(now, gen, info, REGISTRY)
+            self._resolved[key] = _Resolved(known_at, gen, info, REGISTRY)
         known = hit.info if hit is not None else self.lkg.resolution(*key)
         if known is None or known.version != info.version:
             try:  # a new holder: did flywheel move the alias there? (once per change, not per request)
@@ -373,6 +396,7 @@ class Loader:
             loaded = LoadedProgram(info, self._load_program(info))
             with self._lock:
                 self._programs[key] = loaded
+            heap.settle()  # the program (and what loading it imported) lives as long as the process
             return loaded
 
     def _load_program(self, info: VersionInfo) -> dspy.Module:

@@ -97,6 +97,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "trace_copy",
             "outbox",
             "registry",
+            "host_reads",
             "loader",
             "programs",
             "dataset",
@@ -104,7 +105,7 @@ def test_the_layers_are_the_agreed_ones() -> None:
             "lm",
             "audit",
         ],
-        ["store", "config", "errors", "limits"],
+        ["store", "config", "errors", "limits", "heap"],
     ]
 
 

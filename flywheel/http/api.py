@@ -37,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel import audit, canary, export, feedback, limits, registry, rollback, serving, streaming
+from flywheel import audit, canary, export, feedback, heap, limits, registry, rollback, serving, streaming
 from flywheel.config import Settings
 from flywheel.counters import prometheus
 from flywheel.errors import FlywheelError
@@ -509,6 +509,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         own = Runtime().start()
         app.state.runtime = own
         own._mlflow_answers()
+        heap.settle()  # a serving process: what it has built by now lives as long as it does
         try:
             yield
         finally:
