@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.floor_server --port 8001 --workers 4
 
 A bare FastAPI app served by uvicorn with the same number of worker processes as
-`flywheel serve`. Each worker loads the registered program the way flywheel does
-(`loader.Loader(store).load(model)`: the default stage resolved in the registry,
+`flywheel serve`, listening the same way (a socket per worker: flywheel.http.balance;
+`--shared-socket` for uvicorn's one shared socket). Each worker loads the registered
+program the way flywheel does (`loader.Loader(store).load(model)`: the default stage resolved in the registry,
 the version's files checked and unpickled), builds the LM the way flywheel does
 (`lm.configured_lm` from FLYWHEEL_LM, the response cache as LM_CACHE_SERVING says)
 and answers POST /predict (flywheel's body: `{"model": ..., "inputs": {...}}`) by
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from flywheel.config import get_settings
+from flywheel.http import balance
 from flywheel.lm import configured_lm, with_cache
 from flywheel.loader import LoadedProgram, Loader
 from flywheel.programs import convert_inputs, output_values, runs_async
@@ -92,16 +94,24 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--workers", type=int, default=4)
-    args = parser.parse_args()
-    uvicorn.run(
-        "benchmarks.floor_server:app",
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=False,
-        log_level="warning",
-        timeout_worker_healthcheck=get_settings().worker_healthcheck_timeout,
+    parser.add_argument(
+        "--shared-socket",
+        action="store_true",
+        help="uvicorn's one shared socket instead of a socket per worker, as flywheel serve listens",
     )
+    args = parser.parse_args()
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_worker_healthcheck": get_settings().worker_healthcheck_timeout,
+    }
+    if not args.shared_socket and balance.applies(get_settings(), args.host, args.port, args.workers):
+        balance.run("benchmarks.floor_server:app", **options)  # the workers listen as flywheel's do
+    else:
+        uvicorn.run("benchmarks.floor_server:app", **options)
 
 
 if __name__ == "__main__":

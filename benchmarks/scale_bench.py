@@ -5,7 +5,7 @@
 Starts a throw-away PostgreSQL cluster and `mlflow server` on it, then two `flywheel serve` hosts
 with their own FLYWHEEL_HOME, every one with the command docs/deploy.md gives (tests/pg.py, as the
 tests do). The program runs on the stand-in LM that only sleeps 100 ms (benchmarks/sleep_lm.py).
-Each host gets half of `--concurrency` closed-loop clients (aiohttp, in their own processes).
+Each host gets half of `--concurrency` closed-loop clients (load_client.py, in their own processes).
 Half-way through, `flywheel promote` (docs/deploy.md's command) moves Production to another
 version; a probe asks both hosts every 50 ms which version they serve. Prints a markdown table;
 nothing here is asserted. Needs PostgreSQL (scripts/install-test-deps) and runs as root or as a

@@ -5,11 +5,13 @@
 
 All servers run the same registered program on a stand-in LM that only sleeps
 100 ms (benchmarks/sleep_lm.py), under the same closed-loop load of
-`--concurrency` clients (aiohttp, in its own process), one server after the other:
+`--concurrency` clients (benchmarks/load_client.py: raw sockets on uvloop, in its own process,
+its own CPU per request printed), one server after the other:
 
 - flywheel: `flywheel serve --workers N`, every prediction traced through the outbox;
 - floor: the same program loaded from the registry the same way, in a bare FastAPI
-  app with no tracing, uvicorn with the same N workers (benchmarks/floor_server.py);
+  app with no tracing, uvicorn with the same N workers listening the same way, a socket
+  each (benchmarks/floor_server.py);
   flywheel / floor is what everything flywheel does costs in throughput;
 - mlflow models serve, with its defaults.
 
@@ -21,7 +23,7 @@ each worker's share; then, for flywheel, the time the outbox takes to drain
 (and its reaped children's) from /proc of every process in the server's session or
 process group or descended from it (supervisor, workers, a deliverer, whatever
 starts during the run), sampled when the load starts and after the drain, divided
-by the requests answered.
+by the requests answered, in all and by kind of process (workers, deliverers, the rest).
 
 A trace is complete when MLflow holds its trace info (state OK) and every span of
 its DSPy call tree: the same (name, type, parent) spans `mlflow.dspy.autolog()`
@@ -35,7 +37,6 @@ figure. Nothing here is asserted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -83,66 +84,27 @@ def _p99(sorted_values: list[float]) -> float:
 # --- the load generator (runs in its own process) -------------------------------------------
 
 
-async def _load(spec: dict[str, Any]) -> dict[str, Any]:
-    """Closed-loop load: `concurrency` clients, each sending its next request when the last is answered.
+def _load(spec: dict[str, Any]) -> dict[str, Any]:
+    """Closed-loop load (benchmarks/load_client.py): `concurrency` clients, each sending its next
+    request when the last is answered, on kept-alive connections.
 
     Stops at `duration`, or (a warm-up) as soon as `until_workers` distinct workers have answered a
     prediction; a warm-up opens a new connection per request so that a worker that comes up late
-    gets some (a kept-alive connection stays with the worker that accepted it).
+    gets some (a kept-alive connection stays with the worker that accepted it). The generator's
+    own CPU per answered request is returned too (`client_cpu_ms`): it shares the machine.
     """
-    import aiohttp
+    from benchmarks import load_client
 
-    url, kind, concurrency = spec["url"], spec["kind"], spec["concurrency"]
-    until_workers = spec.get("until_workers", 0)
-    latencies: list[float] = []
-    done_at: list[float] = []  # completion times of the answered requests, from the start
-    failures: list[tuple[float, str]] = []  # (when, what): the HTTP status or the exception's type
-    workers: Counter[str] = Counter()
-    answered_by: set[str] = set()
-    trace_ids: list[str] = []
-    enough = asyncio.Event()
-    began = time.perf_counter()
-    deadline = began + spec["duration"]
-
-    async def client(n: int, session: aiohttp.ClientSession) -> None:
-        i = 0
-        while time.perf_counter() < deadline and not enough.is_set():
-            topic = TOPICS[(n + i) % len(TOPICS)]
-            i += 1
-            body = (
-                {"inputs": {"topic": topic}}
-                if kind == "mlflow"
-                else {"model": MODEL, "inputs": {"topic": topic}}
-            )
-            start = time.perf_counter()
-            try:
-                async with session.post(url, json=body) as response:
-                    status = response.status
-                    worker = response.headers.get(WORKER_HEADER)
-                    data = await response.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                failures.append((time.perf_counter() - began, type(exc).__name__))
-                continue
-            now = time.perf_counter()
-            if worker:
-                workers[worker] += 1
-            if status != 200:
-                failures.append((now - began, str(status)))
-                continue
-            latencies.append(now - start)
-            done_at.append(now - began)
-            if kind == "flywheel":
-                trace_ids.append(data["trace_id"])
-            if worker and until_workers:
-                answered_by.add(worker)
-                if len(answered_by) >= until_workers:
-                    enough.set()
-
-    timeout = aiohttp.ClientTimeout(total=120)
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=bool(until_workers))
-    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        await asyncio.gather(*(client(n, session) for n in range(concurrency)))
-    elapsed = time.perf_counter() - began
+    kind = spec["kind"]
+    bodies = [
+        {"inputs": {"topic": topic}} if kind == "mlflow" else {"model": MODEL, "inputs": {"topic": topic}}
+        for topic in TOPICS
+    ]
+    raw = load_client.run(
+        {**spec, "bodies": bodies, "worker_header": WORKER_HEADER, "want_trace_ids": kind == "flywheel"}
+    )
+    latencies, done_at, failures = raw["latencies"], raw["done_at"], raw["failures"]
+    elapsed = raw["seconds"]
     ordered = sorted(latencies)
     return {
         "requests": len(latencies),
@@ -153,9 +115,10 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
         "p50_ms": 1000 * statistics.median(ordered) if ordered else math.nan,
         "p99_ms": 1000 * _p99(ordered),
         "timeline": _timeline(done_at, latencies, failures, spec["duration"]),
-        "workers": dict(workers),
-        "answered_by": sorted(answered_by),
-        "trace_ids": trace_ids,
+        "workers": raw["workers"],
+        "answered_by": raw["answered_by"],
+        "trace_ids": raw["trace_ids"],
+        "client_cpu_ms": 1000 * raw["client_cpu_s"] / len(latencies) if latencies else math.nan,
     }
 
 
@@ -233,7 +196,38 @@ def server_cpu(root: int) -> dict[str, Any]:
         more = {pid for pid, (ppid, *_) in stats.items() if ppid in members} - members
         members |= more
         grew = bool(more)
-    return {"seconds": sum(stats[pid][3] for pid in members) / _TICKS, "processes": len(members)}
+    by_role: Counter[str] = Counter()
+    for pid in members:
+        by_role[_role(pid)] += stats[pid][3] / _TICKS
+    return {
+        "seconds": sum(stats[pid][3] for pid in members) / _TICKS,
+        "processes": len(members),
+        "by_role": dict(by_role),
+    }
+
+
+def _role(pid: int) -> str:
+    """What a server process is, from its command line: a deliverer, a worker (uvicorn spawns them
+    through multiprocessing), or the rest (the supervisor; the floor's and mlflow's own)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "other"
+    if b"deliver" in argv:
+        return "deliverers"
+    if any(b"multiprocessing" in a for a in argv):
+        return "workers"
+    return "supervisor"
+
+
+def cpu_split(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, float]:
+    """CPU ms per request of each kind of process (`_role`)."""
+    roles = sorted(set(before["by_role"]) | set(after["by_role"]))
+    return {
+        role: 1000 * (after["by_role"].get(role, 0.0) - before["by_role"].get(role, 0.0)) / requests
+        for role in roles
+        if requests
+    }
 
 
 def cpu_ms_per_request(before: dict[str, Any], after: dict[str, Any], requests: int) -> float:
@@ -331,6 +325,7 @@ def measure(
     result["cpu_s"] = after["seconds"] - before["seconds"]
     result["cpu_ms_per_request"] = cpu_ms_per_request(before, after, result["requests"])
     result["processes"] = after["processes"]
+    result["cpu_ms_by_role"] = cpu_split(before, after, result["requests"])
     return result
 
 
@@ -552,6 +547,8 @@ def print_run(name: str, r: dict[str, Any]) -> None:
     """One server's run: totals, errors by kind, each worker's share, the per-second timeline."""
     errors = ", ".join(f"{k}: {n}" for k, n in sorted(r["errors_by_kind"].items())) or "none"
     cpu = f"{r['cpu_ms_per_request']:.2f} ms/request over {r['processes']} processes"
+    split = ", ".join(f"{role} {ms:.2f}" for role, ms in r.get("cpu_ms_by_role", {}).items())
+    cpu += f" ({split}; the load generator: {r['client_cpu_ms']:.2f} ms/request)"
     print(
         f"  {name}: {r['requests']} answered in {r['seconds']:.1f}s, {r['rps']:.0f} req/s, "
         f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, CPU {cpu}; errors: {errors}"
@@ -694,7 +691,7 @@ def main() -> None:
     parser.add_argument("--load", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.load:
-        print(json.dumps(asyncio.run(_load(json.loads(args.load)))))
+        print(json.dumps(_load(json.loads(args.load))))
         return
 
     home = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
@@ -702,7 +699,7 @@ def main() -> None:
         os.environ,
         FLYWHEEL_HOME=str(home),
         FLYWHEEL_LM=LM_SPEC,
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}",
         PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     )
