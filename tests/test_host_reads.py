@@ -77,10 +77,15 @@ def test_an_unusable_directory_means_asking(tmp_path: Path) -> None:
     assert reads.read("k", 10, _asker(calls))[0] == "v1" and len(calls) == 2
 
 
-def _register(store: Store, joke: str) -> registry.VersionInfo:
-    program = dspy.Predict("topic -> joke")
-    program.demos = [dspy.Example(topic="anything", joke=joke)]
-    return registry.register_program(program, "jokes", store=store)
+def _jokes(tmp_path: Path, make_store: Callable[..., Store], *jokes: str) -> Store:
+    """A store whose "jokes" has a version per joke, the first in Production; a 30 s TTL."""
+    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="30")
+    for joke in jokes:
+        program = dspy.Predict("topic -> joke")
+        program.demos = [dspy.Example(topic="anything", joke=joke)]
+        registry.register_program(program, "jokes", store=store)
+    registry.promote("jokes", "1", "Production", store)
+    return store
 
 
 def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
@@ -98,9 +103,7 @@ def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]
 def test_the_renewals_of_a_hosts_loaders_ask_the_registry_once(
     tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="30")
-    _register(store, "one")
-    registry.promote("jokes", "1", "Production", store)
+    store = _jokes(tmp_path, make_store, "one")
     loaders = [Loader(store) for _ in range(4)]  # the 4 workers of one host
     for loader in loaders:
         loader.load("jokes", "Production")
@@ -113,10 +116,7 @@ def test_the_renewals_of_a_hosts_loaders_ask_the_registry_once(
 def test_a_change_made_in_this_process_is_never_hidden_by_the_hosts_answer(
     tmp_path: Path, make_store: Callable[..., Store]
 ) -> None:
-    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="30")
-    for joke in ("one", "two"):
-        _register(store, joke)
-    registry.promote("jokes", "1", "Production", store)
+    store = _jokes(tmp_path, make_store, "one", "two")
     first, second = Loader(store), Loader(store)
     first.load("jokes", "Production")
     second.load("jokes", "Production")
@@ -129,9 +129,7 @@ def test_a_change_made_in_this_process_is_never_hidden_by_the_hosts_answer(
 def test_the_traffic_plan_renewals_of_a_host_read_the_tags_once(
     tmp_path: Path, make_store: Callable[..., Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = make_store(tmp_path / "home", FLYWHEEL_RESOLVE_TTL="30")
-    _register(store, "one")
-    registry.promote("jokes", "1", "Production", store)
+    store = _jokes(tmp_path, make_store, "one")
     canary.set_canary(store, "jokes", "1", 0.25)
     plans = [canary.TrafficPlans(store, ttl=30) for _ in range(4)]
     for p in plans:
