@@ -28,6 +28,7 @@ __all__ = [
     "RetentionError",
     "ReviewError",
     "RollbackError",
+    "SchemaNotTested",
     "TooManyPending",
     "TraceNotFound",
     "Unavailable",
@@ -47,6 +48,10 @@ class ConfigError(FlywheelError, ValueError):
     """A setting has a value flywheel cannot use; the message is one line for a person."""
 
     status = 500
+
+
+class SchemaNotTested(ConfigError):
+    """The trace database's MLflow schema is not one the bulk writer (trace_copy) was tested with."""
 
 
 class ModelNotFound(FlywheelError, LookupError):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from flywheel.errors import ConfigError
+from flywheel.errors import ConfigError, SchemaNotTested
 
 if TYPE_CHECKING:
     from flywheel.tracing import TraceRecord
@@ -114,10 +114,6 @@ KEYS = {  # each table's trace id column, then the rest of its primary key (the 
     "spans": ("trace_id", "span_id"),
 }
 CONNECT_TIMEOUT = 10  # seconds
-
-
-class SchemaNotTested(ConfigError):
-    """The trace database's MLflow schema is not one this writer was tested with."""
 
 
 def dsn(uri: str) -> str:
