@@ -42,9 +42,9 @@ class HostReads:
     @staticmethod
     def _recent(path: Path, within: float) -> tuple[Any, float] | None:
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
             at = float(data["at"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             return None
         return (data["value"], at) if 0 <= time.time() - at < within else None
 
@@ -65,15 +65,31 @@ class HostReads:
             if (recent := self._recent(path, within)) is not None:
                 return recent
             value, at = ask(), time.time()
-            try:
-                tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps({"key": key, "at": at, "value": value}))
-                tmp.replace(path)
-            except (OSError, TypeError, ValueError):
-                pass  # not shared this time; the next renewal asks again
+            write_json(path, {"key": key, "at": at, "value": value})  # unwritten: the next one asks
             return value, at
         finally:
             os.close(lock)  # releases the flock
+
+
+def write_json(path: Path, data: Any) -> bool:
+    """Replace `path` with `data` as JSON atomically (write, then rename), so the processes of a
+    host read it whole without locks; False when the disk or the data would not have it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def read_json(path: Path) -> Any | None:
+    """What `write_json` wrote there; None when there is nothing readable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def for_store(store: Store) -> HostReads:

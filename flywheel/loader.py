@@ -40,7 +40,6 @@ flywheel did not move it is written to the audit trail when it is resolved
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -117,19 +116,11 @@ class LastKnownGood:
         self.store = store
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
-        except OSError:
-            pass  # a full or read-only disk costs the fallback, never a request
+        host_reads.write_json(path, data)  # a full or read-only disk costs the fallback, never a request
 
     def _read(self, path: Path) -> dict[str, Any] | None:
-        try:
-            return dict(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            return None
+        data = host_reads.read_json(path)
+        return data if isinstance(data, dict) else None
 
     def _ref_path(self, name: str, ref: str) -> Path:
         return self.root / "refs" / f"{_key(name, ref)}.json"
