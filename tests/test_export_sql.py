@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from flywheel import export_sql, registry, tracing
+from flywheel import export, export_sql, registry, tracing
 from flywheel.errors import ExportError, Unavailable
 from flywheel.export import export_rows
 from flywheel.runtime import Runtime, get_runtime, reset_runtime
@@ -271,10 +271,18 @@ def test_every_export_policy_gives_the_same_rows(sql_reader: Runtime, traces: di
         rt.settings = saved
 
 
-def test_auto_reads_by_one_query_where_it_can(sql_reader: Runtime, traces: dict[str, str]) -> None:
+def test_auto_reads_by_one_query_where_it_can(
+    sql_reader: Runtime, traces: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     rt = sql_reader
     assert export_sql.configured(rt)
-    assert export_rows(rt, ROUTER) == export_rows(rt, ROUTER, reader="mlflow")
+    want = export_rows(rt, ROUTER, reader="mlflow")
+
+    def paged(*args: Any, **kwargs: Any) -> Any:  # MLflow's paging: auto must not take it here
+        raise AssertionError("auto paged through MLflow's search_traces")
+
+    monkeypatch.setattr(export, "rated_trace_infos", paged)
+    assert export_rows(rt, ROUTER) == want
     with pytest.raises(ExportError, match="reader must be one of"):
         export_rows(rt, ROUTER, reader="rest")
 
