@@ -27,6 +27,7 @@ database returns them in (MLflow's read sets no order either).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def configured(runtime: Runtime) -> bool:
 
 
 _engines: dict[str, Any] = {}
+_engines_lock = threading.Lock()
 
 
 def _url(uri: str) -> str:
@@ -115,18 +117,20 @@ def _url(uri: str) -> str:
 
 
 def _engine(uri: str) -> Any:
-    """One engine per export database URI, kept for the process (a small pool)."""
-    engine = _engines.get(uri)
-    if engine is None:
-        from sqlalchemy import create_engine
+    """One engine per export database URI, kept for the process (a small pool); concurrent exports
+    build it once (an engine built twice would leak its pool)."""
+    with _engines_lock:
+        engine = _engines.get(uri)
+        if engine is None:
+            from sqlalchemy import create_engine
 
-        url = _url(uri)
-        # no automatic prepared statements: PostgreSQL then switched this query to a generic plan
-        # and took 321 s instead of 4 (issue 27)
-        args = {"prepare_threshold": None} if url.startswith("postgresql+psycopg") else {}
-        engine = create_engine(url, connect_args=args, pool_size=2, max_overflow=2, pool_pre_ping=True)
-        _engines[uri] = engine
-    return engine
+            url = _url(uri)
+            # no automatic prepared statements: PostgreSQL then switched this query to a generic plan
+            # and took 321 s instead of 4 (issue 27)
+            args = {"prepare_threshold": None} if url.startswith("postgresql+psycopg") else {}
+            engine = create_engine(url, connect_args=args, pool_size=2, max_overflow=2, pool_pre_ping=True)
+            _engines[uri] = engine
+        return engine
 
 
 @contextmanager
